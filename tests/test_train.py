@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import torch
+
+from tiny_gpt import GPT, TrainConfig, VOCAB_SIZE, make_batch, train
+from tiny_gpt.safetensors import SafetensorsError
+from tiny_gpt.train import accumulate_gradients, lr_at, make_optimizer
+
+
+def _examples(lengths, seed=0):
+    """Prompt/answer pairs whose answers have the given lengths (unequal loss masks)."""
+    g = torch.Generator().manual_seed(seed)
+    letters = "abcdefghij"
+    out = []
+    for n in lengths:
+        word = "".join(letters[i] for i in torch.randint(10, (n,), generator=g).tolist())
+        out.append((f"upper {word} -> ", word.upper() + "\n"))
+    return out
+
+
+def test_accumulation_with_unequal_masks_equals_the_big_batch(small_cfg):
+    """k micro-batches with different numbers of answer tokens give exactly the gradient of
+    one batch that holds them all (the normalization is by the total token count)."""
+    torch.manual_seed(0)
+    model = GPT(small_cfg).double()
+    examples = _examples([1, 2, 7, 3, 8, 5])
+    big = [make_batch(examples)]
+    micro = [make_batch(examples[:1]), make_batch(examples[1:3]), make_batch(examples[3:])]
+    grads = []
+    for batches in (big, micro):
+        model.zero_grad()
+        loss, n = accumulate_gradients(model, batches, torch.device("cpu"))
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    assert n == sum(len(a) for _, a in examples)
+    for k in grads[0]:
+        # float64: same sums in a different order, agreement to ~1e-15 relative
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-10, atol=1e-12, msg=k)
+    # and the naive per-micro-batch mean is measurably different (the pitfall is real)
+    model.zero_grad()
+    for x, y, m in micro:
+        (model(x, y, m)[1] / len(micro)).backward()
+    naive = model.blocks[0].attn.q_proj.weight.grad
+    assert not torch.allclose(naive, grads[0]["blocks.0.attn.q_proj.weight"], rtol=1e-3)
+
+
+def test_warmup_then_cosine_schedule():
+    cfg = TrainConfig(max_steps=110, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def _batches(gen):
+    x = torch.randint(VOCAB_SIZE, (4, 17), generator=gen)
+    return x[:, :-1], x[:, 1:], None
+
+
+def test_frozen_parameters_get_no_optimizer_state(small_model):
+    for name, p in small_model.named_parameters():
+        p.requires_grad = name.startswith("blocks.0.attn.q_proj")
+    before = {n: p.clone() for n, p in small_model.named_parameters()}
+    train(small_model, _batches, TrainConfig(max_steps=3, warmup_steps=1, progress=False),
+          device="cpu")
+    for n, p in small_model.named_parameters():
+        assert torch.equal(p, before[n]) != p.requires_grad, n
+    optimizer = make_optimizer(small_model, TrainConfig())
+    optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert optimized == {id(p) for p in small_model.parameters() if p.requires_grad}
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_continues_with_identical_losses(small_cfg, tmp_path):
+    """A run that crashes after step 5 and is resumed from its last checkpoint (step 4) gives
+    the same losses, bit for bit, as a run that never stopped."""
+    small_cfg.dropout = 0.1  # dropout makes the global RNG state matter too
+
+    def run(ckpt, resume=False, crash_after=None):
+        torch.manual_seed(0)
+        calls = []
+
+        def batches(gen):
+            calls.append(1)
+            if crash_after is not None and len(calls) > crash_after:
+                raise _Crash()
+            return _batches(gen)
+
+        cfg = TrainConfig(max_steps=8, warmup_steps=2, ckpt_path=str(ckpt), ckpt_every=2,
+                          resume=resume, progress=False, log_path=str(tmp_path / "log.jsonl"))
+        return train(GPT(small_cfg), batches, cfg, device="cpu").losses
+
+    straight = run(tmp_path / "a.safetensors")
+    with pytest.raises(_Crash):
+        run(tmp_path / "b.safetensors", crash_after=5)
+    resumed = run(tmp_path / "b.safetensors", resume=True)
+    assert resumed == straight[4:]  # bit-identical, not merely close
+    records = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
+    assert {"step", "loss", "lr", "tokens", "time"} <= set(records[0])
+
+
+def test_truncated_checkpoint_is_a_clear_error(small_model, tmp_path):
+    ckpt = tmp_path / "c.safetensors"
+    train(small_model, _batches, TrainConfig(max_steps=1, warmup_steps=1, progress=False,
+                                             ckpt_path=str(ckpt)), device="cpu")
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    cfg = TrainConfig(max_steps=2, ckpt_path=str(ckpt), resume=True, progress=False)
+    with pytest.raises(SafetensorsError, match="truncated"):
+        train(small_model, _batches, cfg, device="cpu")
+
+
+def test_early_stopping_and_best_weights(small_model):
+    scores = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8])
+    cfg = TrainConfig(max_steps=50, warmup_steps=1, eval_every=1, patience=2, progress=False)
+    result = train(small_model, _batches, cfg, lambda m: {"val_loss": next(scores)},
+                   device="cpu")
+    assert result.stopped_early and result.steps == 4
+    assert result.best_step == 2 and result.best_score == 2.0
+
+
+def test_fp16_on_cpu_is_refused_with_a_hint(small_model):
+    cfg = TrainConfig(max_steps=1, precision="fp16", progress=False)
+    with pytest.raises(ValueError, match="bf16"):
+        train(small_model, _batches, cfg, device="cpu")
+
+
+def test_bf16_autocast_trains_on_cpu(small_model):
+    cfg = TrainConfig(max_steps=2, warmup_steps=1, precision="bf16", progress=False)
+    result = train(small_model, _batches, cfg, device="cpu")
+    assert all(torch.isfinite(torch.tensor(result.losses)))

@@ -1,0 +1,254 @@
+"""The one training loop that every lesson uses.
+
+Per optimizer step it draws ``grad_accum`` micro-batches, runs forward/backward on each (under
+autocast when asked), clips the gradient, sets the learning rate from the schedule and steps
+AdamW (or SGD) over the parameters that require grad -- frozen ones never get optimizer state.
+
+Gradient accumulation, done right. Each micro-batch i has n_i loss tokens (answer tokens differ
+in number from batch to batch). The big-batch loss is  L = sum_i S_i / sum_i n_i,  where S_i is
+micro-batch i's summed token loss. Averaging per micro-batch, (1/k) sum_i S_i / n_i, weights the
+tokens of short micro-batches more and gives a different gradient. So every micro-batch's
+backward here is of S_i / N with N = sum_i n_i counted up front, and the accumulated gradient is
+exactly the big batch's.
+"""
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .model import masked_cross_entropy
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000          # optimizer steps
+    lr: float = 1e-3               # peak learning rate, reached after warmup
+    min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50         # linear warmup from ~0 to lr
+    schedule: str = "cosine"       # "cosine" (after warmup) or "constant"
+    optimizer: str = "adamw"       # "adamw" or "sgd" (momentum 0.9)
+    weight_decay: float = 0.0      # AdamW decoupled weight decay
+    betas: tuple = (0.9, 0.95)     # AdamW moment decay rates
+    grad_clip: float = 1.0         # max global grad norm; 0 turns clipping off
+    grad_accum: int = 1            # micro-batches per optimizer step
+    precision: str = "fp32"        # "fp32", "bf16" (autocast, CPU or CUDA), "fp16" (CUDA only)
+    eval_every: int = 100          # steps between validations (0: never)
+    patience: Optional[int] = None  # early stop after this many validations without progress
+    restore_best: bool = True      # at the end, load the best validated trainable weights
+    seed: int = 0                  # seeds torch and the batch generator
+    log_path: Optional[str] = None   # JSON-lines log, one record per step
+    ckpt_path: Optional[str] = None  # checkpoint file (safetensors)
+    ckpt_every: int = 0            # steps between checkpoints (0: only at the end, if a path)
+    resume: bool = False           # continue from ckpt_path if it exists
+    progress: bool = True          # one-line progress display with ETA
+
+
+@dataclass
+class TrainResult:
+    steps: int                     # optimizer steps taken (early stopping may cut them short)
+    tokens: int                    # loss tokens seen
+    wall_time: float               # seconds spent in this call
+    losses: list = field(default_factory=list)   # training loss per step
+    evals: list = field(default_factory=list)    # (step, metrics dict) per validation
+    best_step: Optional[int] = None
+    best_score: Optional[float] = None
+    stopped_early: bool = False
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' takes cuda, then mps, then cpu; any other name is used as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr down to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameters that require grad; nothing to train")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas,
+                                 weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adamw' or 'sgd'")
+
+
+def autocast_context(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError("fp16 training needs a CUDA device (it relies on a gradient "
+                             "scaler); on CPU use precision='bf16' or 'fp32'")
+        return torch.autocast("cuda", dtype=torch.float16)
+    raise ValueError(f"unknown precision {precision!r}; use 'fp32', 'bf16' or 'fp16'")
+
+
+def accumulate_gradients(model, micro_batches, device, precision="fp32", scaler=None):
+    """Forward/backward over micro-batches [(x, y, mask), ...] so that the summed gradient
+    equals that of one batch holding all of them. Returns (mean token loss, token count)."""
+    total_tokens = sum(int(m.sum()) if m is not None else m_y.numel()
+                       for (_, m_y, m) in micro_batches)
+    loss_sum = 0.0
+    for x, y, mask in micro_batches:
+        x, y = x.to(device), y.to(device)
+        mask = None if mask is None else mask.to(device)
+        with autocast_context(device, precision):
+            logits, _ = model(x)
+        summed = masked_cross_entropy(logits, y, mask, reduction="sum")
+        loss = summed / total_tokens
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_sum += summed.item()
+    return loss_sum / total_tokens, total_tokens
+
+
+class _Progress:
+    """One status line, rewritten in place on a terminal; a line per 10% otherwise."""
+
+    def __init__(self, total, enabled):
+        self.total, self.enabled, self.t0 = total, enabled, time.time()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step, loss, lr, tokens):
+        if not self.enabled:
+            return
+        done = step + 1
+        if not self.tty and done % max(1, self.total // 10) and done != self.total:
+            return
+        elapsed = time.time() - self.t0
+        eta = elapsed / done * (self.total - done)
+        line = (f"step {done}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+                f"{tokens / max(elapsed, 1e-9):,.0f} tok/s ETA {eta:.0f}s")
+        end = "" if self.tty and done != self.total else "\n"
+        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+def train(model, get_batch: Callable, cfg: TrainConfig, evaluate: Optional[Callable] = None,
+          device="auto", monitor: str = "val_loss", mode: str = "min") -> TrainResult:
+    """Train ``model`` in place.
+
+    get_batch(generator) -> (x, y, loss_mask or None), one micro-batch, drawn with the given
+    torch.Generator so that runs are reproducible and resumable.
+    evaluate(model) -> dict of metrics, called every eval_every steps; ``monitor`` names the one
+    used for early stopping and best-weight tracking (``mode`` 'min' or 'max').
+    """
+    device = pick_device(device) if isinstance(device, str) else device
+    torch.manual_seed(cfg.seed)
+    batch_gen = torch.Generator().manual_seed(cfg.seed)
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg)
+    autocast_context(device, cfg.precision)  # refuses a precision this device cannot run
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    state = {"step": 0, "tokens": 0, "best_score": None, "best_step": None, "bad_evals": 0}
+    if cfg.resume and cfg.ckpt_path and Path(cfg.ckpt_path).exists():
+        state = load_checkpoint(cfg.ckpt_path, model, optimizer, batch_gen)
+    result = TrainResult(steps=state["step"], tokens=state["tokens"], wall_time=0.0)
+    best_weights = None
+    log = open(cfg.log_path, "a") if cfg.log_path else None
+    progress = _Progress(cfg.max_steps, cfg.progress)
+    t0 = time.time()
+    try:
+        for step in range(state["step"], cfg.max_steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [get_batch(batch_gen) for _ in range(cfg.grad_accum)]
+            loss, n_tok = accumulate_gradients(model, micro, device, cfg.precision, scaler)
+            _optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+            state["step"], state["tokens"] = step + 1, state["tokens"] + n_tok
+            result.losses.append(loss)
+            if log:
+                log.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr,
+                                      "tokens": state["tokens"],
+                                      "time": round(time.time() - t0, 4)}) + "\n")
+            progress.update(step - result.steps, loss, lr, state["tokens"] - result.tokens)
+            if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                improved = _validate(model, evaluate, step + 1, monitor, mode, state, result)
+                if improved and cfg.restore_best:
+                    best_weights = _trainable_copy(model)
+                if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
+                    result.stopped_early = True
+                    break
+            if cfg.ckpt_path and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
+                save_checkpoint(cfg.ckpt_path, model, optimizer, batch_gen, state)
+    finally:
+        if log:
+            log.close()
+    if cfg.ckpt_path:
+        save_checkpoint(cfg.ckpt_path, model, optimizer, batch_gen, state)
+    if best_weights is not None:
+        _load_trainable(model, best_weights)
+    result.steps, result.tokens = state["step"], state["tokens"]
+    result.best_step, result.best_score = state["best_step"], state["best_score"]
+    result.wall_time = time.time() - t0
+    return result
+
+
+def _optimizer_step(model, optimizer, scaler, grad_clip):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _validate(model, evaluate, step, monitor, mode, state, result) -> bool:
+    model.eval()
+    with torch.no_grad():
+        metrics = evaluate(model)
+    model.train()
+    result.evals.append((step, metrics))
+    score = metrics[monitor]
+    best = state["best_score"]
+    improved = best is None or (score < best if mode == "min" else score > best)
+    if improved:
+        state["best_score"], state["best_step"], state["bad_evals"] = score, step, 0
+    else:
+        state["bad_evals"] += 1
+    return improved
+
+
+def _trainable_copy(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(model, weights):
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+
+
+def config_dict(cfg) -> dict:
+    """A dataclass config as a JSON-friendly dict (for logs and tables)."""
+    return asdict(cfg)
