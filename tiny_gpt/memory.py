@@ -1,0 +1,308 @@
+"""Where the bytes of a training step go, measured from the tensors themselves.
+
+A training step holds four kinds of memory (Rajbhandari et al. 2020, "ZeRO", Sec. 3, splits
+them the same way):
+
+    weights       every parameter and buffer: frozen ones (the base) and trainable ones
+    gradients     one .grad per trainable parameter, alive from backward to optimizer.step
+    optimizer     AdamW keeps exp_avg and exp_avg_sq (2 floats per trainable parameter) and a
+                  step counter per tensor; SGD with momentum keeps one buffer per parameter
+    activations   the tensors autograd saves in forward to use in backward
+
+The first three are read straight off the model and the optimizer. Activations are invisible
+from outside, so we listen in: ``torch.autograd.graph.saved_tensors_hooks`` calls our ``pack``
+with every tensor that autograd saves for backward. Several saved tensors can share one storage
+(x and its transpose, one input saved by three projections), so each storage is counted once;
+tensors that live in a parameter's or buffer's storage are weights, already counted, not
+activations. Frozen layers save no input at all (their weight needs no gradient), which is one
+reason LoRA's activations are smaller than full fine-tuning's.
+
+``FrozenBaseOffload`` is the seed's "CPU offload": frozen block weights live in CPU memory and
+visit the accelerator one block at a time, in forward and again in backward.
+"""
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .model import masked_cross_entropy
+from .train import autocast_context
+
+MB = 2 ** 20
+
+
+def storage_key(t: torch.Tensor):
+    """One key per storage: views and aliases of a tensor share it."""
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def dtype_name(t):
+    return str(t.dtype).replace("torch.", "")
+
+
+def weight_storages(model):
+    """Keys of every parameter's and buffer's storage."""
+    return {storage_key(t) for t in [*model.parameters(), *model.buffers()]}
+
+
+class SavedTensorMeter:
+    """Context manager: counts the bytes of the storages that autograd saves for backward,
+    each storage once, skipping the model's own weights.
+
+    ``then``: an optional (pack, unpack) pair to chain (e.g. FrozenBaseOffload's); a saved
+    tensor that it packs into something other than a tensor is not held, so not counted."""
+
+    def __init__(self, model, then=None):
+        self.weights = weight_storages(model)
+        self.then = then
+        self.storages = {}  # key -> (bytes, dtype name)
+
+    def pack(self, t):
+        held = self.then[0](t) if self.then else t
+        if isinstance(held, torch.Tensor):
+            key = storage_key(held)
+            if key not in self.weights:
+                self.storages[key] = (held.untyped_storage().nbytes(), dtype_name(held))
+        return held
+
+    def unpack(self, packed):
+        return self.then[1](packed) if self.then else packed
+
+    @property
+    def bytes(self):
+        return sum(n for n, _ in self.storages.values())
+
+    def by_dtype(self):
+        out = {}
+        for n, dtype in self.storages.values():
+            out[dtype] = out.get(dtype, 0) + n
+        return out
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+
+def tensor_bytes(tensors):
+    """Bytes of distinct storages among tensors."""
+    seen = {}
+    for t in tensors:
+        seen[storage_key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def optimizer_state_tensors(optimizer):
+    return [v for state in optimizer.state.values() for v in state.values()
+            if isinstance(v, torch.Tensor)]
+
+
+@dataclass
+class Ledger:
+    """Bytes held by one training step, by kind (see the module docstring)."""
+    frozen: int = 0                    # parameters and buffers that get no gradient
+    trainable: int = 0                 # parameters that do
+    by_dtype: dict = field(default_factory=dict)  # weight bytes per dtype name
+    grads: int = 0                     # .grad tensors after backward
+    optimizer: int = 0                 # optimizer.state tensors after one step
+    activations: int = 0               # saved for backward (peak over micro-batches)
+    activations_by_dtype: dict = field(default_factory=dict)  # of that peak micro-batch
+    device_peak: Optional[int] = None  # torch.cuda.max_memory_allocated over the step (CUDA)
+
+    @property
+    def weights(self):
+        return self.frozen + self.trainable
+
+    @property
+    def total(self):
+        return self.weights + self.grads + self.optimizer + self.activations
+
+    def megabytes(self):
+        """The main fields in MiB, for tables."""
+        names = ["frozen", "trainable", "grads", "optimizer", "activations", "total"]
+        return {n: getattr(self, n) / MB for n in names}
+
+
+def weight_ledger(model) -> Ledger:
+    """Frozen / trainable / per-dtype bytes of the model's parameters and buffers."""
+    ledger, seen = Ledger(), set()
+    for t in [*model.parameters(), *model.buffers()]:
+        key = storage_key(t)
+        if key in seen:  # a tied weight is one tensor, stored once
+            continue
+        seen.add(key)
+        n = t.untyped_storage().nbytes()
+        if t.requires_grad:
+            ledger.trainable += n
+        else:
+            ledger.frozen += n
+        ledger.by_dtype[dtype_name(t)] = ledger.by_dtype.get(dtype_name(t), 0) + n
+    return ledger
+
+
+def gpt_loss(model, x, y, mask, total_tokens):
+    """Summed token loss of one micro-batch divided by the tokens of the whole step, so that
+    the micro-batches' gradients add up to the big batch's (tiny_gpt/train.py)."""
+    logits, _ = model(x)
+    return masked_cross_entropy(logits, y, mask, reduction="sum") / total_tokens
+
+
+def count_tokens(micro_batches):
+    """Loss tokens over all micro-batches (mask ones, else every target)."""
+    return sum(int(m.sum()) if m is not None else (1 if y is None else y.numel())
+               for _, y, m in micro_batches)
+
+
+def to_device(tensors, device):
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+def measure_step(model, micro_batches, optimizer, precision="fp32", hooks=None,
+                 loss_fn=gpt_loss) -> Ledger:
+    """Run one training step over micro_batches [(x, y, mask or None), ...] on the model's
+    device and fill a Ledger. Activations: the largest saved-tensor total of one micro-batch
+    (each micro-batch's are freed by its backward before the next forward). hooks: a
+    (pack, unpack) pair for SavedTensorMeter to chain. loss_fn(model, x, y, mask, total)."""
+    device = next(model.parameters()).device
+    total = count_tokens(micro_batches)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    ledger = weight_ledger(model)
+    optimizer.zero_grad(set_to_none=True)
+    for batch in micro_batches:
+        x, y, mask = to_device(batch, device)
+        with SavedTensorMeter(model, then=hooks) as meter, autocast_context(device, precision):
+            loss = loss_fn(model, x, y, mask, total)
+        if meter.bytes >= ledger.activations:
+            ledger.activations, ledger.activations_by_dtype = meter.bytes, meter.by_dtype()
+        loss.backward()
+    ledger.grads = tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+    optimizer.step()
+    ledger.optimizer = tensor_bytes(optimizer_state_tensors(optimizer))
+    optimizer.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize(device)
+        ledger.device_peak = torch.cuda.max_memory_allocated(device)
+    return ledger
+
+
+def time_step(model, micro_batches, optimizer, precision="fp32", loss_fn=gpt_loss) -> dict:
+    """Seconds of one training step: {"forward", "backward", "optimizer", "total"} (each phase
+    synchronized on CUDA; forward and backward summed over the micro-batches)."""
+    device = next(model.parameters()).device
+    total = count_tokens(micro_batches)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    phases = {"forward": 0.0, "backward": 0.0}
+    for batch in micro_batches:
+        x, y, mask = to_device(batch, device)
+        sync()
+        t0 = time.perf_counter()
+        with autocast_context(device, precision):
+            loss = loss_fn(model, x, y, mask, total)
+        sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        sync()
+        phases["forward"] += t1 - t0
+        phases["backward"] += time.perf_counter() - t1
+    t2 = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync()
+    phases["optimizer"] = time.perf_counter() - t2
+    phases["total"] = sum(phases.values())
+    return phases
+
+class FrozenBaseOffload:
+    """CPU offload of the frozen weights of ``model.blocks``: a context manager.
+
+    Inside it, each block's frozen parameters live in CPU memory (pinned, when CUDA is there,
+    so copies can overlap compute). A forward pre-hook copies a block's weights to ``device``
+    just before the block runs and a forward hook points them back at the CPU copies right after.
+    That alone would not free anything: a frozen layer saves its weight for backward (it needs
+    dL/dx = g W), and the saved device copy would live until backward. So a saved-tensor hook
+    replaces every saved view of an offloaded weight by a note of where it lives (the CPU
+    tensor and the view's size, stride and offset) and copies it to the device again when
+    backward unpacks it. Device memory then holds one block's frozen weights at a time.
+
+    Only parameters are offloaded: a Linear4bit keeps its 4-bit buffers on the device (its
+    backward holds them itself). ``pack`` / ``unpack`` can be chained by SavedTensorMeter.
+    On a CPU-only machine it still runs (the "device" copy is then a second CPU tensor), which
+    is how the tests check it; it saves nothing there.
+    """
+
+    def __init__(self, model, device):
+        self.device = torch.device(device)
+        self.blocks = list(model.blocks)
+        self.frozen = [[p for p in b.parameters() if not p.requires_grad] for b in self.blocks]
+        self.home, self.live, self.handles = {}, {}, []
+        self.offloaded_saves = 0  # saved tensors replaced by a note (for tests and tables)
+
+    def __enter__(self):
+        pin = torch.cuda.is_available()
+        for block, params in zip(self.blocks, self.frozen):
+            for p in params:
+                home = p.data.to("cpu", copy=True)
+                self.home[p] = home.pin_memory() if pin else home
+                p.data = self.home[p]
+            self.handles.append(block.register_forward_pre_hook(self._fetch(params)))
+            self.handles.append(block.register_forward_hook(self._evict(params)))
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        for handle in self.handles:
+            handle.remove()
+        for p, home in self.home.items():
+            p.data = home.to(self.device, copy=True)
+        self.handles, self.home, self.live = [], {}, {}
+
+    def _fetch(self, params):
+        def hook(module, args):
+            for p in params:
+                p.data = self.home[p].to(self.device, non_blocking=True, copy=True)
+                self.live[storage_key(p.data)] = self.home[p]
+        return hook
+
+    def _evict(self, params):
+        def hook(module, args, output):
+            for p in params:
+                self.live.pop(storage_key(p.data), None)
+                p.data = self.home[p]
+        return hook
+
+    def pack(self, t):
+        home = self.live.get(storage_key(t))
+        if home is None:
+            return t
+        self.offloaded_saves += 1
+        return home, t.size(), t.stride(), t.storage_offset()
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        home, size, stride, offset = packed
+        return home.to(self.device, non_blocking=True, copy=True).as_strided(size, stride, offset)
+
+
+def interleaved_medians(steps: dict, repeats: int = 5, warmup: int = 1) -> dict:
+    """Median of every timing of each step function, measured in rounds that visit every
+    function once, so that a slow spell of a shared machine hits all of them alike.
+    steps: name -> fn() returning a dict of seconds (like time_step). Returns name -> dict."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    runs = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            runs[name].append(fn())
+    return {name: {key: sorted(r[key] for r in rs)[len(rs) // 2] for key in rs[0]}
+            for name, rs in runs.items()}
