@@ -1,0 +1,192 @@
+"""Adapters and merged models on disk, in the PEFT layout, written and read without pickle.
+
+An adapter directory holds two files, both written atomically (temporary file + rename):
+
+    adapter_model.safetensors   only the factors, under PEFT's key names
+                                    base_model.model.<module path>.lora_A.weight   (r, in)
+                                    base_model.model.<module path>.lora_B.weight   (out, r)
+    adapter_config.json         peft_type "LORA", r, lora_alpha, target_modules, lora_dropout,
+                                use_rslora, bias "none", task_type "CAUSAL_LM", and
+                                base_model_fingerprint: a hash of the base model's module paths
+                                and weight shapes, so that loading onto another architecture
+                                fails with a clear message instead of a shape error deep inside.
+
+target_modules holds short names ("q_proj") when they pick out exactly the adapted layers,
+otherwise full module paths; PEFT matches both the same way (equal, or ending in "." + name).
+
+Loading checks everything before touching the model: the config's fields and types, the
+fingerprint (when the config has one; PEFT's own configs do not), the keys (missing and
+unexpected ones listed) and shapes, through tiny_gpt.safetensors, which parses JSON and copies
+raw bytes, so a hostile file can fail but never execute anything.
+
+A merged model is a plain state dict (W0 + s B A in place of W0, no adapter keys) in one
+safetensors file: it loads into the unmodified base architecture, without this package.
+"""
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from tiny_gpt.safetensors import atomic_write_bytes, load_file, save_file
+
+from .inject import (adapter_names, base_modules, is_linear_like, lora_layers, match_targets,
+                     replace_module)
+from .multi import add_adapter, set_active_adapters
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+REQUIRED = {"peft_type": str, "r": int, "lora_alpha": (int, float), "target_modules": list}
+OPTIONAL = {"lora_dropout": ((int, float), 0.0), "use_rslora": (bool, False),
+            "bias": (str, "none"), "base_model_fingerprint": (str, None)}
+
+
+def peft_key(path, factor):
+    """PEFT's tensor name for factor "A" or "B" of the layer at `path`."""
+    return f"base_model.model.{path}.lora_{factor}.weight"
+
+
+def base_fingerprint(model):
+    """16 hex digits hashing every base module path with its weight shapes (adapters ignored;
+    a linear layer counts by in/out features, so a 4-bit base matches its float original)."""
+    lines = [f"{n} {tuple(p.shape)}" for n, p in model.named_parameters(recurse=False)]
+    for path, m in base_modules(model):
+        if is_linear_like(m):
+            lines.append(f"{path} linear {m.in_features}->{m.out_features} "
+                         f"bias={getattr(m, 'bias', None) is not None}")
+        else:
+            lines += [f"{path}.{n} {tuple(p.shape)}" for n, p in m.named_parameters(recurse=False)]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def _target_modules(model, paths):
+    short = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    return short if set(match_targets(model, short)) == set(paths) else list(paths)
+
+
+def save_adapter(model, directory, adapter_name="default"):
+    """Write adapter `adapter_name` to `directory` (created if needed); returns its Path."""
+    found = [(p, layer.adapters[adapter_name]) for p, layer in lora_layers(model)
+             if adapter_name in layer.adapters]
+    if not found:
+        raise ValueError(f"no adapter {adapter_name!r}; the model has {adapter_names(model)}")
+    tensors = {}
+    for path, adapter in found:
+        tensors[peft_key(path, "A")] = adapter.lora_A.detach()
+        tensors[peft_key(path, "B")] = adapter.lora_B.detach()
+    first = found[0][1]  # one add_adapter call made them all: the same hyper-parameters
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r,
+              "lora_alpha": first.alpha, "lora_dropout": first.dropout,
+              "use_rslora": first.use_rslora, "bias": "none",
+              "target_modules": _target_modules(model, [p for p, _ in found]),
+              "base_model_fingerprint": base_fingerprint(model)}
+    directory = Path(directory)
+    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    atomic_write_bytes(directory / CONFIG_NAME, json.dumps(config, indent=2).encode("utf-8"))
+    return directory
+
+
+def _check_types(config, path):
+    types = {**REQUIRED, **{k: t for k, (t, _) in OPTIONAL.items()}}
+    for key, kind in types.items():
+        value = config[key]
+        if key == "base_model_fingerprint" and value is None:
+            continue  # configs written by PEFT itself have no fingerprint
+        # JSON true/false are Python bools, which isinstance(..., int) would accept
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise ValueError(f"{path}: field {key!r} must be {kind}, got {value!r}")
+
+
+def read_adapter_config(path):
+    """Parse and validate adapter_config.json -> dict with the optional fields filled in."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: must hold a JSON object")
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise ValueError(f"{path}: missing required fields {missing}")
+    config = {**{k: default for k, (_, default) in OPTIONAL.items()}, **config}
+    _check_types(config, path)
+    if not (config["r"] >= 1 and config["lora_alpha"] > 0 and 0 <= config["lora_dropout"] < 1):
+        raise ValueError(f"{path}: need r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1, got "
+                         f"{config['r']}, {config['lora_alpha']}, {config['lora_dropout']}")
+    if config["peft_type"] != "LORA" or config["bias"] != "none":
+        raise ValueError(f"{path}: need peft_type 'LORA' and bias 'none', got "
+                         f"{config['peft_type']!r} and {config['bias']!r}")
+    targets = config["target_modules"]
+    if not targets or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{path}: target_modules must be a non-empty list of strings")
+    return config
+
+
+def check_tensors(found, expected, where):
+    """found {name: Tensor} against expected {name: shape}; one ValueError listing every problem."""
+    problems = []
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if extra:
+        problems.append(f"unexpected keys {extra}")
+    problems += [f"{k} has shape {tuple(found[k].shape)}, the model needs {tuple(expected[k])}"
+                 for k in sorted(set(found) & set(expected))
+                 if tuple(found[k].shape) != tuple(expected[k])]
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+
+
+def load_adapter(model, directory, adapter_name="default"):
+    """Read an adapter directory into `model` as `adapter_name` and make it the active one.
+    Layers without LoRA are wrapped (and the base frozen). Returns `model`."""
+    directory = Path(directory)
+    config = read_adapter_config(directory / CONFIG_NAME)
+    want, have = config["base_model_fingerprint"], base_fingerprint(model)
+    if want is not None and want != have:
+        raise ValueError(f"{directory}: the adapter was made for a base model with fingerprint "
+                         f"{want}, but this model's fingerprint is {have} (module paths or "
+                         "weight shapes differ)")
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise RuntimeError("the model has merged adapters; call unmerge_lora(model) first")
+    try:
+        paths = match_targets(model, config["target_modules"])
+    except ValueError as e:
+        raise ValueError(f"{directory / CONFIG_NAME}: {e}") from None
+    tensors, _ = load_file(directory / WEIGHTS_NAME)
+    r, expected = config["r"], {}
+    for path in paths:
+        m = model.get_submodule(path)
+        expected[peft_key(path, "A")] = (r, m.in_features)
+        expected[peft_key(path, "B")] = (m.out_features, r)
+    check_tensors(tensors, expected, str(directory / WEIGHTS_NAME))
+    add_adapter(model, adapter_name, paths, r, config["lora_alpha"], config["lora_dropout"],
+                config["use_rslora"])
+    set_active_adapters(model, [adapter_name])
+    with torch.no_grad():
+        for path in paths:
+            adapter = model.get_submodule(path).adapters[adapter_name]
+            adapter.lora_A.copy_(tensors[peft_key(path, "A")])
+            adapter.lora_B.copy_(tensors[peft_key(path, "B")])
+    return model
+
+
+def save_merged_model(model, path):
+    """Write the model with its active adapters merged, as the plain base architecture's state
+    dict, to one safetensors file. `model` itself is left as it is."""
+    merged = copy.deepcopy(model)
+    for layer_path, layer in lora_layers(merged):
+        if not layer.merged:
+            layer.merge()
+        replace_module(merged, layer_path, layer.base)
+    save_file(merged.state_dict(), path, metadata={"format": "pt"})
+
+
+def load_model_weights(model, path):
+    """Load a file from save_merged_model into a plain model (keys and shapes checked)."""
+    tensors, _ = load_file(path)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_tensors(tensors, expected, str(path))
+    model.load_state_dict(tensors)
+    return model

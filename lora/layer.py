@@ -1,0 +1,214 @@
+"""LoRALinear: a frozen linear layer plus one or more named low-rank updates.
+
+Conventions (microsoft/LoRA, `loralib/layers.py`; used everywhere in this package):
+
+    base layer     y0 = W0 x + b,  W0 (out, in), frozen
+    lora_A         (r, in)   Kaiming-uniform with a = sqrt(5), exactly like nn.Linear's weight
+    lora_B         (out, r)  zeros, so dW = s B A = 0: the adapted model equals its base at step 0
+    scaling s      alpha / r               (Hu et al. 2021, Sec. 4.1)
+                   alpha / sqrt(r)         with use_rslora (Kalajdzievski 2023, "rank-stabilized"):
+                                           keeps the update's scale from shrinking as r grows
+    forward        y = base(x) + s B A dropout(x)          dropout on the adapter's input only
+
+The update dW = s B A is never formed in the forward pass: x goes through A then B, so the base
+can be anything with `in_features`, `out_features` and a forward -- an nn.Linear, or the 4-bit
+Linear4bit of QLoRA that has no float weight. For an nn.Linear base with one active adapter the
+forward and backward run through LoRAFunction (lora/function.py, hand-derived backward, fewer
+passes over the activations); every other case -- several active adapters, a 4-bit base, a base
+left trainable, autocast -- uses plain autograd on the same expression. A 4-bit base gains
+little from fusing (its own dequantize-and-matmul costs more than the rank-r path, and W0 is not
+there to fold sBA into), and the plain expression is the reference LoRAFunction is tested against.
+
+merge() folds s B A into W0 for inference at zero extra latency; unmerge() takes it out again.
+Both are explicit calls, never side effects of train() / eval().
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .function import LoRAFunction
+
+
+def check_lora_args(r, alpha, dropout, in_features, out_features):
+    """Raise ValueError unless 0 < r <= min(in, out), alpha > 0 and 0 <= dropout < 1."""
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= min(in_features, out_features):
+        raise ValueError(f"r must be an integer with 1 <= r <= min(in_features, out_features) = "
+                         f"{min(in_features, out_features)}, got {r!r}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+def has_features(module):
+    """True for anything that maps in_features -> out_features (nn.Linear, Linear4bit, ...)."""
+    return all(isinstance(getattr(module, a, None), int) for a in ("in_features", "out_features"))
+
+
+def float_weight(base):
+    """base.weight if it is a float tensor (nn.Linear), else None (e.g. a 4-bit base)."""
+    weight = getattr(base, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
+
+
+def check_adapter_name(name):
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+
+
+class LoRAAdapter(nn.Module):
+    """One named update dW = s B A for a layer mapping in_features -> out_features."""
+
+    def __init__(self, in_features, out_features, r, alpha, dropout=0.0, use_rslora=False,
+                 device=None, dtype=None):
+        super().__init__()
+        check_lora_args(r, alpha, dropout, in_features, out_features)
+        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
+        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # U(-1/sqrt(in), 1/sqrt(in))
+
+    def delta_weight(self):
+        """dW = s B A, (out, in)."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def forward(self, x):
+        """s B A dropout(x) by plain autograd: x (..., in) -> (..., out)."""
+        x = F.dropout(x.to(self.lora_A.dtype), self.dropout, self.training)
+        return self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    def dropout_mask(self, x):
+        """(N, in) mask of 0 and 1/(1-p) for LoRAFunction, or None when dropout is off."""
+        if not (self.training and self.dropout > 0):
+            return None
+        keep = 1.0 - self.dropout
+        return torch.empty_like(x).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}"
+
+
+class LoRALinear(nn.Module):
+    """A frozen `base` layer plus named LoRA adapters; see the module docstring.
+
+    base: any module with `in_features`, `out_features` and forward(x (..., in)) -> (..., out).
+    r, alpha, dropout, use_rslora: the first adapter, called `adapter_name` and made active.
+    `.lora_A` (r, in), `.lora_B` (out, r) and `.scaling` are those of the one active adapter.
+    """
+
+    def __init__(self, base, r, alpha, dropout=0.0, use_rslora=False, adapter_name="default"):
+        super().__init__()
+        if not has_features(base):
+            raise TypeError(f"LoRALinear needs a base with integer in_features and out_features; "
+                            f"got {type(base).__name__}")
+        self.base = base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.adapters = nn.ModuleDict()
+        self.active = []               # names of the adapters used in forward, in order
+        self.merged_adapters = None    # names folded into the base weight, or None if unmerged
+        self.disabled = False          # set by lora.disable_adapters: forward gives base(x)
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora)
+        self.set_active([adapter_name])
+
+    # --- adapters by name --------------------------------------------------------------
+    def add_adapter(self, name, r, alpha, dropout=0.0, use_rslora=False):
+        """Add a new, inactive adapter; its factors live in the base weight's dtype (or fp32)."""
+        check_adapter_name(name)
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        weight = float_weight(self.base)
+        tensors = [*self.base.parameters(), *self.base.buffers()]
+        self.adapters[name] = LoRAAdapter(
+            self.in_features, self.out_features, r, alpha, dropout, use_rslora,
+            device=tensors[0].device if tensors else None,
+            dtype=torch.float32 if weight is None else weight.dtype)
+
+    def delete_adapter(self, name):
+        self._check_unmerged(f"delete adapter {name!r}")
+        del self.adapters[name]
+        self.active = [n for n in self.active if n != name]
+
+    def set_active(self, names):
+        self._check_unmerged("change the active adapters")
+        unknown = [n for n in names if n not in self.adapters]
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; this layer has {list(self.adapters)}")
+        self.active = list(dict.fromkeys(names))
+
+    def _single(self):
+        if len(self.active) != 1:
+            # not AttributeError: nn.Module.__getattr__ would replace this message with its own
+            raise RuntimeError(f"lora_A / lora_B / scaling need exactly one active adapter, "
+                               f"active: {self.active}; use .adapters[name] instead")
+        return self.adapters[self.active[0]]
+
+    lora_A = property(lambda self: self._single().lora_A)
+    lora_B = property(lambda self: self._single().lora_B)
+    scaling = property(lambda self: self._single().scaling)
+
+    # --- forward -----------------------------------------------------------------------
+    def forward(self, x):
+        if self.merged or self.disabled or not self.active:
+            return self.base(x)  # a merged layer's base weight already holds the updates
+        adapters = [self.adapters[n] for n in self.active]
+        if len(adapters) == 1 and self._fast_path_ok(x, adapters[0]):
+            return self._fused_forward(x, adapters[0])
+        y = self.base(x)
+        return y + sum(a(x) for a in adapters).to(y.dtype)  # stacked: the updates add up
+
+    def _fast_path_ok(self, x, adapter):
+        base = self.base
+        return (isinstance(base, nn.Linear) and not base.weight.requires_grad
+                and (base.bias is None or not base.bias.requires_grad)
+                and x.dtype == base.weight.dtype == adapter.lora_A.dtype
+                and not torch.is_autocast_enabled(x.device.type))
+
+    def _fused_forward(self, x, adapter):
+        x2 = x.reshape(-1, self.in_features)  # (N, in), N = all leading dims
+        y = LoRAFunction.apply(x2, self.base.weight, self.base.bias, adapter.lora_A,
+                               adapter.lora_B, adapter.scaling, adapter.dropout_mask(x2))
+        return y.view(*x.shape[:-1], self.out_features)
+
+    # --- merge / unmerge ---------------------------------------------------------------
+    @property
+    def merged(self):
+        return self.merged_adapters is not None
+
+    def merge(self):
+        """W0 <- W0 + sum of s B A over the active adapters, in W0's dtype."""
+        if self.merged:
+            raise RuntimeError(f"already merged ({self.merged_adapters}); call unmerge() first")
+        weight = self._float_weight("merge")
+        with torch.no_grad():
+            for name in self.active:
+                weight.add_(self.adapters[name].delta_weight().to(weight.dtype))
+        self.merged_adapters = tuple(self.active)
+
+    def unmerge(self):
+        """W0 <- W0 - the updates merge() added (equal to the original up to rounding)."""
+        if not self.merged:
+            raise RuntimeError("not merged: there is nothing to unmerge")
+        weight = self._float_weight("unmerge")
+        with torch.no_grad():
+            for name in self.merged_adapters:
+                weight.sub_(self.adapters[name].delta_weight().to(weight.dtype))
+        self.merged_adapters = None
+
+    def _float_weight(self, action):
+        weight = float_weight(self.base)
+        if weight is None:
+            raise TypeError(f"cannot {action}: the base {type(self.base).__name__} has no float "
+                            ".weight (a 4-bit base keeps the adapter separate; dequantize it "
+                            "into an nn.Linear first)")
+        return weight
+
+    def _check_unmerged(self, action):
+        if self.merged:
+            raise RuntimeError(f"cannot {action} while merged; call unmerge() first")
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"active={self.active}, merged={self.merged}")

@@ -1,0 +1,125 @@
+"""Several named adapters on one model: add, switch, stack, delete, and combine into a new one.
+
+Each LoRALinear keeps its adapters in a ModuleDict keyed by name, each with its own r, alpha,
+scaling and dropout (lora/layer.py). The active ones are used in forward; when several are
+active their updates add up ("stacking"):
+
+    y = W0 x + b + sum_i s_i B_i A_i x
+
+A weighted combination builds a NEW adapter whose update is, or approximates, sum_i w_i dW_i
+with dW_i = s_i B_i A_i:
+  "cat"     A = [A_1; A_2; ...]  (sum r_i, in),  B = [w_1 s_1 B_1, w_2 s_2 B_2, ...]
+            (out, sum r_i), scaling 1 (alpha = r). Exact, since B A = sum_i w_i s_i B_i A_i;
+            the price is rank sum r_i.
+  "linear"  dW = sum_i w_i s_i B_i A_i refactored to rank r (default: the largest r_i) by a
+            truncated SVD dW ~ U_r S_r V_r^T:  B = U_r S_r^(1/2),  A = S_r^(1/2) V_r^T,  scaling 1.
+            Exact only when rank(dW) <= r; otherwise it is the best rank-r approximation in the
+            Frobenius norm (Eckart-Young), and the relative error ||dW - B A|| / ||dW|| is reported.
+"""
+import torch
+
+from .inject import (adapter_names, attach_adapter, freeze_base, lora_layers, match_targets,
+                     replace_module)
+from .layer import check_lora_args
+
+
+def add_adapter(model, name, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0,
+                use_rslora=False):
+    """Add adapter `name` to the target layers (wrapping those without LoRA) and freeze every
+    non-adapter parameter. The new adapter starts inactive: see set_active_adapters. -> model"""
+    _add_inactive(model, match_targets(model, targets), name, r, alpha, dropout, use_rslora)
+    freeze_base(model)
+    return model
+
+
+def _add_inactive(model, paths, name, r, alpha, dropout=0.0, use_rslora=False):
+    for layer in attach_adapter(model, paths, name, r, alpha, dropout, use_rslora):
+        layer.set_active([n for n in layer.active if n != name])
+
+
+def _check_known(model, names):
+    known = adapter_names(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown adapters {unknown}; the model has {known}")
+
+
+def _check_unmerged(layers, action):
+    merged = [path for path, layer in layers if layer.merged]
+    if merged:
+        raise RuntimeError(f"cannot {action}: {merged} are merged; call unmerge_lora first")
+
+
+def set_active_adapters(model, names):
+    """Use these adapters (a name or a list; several are stacked) in every layer that has them."""
+    names = [names] if isinstance(names, str) else list(names)
+    _check_known(model, names)
+    layers = lora_layers(model)
+    _check_unmerged(layers, "change the active adapters")
+    for _, layer in layers:
+        layer.set_active([n for n in names if n in layer.adapters])
+    return model
+
+
+def delete_adapter(model, name):
+    """Remove adapter `name`; a layer left with no adapter becomes its plain base layer again."""
+    _check_known(model, [name])
+    layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.adapters]
+    _check_unmerged(layers, f"delete adapter {name!r}")
+    for path, layer in layers:
+        layer.delete_adapter(name)
+        if not layer.adapters:
+            replace_module(model, path, layer.base)
+    return model
+
+
+@torch.no_grad()
+def _combined_factors(adapters, method, r):
+    """[(weight, LoRAAdapter)] -> (B (out, k), A (k, in), relative Frobenius error)."""
+    target = sum(w * a.delta_weight() for w, a in adapters)               # (out, in)
+    if method == "cat":
+        A = torch.cat([a.lora_A for _, a in adapters])                     # (sum r_i, in)
+        B = torch.cat([w * a.scaling * a.lora_B for w, a in adapters], 1)  # (out, sum r_i)
+    else:
+        U, S, Vh = torch.linalg.svd(target.double(), full_matrices=False)
+        root = S[:r].sqrt()                                                # (r,)
+        B, A = (U[:, :r] * root).to(target.dtype), (root[:, None] * Vh[:r]).to(target.dtype)
+    norm = target.norm()
+    error = ((target - B @ A).norm() / norm).item() if norm > 0 else 0.0
+    return B, A, error
+
+
+def combine_adapters(model, weights, new_name, method="linear", r=None):
+    """New adapter `new_name` ~ sum of weights[name] * dW_name (see the module docstring).
+
+    weights: {adapter name: float}. method: "cat" (exact, rank sum r_i) or "linear" (SVD to rank
+    r, default max r_i). The new adapter starts inactive. Returns {layer path: relative error}.
+    """
+    if method not in ("linear", "cat"):
+        raise ValueError(f"method must be 'linear' or 'cat', got {method!r}")
+    if method == "cat" and r is not None:
+        raise ValueError("r applies to method='linear' only; 'cat' has rank sum r_i")
+    if not weights:
+        raise ValueError("weights is empty; give at least one {adapter name: weight}")
+    _check_known(model, list(weights))
+    layers = [(p, l) for p, l in lora_layers(model) if any(n in l.adapters for n in weights)]
+    partial = [p for p, l in layers if not all(n in l.adapters for n in weights)]
+    if partial:
+        raise ValueError(f"layers {partial} lack some of {list(weights)}; combine adapters that "
+                         "sit on the same layers")
+    factors = {}
+    for path, layer in layers:
+        adapters = [(w, layer.adapters[n]) for n, w in weights.items()]
+        rank = r or max(a.r for _, a in adapters)
+        if method == "linear":
+            check_lora_args(rank, 1.0, 0.0, layer.in_features, layer.out_features)
+        factors[path] = _combined_factors(adapters, method, rank)
+    rank = next(iter(factors.values()))[1].shape[0]
+    # alpha = rank (no rslora) makes the new scaling 1: the weights and s_i live in B.
+    _add_inactive(model, list(factors), new_name, rank, alpha=rank)
+    with torch.no_grad():
+        for path, (B, A, _) in factors.items():
+            adapter = model.get_submodule(path).adapters[new_name]
+            adapter.lora_A.copy_(A)
+            adapter.lora_B.copy_(B)
+    return {path: error for path, (_, _, error) in factors.items()}
