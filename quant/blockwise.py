@@ -1,0 +1,153 @@
+"""Block-wise absmax quantization: the machinery every 4-bit format here shares.
+
+A weight is flattened and cut into blocks of `blocksize` consecutive values (QLoRA Sec. 2,
+"Block-wise k-bit Quantization"). Each block b keeps one float scale, its absolute maximum
+m_b = max_i |x_i|, and every value is stored as the index of the nearest level of a small code
+book c (sorted, inside [-1, 1]):
+
+    q_i = argmin_j |x_i / m_b - c_j|,        x_i ~= c[q_i] * m_b.
+
+Nearest level = count of midpoints (c_j + c_{j+1}) / 2 strictly below x_i / m_b, so a value
+exactly on a midpoint goes to the lower level, as the reference CUDA decision tree does
+(it tests `x > midpoint`). A 4-bit code fits in a nibble: element 2i goes in the high nibble
+of byte i and element 2i+1 in the low one.
+
+This file is format-agnostic: NF4, int4 and FP4 differ only in their code book.
+"""
+import torch
+
+# Elements quantized per step: enough to amortise the per-op cost (Python, thread start-up),
+# few enough that the temporaries (8 MB of scaled floats, 2 MB of codes) mostly stay in the
+# CPU cache and never cost a full-weight copy.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def check_blocksize(blocksize):
+    """Blocks must hold whole bytes of packed codes, so the size is a positive even int."""
+    if not isinstance(blocksize, int) or blocksize <= 0 or blocksize % 2:
+        raise ValueError(f"blocksize must be a positive even integer, got {blocksize!r}")
+
+
+def check_finite(w, who):
+    """Raise a ValueError naming how many values of `w` are nan/inf and where the first is."""
+    bad = ~torch.isfinite(w)
+    n_bad = int(bad.sum())
+    if n_bad:
+        flat_index = int(bad.reshape(-1).nonzero()[0])
+        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), w.shape))
+        value = w.reshape(-1)[flat_index].item()
+        raise ValueError(f"{who}: weight has {n_bad} non-finite value(s) (nan/inf); "
+                         f"the first is {value} at index {where}")
+
+
+def to_blocks(w, blocksize):
+    """Flatten `w` to float32 and zero-pad it to whole blocks -> (n_blocks, blocksize).
+
+    Zero padding never changes a block's absmax, so the last, partial block is quantized
+    exactly as if it were alone.
+    """
+    flat = w.detach().reshape(-1).float()
+    pad = -flat.numel() % blocksize
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, blocksize)  # (n_blocks, blocksize)
+
+
+def block_absmax(blocks):
+    """Per-block absolute maximum, (n_blocks, blocksize) -> (n_blocks,) float32."""
+    lo, hi = blocks.aminmax(dim=1)  # one pass instead of abs() then amax()
+    return torch.maximum(-lo, hi)
+
+
+def reciprocal_scales(absmax):
+    """1 / absmax, with 0 for all-zero blocks (their values are 0 and must stay 0).
+
+    The reference multiplies by the reciprocal rather than dividing, and so do we, so that a
+    value lands on the same side of a midpoint as it would there.
+    """
+    return torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+
+
+def midpoints(code):
+    """Decision boundaries between adjacent levels of a sorted code book, (L,) -> (L-1,)."""
+    return (code[:-1] + code[1:]) / 2
+
+
+def nearest_level(x, code):
+    """Index of the nearest level of `code` for every value of `x` (integer, same shape).
+
+    The index is the number of midpoints strictly below x, so a tie (x exactly on a midpoint)
+    picks the lower level. For a 4-bit code book, counting with 15 vectorised comparisons is
+    about 3x faster on CPU than a binary search per element; for the 256-level code book of
+    the scales, the binary search (bucketize, right=False: same tie rule) wins.
+    """
+    mids = midpoints(code)
+    if mids.numel() > 15:
+        return torch.bucketize(x, mids, right=False, out_int32=True)
+    index = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for boundary in mids.tolist():  # float32 values: the comparison stays exact
+        index += x > boundary
+    return index
+
+
+def worst_case_error(code):
+    """Largest |t - nearest level| over t in [-1, 1]: half the widest gap, or an end gap.
+
+    Multiplied by a block's absmax, it bounds every element's quantization error.
+    """
+    half_gaps = (code[1:] - code[:-1]) / 2
+    ends = torch.stack([code[0] + 1, 1 - code[-1]])
+    return float(torch.cat([half_gaps, ends]).max())
+
+
+def pack_nibbles(codes):
+    """Two 4-bit codes per byte: element 2i -> high nibble, element 2i+1 -> low nibble."""
+    pairs = codes.to(torch.uint8).view(-1, 2)  # (n_bytes, 2)
+    return pairs[:, 0] * 16 + pairs[:, 1]  # uint8 arithmetic: no wider temporaries
+
+
+def unpack_nibbles(packed):
+    """Inverse of pack_nibbles: (n_bytes,) uint8 -> (2 * n_bytes,) uint8 codes."""
+    return torch.stack([packed >> 4, packed & 15], dim=1).view(-1)  # (n_bytes, 2) -> flat
+
+
+def quantize_blocks(blocks, scales, code):
+    """Packed 4-bit nearest-level codes of (n_blocks, blocksize) values; `scales` = absmax.
+
+    Works chunk by chunk so that the temporaries stay small and in cache.
+    """
+    n_blocks, blocksize = blocks.shape
+    inverse = reciprocal_scales(scales)
+    packed = torch.empty(n_blocks * blocksize // 2, dtype=torch.uint8, device=blocks.device)
+    step = max(1, CHUNK_ELEMENTS // blocksize)  # blocks per chunk
+    for start in range(0, n_blocks, step):
+        stop = min(start + step, n_blocks)
+        scaled = blocks[start:stop] * inverse[start:stop, None]  # (chunk, blocksize) in [-1, 1]
+        byte_range = slice(start * blocksize // 2, stop * blocksize // 2)
+        packed[byte_range] = pack_nibbles(nearest_level(scaled, code))
+    return packed
+
+
+def pair_table(code, dtype=torch.float32):
+    """(256, 2) table: byte -> (level of its high nibble, level of its low nibble).
+
+    With it one gather turns n packed bytes into 2n floats already in element order.
+    Code books with fewer than 16 levels are padded with zeros (those codes never occur).
+    """
+    levels = torch.zeros(16, dtype=dtype, device=code.device)
+    levels[: code.numel()] = code.to(dtype)
+    byte = torch.arange(256, device=code.device)
+    return torch.stack([levels[byte >> 4], levels[byte & 15]], dim=1)  # (256, 2)
+
+
+def dequantize_blocks(packed, scales, code, blocksize, dtype=torch.float32):
+    """Packed codes and per-block scales -> (n_blocks, blocksize) values in `dtype`.
+
+    Two memory passes: one gather through the pair table (bytes -> float32 pairs), one
+    broadcast multiply by the scales that writes the result (in place for float32).
+    """
+    table = pair_table(code)
+    values = torch.nn.functional.embedding(packed.int(), table)  # (n_bytes, 2): one gather
+    values = values.view(-1, blocksize)  # (n_blocks, blocksize)
+    out = values if dtype == torch.float32 else torch.empty_like(values, dtype=dtype)
+    return torch.mul(values, scales.float()[:, None], out=out)

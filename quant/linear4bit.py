@@ -1,0 +1,155 @@
+"""A linear layer whose weight lives in 4 bits: the frozen base layer of QLoRA (Sec. 3).
+
+QLoRA's forward pass is  Y = X dequant(W_nf4)^T (+ b)  computed in a 16/32-bit compute dtype,
+and only the LoRA adapters (elsewhere) get gradients. The base weight is never stored in
+float: it is dequantized on the fly in forward, and again in backward, and thrown away.
+"""
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .nf4 import quantize_nf4
+from .qtensor import Quantized4bit
+
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class DequantMatmul(torch.autograd.Function):
+    """y = x W^T + b, with W given as a Quantized4bit and dequantized to x's dtype.
+
+    Shapes: x (..., in), W (out, in), b (out,) or None, y (..., out).
+
+    Backward. Per output, y_k = sum_j x_j W_kj + b_k, so with g = dL/dy:
+        dL/dx_j = sum_k g_k W_kj      ->  grad_x = g @ W    (..., out) @ (out, in) = (..., in)
+        dL/db_k = g_k summed over every leading (batch, token) position   ->  (out,)
+        dL/dW   = none: the weight is frozen 4-bit codes, not a differentiable tensor.
+    Only the Quantized4bit is kept for backward (about 0.5 byte per weight); W is rebuilt by a
+    second dequantize instead of being saved, trading one cheap pass for a full-size tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x, qweight: Quantized4bit, bias: Optional[torch.Tensor]):
+        ctx.qweight = qweight
+        return F.linear(x, qweight.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ ctx.qweight.dequantize(grad_out.dtype)  # (..., in)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)  # (out,)
+        return grad_x, None, grad_bias
+
+
+def check_compute_dtype(dtype):
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {dtype}")
+
+
+class Linear4bit(nn.Module):
+    """nn.Linear replacement that stores its weight as NF4 (packed codes + small scales).
+
+    Buffers hold the Quantized4bit's tensors (uint8 codes, the 16-level code book, the
+    scales); `bias` is an ordinary float parameter or None. `.weight` returns the Quantized4bit,
+    never a float tensor; `dequantized_weight()` gives the float weight for checks.
+    Inputs are cast to `compute_dtype` and outputs back to the input's dtype.
+    """
+
+    def __init__(self, qweight: Quantized4bit, bias=None, compute_dtype=torch.float32):
+        super().__init__()
+        check_compute_dtype(compute_dtype)
+        if len(qweight.shape) != 2:
+            raise ValueError(f"Linear4bit needs a 2-D (out, in) weight, got {tuple(qweight.shape)}")
+        self.out_features, self.in_features = qweight.shape
+        self.compute_dtype = compute_dtype
+        state = qweight.to_state_dict()
+        self._layout = {key: state.pop(key) for key in ("shape", "blocksize", "dtype")}
+        for name, tensor in state.items():
+            self.register_buffer(name, tensor)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=bias.requires_grad)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize=64, double_quant=True,
+                    compute_dtype=torch.float32):
+        """Quantize `linear.weight` to NF4; the bias (if any) is copied in its own dtype."""
+        qweight = quantize_nf4(linear.weight, blocksize, double_quant)
+        return cls(qweight, linear.bias, compute_dtype)
+
+    @property
+    def weight(self) -> Quantized4bit:
+        """The 4-bit weight, rebuilt around this module's buffers (no copy)."""
+        buffers = dict(self.named_buffers(recurse=False))
+        return Quantized4bit.from_state_dict({**self._layout, **buffers})
+
+    def dequantized_weight(self, dtype=None):
+        """(out, in) float weight in `dtype` (default: compute dtype), as forward uses it."""
+        return self.weight.dequantize(dtype or self.compute_dtype)
+
+    def forward(self, x):
+        if self.compute_dtype == torch.float16 and x.device.type != "cuda":
+            raise RuntimeError("Linear4bit: float16 compute is only supported on CUDA; "
+                               "use torch.bfloat16 or torch.float32 on CPU")
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        y = DequantMatmul.apply(x.to(self.compute_dtype), self.weight, bias)
+        return y.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        """Let .to(device) move the 4-bit buffers, but never let .to(dtype) / .half() round
+        the float32 scales or the code book: the weight's precision is fixed at quantization."""
+        before = dict(self.named_buffers(recurse=False))
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(new.device))
+        return self
+
+    def extra_repr(self):
+        q = self.weight
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, blocksize={q.blocksize}, "
+                f"double_quant={q.double_quant}, compute_dtype={self.compute_dtype}, "
+                f"bits_per_param={q.bits_per_param:.3f}")
+
+
+def _matches(name, pattern):
+    """A module path matches a pattern equal to it or ending in '.' + pattern."""
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _select(names, patterns, role):
+    """Names matched by any pattern; a pattern matching nothing is a ValueError."""
+    for pattern in patterns:
+        if not any(_matches(name, pattern) for name in names):
+            raise ValueError(f"{role} {pattern!r} matches no nn.Linear; available: {names}")
+    return {name for name in names if any(_matches(name, p) for p in patterns)}
+
+
+def quantize_model(model, targets=None, blocksize=64, double_quant=True,
+                   compute_dtype=torch.float32, exclude=()):
+    """Swap nn.Linear modules of `model` for Linear4bit, in place; returns `model`.
+
+    targets: names matched by full path or by suffix, e.g. ("q_proj", "v_proj"); None = every
+        nn.Linear. blocksize, double_quant: as in quantize_nf4. compute_dtype: see Linear4bit.
+    exclude: names (same matching) to leave in float.
+    A target or exclude name that matches no nn.Linear raises a ValueError listing the
+    available nn.Linear paths. Modules that are not nn.Linear (e.g. a tied LM head that reuses
+    the embedding matrix) are never touched.
+    """
+    check_compute_dtype(compute_dtype)
+    names = [name for name, m in model.named_modules() if name and isinstance(m, nn.Linear)]
+    targets = (targets,) if isinstance(targets, str) else targets
+    exclude = (exclude,) if isinstance(exclude, str) else exclude
+    chosen = set(names) if targets is None else _select(names, targets, "target")
+    chosen -= _select(names, exclude, "exclude")
+    for name in sorted(chosen):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, attr)
+        setattr(parent, attr, Linear4bit.from_linear(linear, blocksize, double_quant,
+                                                     compute_dtype))
+    return model

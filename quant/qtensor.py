@@ -1,0 +1,112 @@
+"""A 4-bit block-quantized weight: packed codes, per-block scales, and the code book they index.
+
+`quantize_4bit(w, code, ...)` works for any sorted code book of at most 16 levels in [-1, 1];
+NF4 (nf4.py), int4 and FP4 (baselines.py) are thin wrappers that pass their own.
+
+Storage (what `nbytes` counts), for n values and blocks of B:
+    packed codes                      n / 2 bytes                  4 bits / param
+    scales, plain float32 absmax      4 n / B bytes                32 / B bits / param
+    scales, double-quantized          n / B + 4 n / (256 B) + 4    8 / B + 32 / (256 B) + ...
+The 16-entry code book is a shared constant of the format and is not counted; the last block is
+stored zero-padded (under B / 2 extra bytes per tensor).
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .blockwise import (block_absmax, check_blocksize, check_finite, dequantize_blocks,
+                        quantize_blocks, to_blocks)
+from .double_quant import DoubleQuantScales, quantize_scales
+
+
+@dataclass
+class Quantized4bit:
+    """A weight of `shape` stored as 4-bit indices into `code`, one scale per block."""
+    codes: torch.Tensor                 # (n_blocks * blocksize // 2,) uint8, two codes a byte
+    code: torch.Tensor                  # (<= 16,) float32 code book, sorted, in [-1, 1]
+    shape: torch.Size                   # original shape
+    dtype: torch.dtype                  # original dtype (the default for dequantize)
+    blocksize: int                      # values per scale
+    absmax: Optional[torch.Tensor] = None           # (n_blocks,) float32, plain scales
+    scales8: Optional[DoubleQuantScales] = None     # or: the scales in 8 bits
+
+    @property
+    def numel(self):
+        return self.shape.numel()
+
+    @property
+    def device(self):
+        return self.codes.device
+
+    @property
+    def double_quant(self):
+        return self.scales8 is not None
+
+    @property
+    def nbytes(self):
+        """Bytes of storage: packed codes + scales (+ second-level scales and offset)."""
+        scale_bytes = self.scales8.nbytes if self.double_quant else 4 * self.absmax.numel()
+        return self.codes.numel() + scale_bytes
+
+    @property
+    def bits_per_param(self):
+        return 8 * self.nbytes / self.numel
+
+    def block_scales(self):
+        """-> (n_blocks,) float32 scales, decoded from 8 bits when double-quantized."""
+        return self.scales8.dequantize() if self.double_quant else self.absmax
+
+    def dequantize(self, dtype=None):
+        """-> tensor of `shape` in `dtype` (default: the original dtype)."""
+        blocks = dequantize_blocks(self.codes, self.block_scales(), self.code, self.blocksize,
+                                   dtype or self.dtype)  # (n_blocks, blocksize)
+        return blocks.view(-1)[: self.numel].view(self.shape)
+
+    def to_state_dict(self):
+        """Plain tensors, ints and a dtype name: ready for a safetensors-style writer."""
+        state = {"codes": self.codes, "code": self.code, "blocksize": self.blocksize,
+                 "shape": torch.tensor(list(self.shape), dtype=torch.int64),
+                 "dtype": str(self.dtype).removeprefix("torch.")}
+        if self.double_quant:
+            state.update(scale_codes=self.scales8.codes, scale_absmax=self.scales8.absmax,
+                         scale_offset=self.scales8.offset)
+        else:
+            state["absmax"] = self.absmax
+        return state
+
+    @classmethod
+    def from_state_dict(cls, state):
+        """Inverse of to_state_dict."""
+        shape = torch.Size([int(s) for s in state["shape"]])
+        blocksize = int(state["blocksize"])
+        scales8 = None
+        if "scale_codes" in state:
+            n_blocks = -(-shape.numel() // blocksize)  # ceil division
+            scales8 = DoubleQuantScales(state["scale_codes"], state["scale_absmax"],
+                                        state["scale_offset"], n_blocks)
+        return cls(state["codes"], state["code"], shape, getattr(torch, state["dtype"]),
+                   blocksize, state.get("absmax"), scales8)
+
+    def __repr__(self):
+        return (f"Quantized4bit(shape={tuple(self.shape)}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, bits_per_param={self.bits_per_param:.3f})")
+
+
+def quantize_4bit(w, code, blocksize=64, double_quant=True, who="quantize_4bit"):
+    """Block-wise absmax quantization of `w` (any shape) to the levels of `code`.
+
+    The 4-bit codes always use the exact float32 absmax; double quantization only changes how
+    the scales are stored, never which level a value picked.
+    """
+    check_blocksize(blocksize)
+    if w.numel() == 0:
+        raise ValueError(f"{who}: cannot quantize an empty tensor of shape {tuple(w.shape)}")
+    blocks = to_blocks(w, blocksize)  # (n_blocks, blocksize) float32
+    absmax = block_absmax(blocks)
+    if not torch.isfinite(absmax).all():  # nan/inf anywhere makes its block's absmax non-finite
+        check_finite(w, who)
+    packed = quantize_blocks(blocks, absmax, code.to(blocks.device))
+    scales8 = quantize_scales(absmax) if double_quant else None
+    return Quantized4bit(packed, code.to(blocks.device), w.shape, w.dtype, blocksize,
+                         None if double_quant else absmax, scales8)

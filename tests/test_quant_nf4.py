@@ -1,0 +1,164 @@
+"""NF4: the derived levels, block-wise quantization, packing, double quantization, bad input."""
+import pytest
+import torch
+
+from quant import NF4_CODE, Quantized4bit, dequantize_nf4, quantize_nf4
+from quant.blockwise import (midpoints, nearest_level, pack_nibbles, to_blocks,
+                             unpack_nibbles, worst_case_error)
+from quant.double_quant import DYNAMIC_MAP, SCALE_BLOCKSIZE
+
+# The NF4 table published in the QLoRA paper's appendix (Dettmers et al. 2023), identical to
+# the list in bitsandbytes' `get_4bit_type("nf4")`.
+PUBLISHED_NF4 = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]
+# Quantization reconstructs x as level * scale in float32, with a product, a reciprocal and
+# (double quant) a sum behind it: allow a few float32 ulps (~1e-6 relative) on top of a bound.
+FP32_SLACK = 1e-6
+
+
+def block_absmax_per_element(w, blocksize):
+    """Each element's block absmax, shaped like w (the scale its error is measured against)."""
+    blocks = to_blocks(w, blocksize)
+    per_block = blocks.abs().amax(dim=1, keepdim=True).expand_as(blocks)  # (n_blocks, blocksize)
+    return per_block.reshape(-1)[: w.numel()].view(w.shape)
+
+
+def test_levels_match_published_table():
+    # 1e-6: the table is float32 quantiles; a different ndtri could move the last ulp (~6e-8).
+    torch.testing.assert_close(NF4_CODE, torch.tensor(PUBLISHED_NF4), atol=1e-6, rtol=0)
+
+
+def test_level_properties():
+    assert NF4_CODE.dtype == torch.float32 and NF4_CODE.numel() == 16
+    assert (NF4_CODE[1:] > NF4_CODE[:-1]).all()
+    assert (NF4_CODE == 0).sum() == 1
+    assert NF4_CODE.min() == -1 and NF4_CODE.max() == 1
+    assert (NF4_CODE < 0).sum() == 7 and (NF4_CODE > 0).sum() == 8
+
+
+def test_pack_unpack_round_trip_and_nibble_order():
+    codes = torch.randint(0, 16, (1000,), generator=torch.Generator().manual_seed(0))
+    packed = pack_nibbles(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == 500
+    assert torch.equal(unpack_nibbles(packed), codes.to(torch.uint8))
+    assert pack_nibbles(torch.tensor([1, 2, 15, 0])).tolist() == [0x12, 0xF0]  # first = high
+
+
+@pytest.mark.parametrize("absmax", [1.0, 0.37, 3e-3, 12.5])
+def test_every_level_quantizes_to_itself(absmax):
+    w = (NF4_CODE * absmax).repeat(3, 1)  # each row is one block holding every level
+    q = quantize_nf4(w, blocksize=16, double_quant=False)
+    assert torch.equal(unpack_nibbles(q.codes), torch.arange(16, dtype=torch.uint8).repeat(3))
+    assert torch.equal(dequantize_nf4(q), w)  # same float32 product: exact
+
+
+def test_counting_and_binary_search_agree():
+    # nearest_level counts comparisons for 4-bit code books and bisects for larger ones
+    x = torch.cat([torch.rand(10_000) * 2 - 1, midpoints(NF4_CODE), NF4_CODE])
+    assert torch.equal(nearest_level(x, NF4_CODE).int(),
+                       torch.bucketize(x, midpoints(NF4_CODE), right=False, out_int32=True))
+
+
+def test_midpoint_goes_to_lower_level_and_just_above_to_upper():
+    mids = midpoints(NF4_CODE)
+    above = torch.nextafter(mids, torch.tensor(2.0))
+    w = torch.stack([torch.cat([mids, torch.ones(1)]),  # the 1.0 makes the block absmax 1
+                     torch.cat([above, torch.ones(1)])])
+    codes = unpack_nibbles(quantize_nf4(w, blocksize=16).codes).view(2, 16).long()
+    assert codes[0, :15].tolist() == list(range(15))
+    assert codes[1, :15].tolist() == list(range(1, 16))
+
+
+@pytest.mark.parametrize("shape", [(257, 129), (3, 37), (1000,), (5,)])
+def test_error_bound_without_double_quant(shape):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    error = (dequantize_nf4(quantize_nf4(w, double_quant=False)) - w).abs()
+    bound = worst_case_error(NF4_CODE) * block_absmax_per_element(w, 64)
+    assert (error <= bound * (1 + FP32_SLACK)).all()
+
+
+def test_error_bound_with_double_quant():
+    w = torch.randn(300, 200, generator=torch.Generator().manual_seed(2))
+    plain, dq = quantize_nf4(w, double_quant=False), quantize_nf4(w, double_quant=True)
+    assert torch.equal(plain.codes, dq.codes)  # double quant only changes the stored scales
+    scale_error = (dq.block_scales() - plain.absmax).abs()  # (n_blocks,)
+    per_element = scale_error[:, None].expand(-1, 64).reshape(-1)[: w.numel()].view(w.shape)
+    absmax = block_absmax_per_element(w, 64)
+    # |level * s_hat - x| <= |level * s - x| + |level| * |s_hat - s|, and |level| <= 1
+    bound = worst_case_error(NF4_CODE) * absmax + per_element
+    assert ((dequantize_nf4(dq) - w).abs() <= bound + FP32_SLACK * absmax).all()
+
+
+def test_double_quant_scale_error_is_small_and_bounded():
+    w = torch.randn(512, 512, generator=torch.Generator().manual_seed(3))
+    scales = quantize_nf4(w, double_quant=False).absmax
+    q = quantize_nf4(w, double_quant=True)
+    centred = to_blocks(scales - scales.mean(), SCALE_BLOCKSIZE)  # (n_groups, 256)
+    group_absmax = centred.abs().amax(dim=1).repeat_interleave(SCALE_BLOCKSIZE)[: scales.numel()]
+    error = (q.block_scales() - scales).abs()
+    assert (error <= worst_case_error(DYNAMIC_MAP) * group_absmax + FP32_SLACK * scales).all()
+    relative = error / scales
+    assert relative.mean() < 0.003 and relative.max() < 0.01  # measured ~0.0016 and ~0.008
+
+
+def test_dynamic_map():
+    assert DYNAMIC_MAP.numel() == 256 and (DYNAMIC_MAP[1:] > DYNAMIC_MAP[:-1]).all()
+    assert DYNAMIC_MAP.max() == 1 and (DYNAMIC_MAP == 0).any()
+    assert worst_case_error(DYNAMIC_MAP) == pytest.approx(0.9 / 128, rel=1e-4)  # top-decade gap
+
+
+def test_bits_per_param():
+    w = torch.randn(512, 512)
+    assert quantize_nf4(w, double_quant=False).bits_per_param == 4.5  # 4 + 32 / 64
+    assert quantize_nf4(w, double_quant=True).bits_per_param <= 4.13  # 4 + 8/64 + 32/16384 + ..
+
+
+@pytest.mark.parametrize("shape", [(3, 37), (1000,), (2, 3, 50)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_partial_blocks_shapes_and_dtypes(shape, dtype):
+    w = torch.randn(shape).to(dtype)
+    q = quantize_nf4(w)
+    n_blocks = -(-w.numel() // 64)
+    assert q.codes.numel() == n_blocks * 32 and q.block_scales().numel() == n_blocks
+    out = dequantize_nf4(q)
+    assert out.shape == w.shape and out.dtype == dtype
+    assert dequantize_nf4(q, torch.float64).dtype == torch.float64
+
+
+def test_all_zero_block_stays_zero():
+    w = torch.zeros(2, 64)
+    w[1] = torch.randn(64)
+    assert torch.equal(dequantize_nf4(quantize_nf4(w))[0], torch.zeros(64))
+
+
+def test_non_finite_input_is_refused_with_count_and_position():
+    w = torch.randn(8, 8)
+    w[1, 2], w[5, 0] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match=r"2 non-finite .* nan at index \(1, 2\)"):
+        quantize_nf4(w)
+
+
+@pytest.mark.parametrize("blocksize", [0, -64, 63, 64.0])
+def test_bad_blocksize_is_refused(blocksize):
+    with pytest.raises(ValueError, match="blocksize"):
+        quantize_nf4(torch.randn(128), blocksize=blocksize)
+
+
+def test_empty_input_is_refused():
+    with pytest.raises(ValueError, match="empty"):
+        quantize_nf4(torch.randn(0, 4))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_state_dict_round_trip(double_quant):
+    w = torch.randn(33, 70)
+    q = quantize_nf4(w, double_quant=double_quant)
+    state = q.to_state_dict()
+    assert all(isinstance(v, (torch.Tensor, int, str)) for v in state.values())
+    restored = Quantized4bit.from_state_dict(state)
+    assert torch.equal(dequantize_nf4(restored), dequantize_nf4(q))
+    assert restored.nbytes == q.nbytes and restored.dtype == q.dtype
