@@ -1,0 +1,299 @@
+"""Lesson 05 -- NF4, the 4-bit NormalFloat of QLoRA, from scratch.
+
+QLoRA (Dettmers et al. 2023) keeps the frozen base model in 4 bits. Which 16 numbers should the
+4 bits stand for? Pretrained weights are close to zero-mean normal. A code whose levels sit at
+*quantiles* of N(0, 1) gives every level about the same expected number of weights: no level is
+wasted on the empty tails, so the 4 bits carry close to the full log2(16) = 4 bits of
+information. That is NF4 (QLoRA Sec. 3, "4-bit NormalFloat", and its appendix). Step by step:
+
+  1. 8 positive levels: Phi^-1(p) at p = 8 evenly spaced points from delta down to 1/2
+     (linspace(delta, 1/2, 9) without its last point); 7 negative ones likewise from 8 points.
+     Phi^-1 is the normal quantile function; delta = 0.9677 = ((1 - 1/30) + (1 - 1/32)) / 2
+     stops short of p = 1, where Phi^-1 is infinite.
+  2. Asymmetric 7 / 8 split plus an exact 0: 2^4 = 16 levels cannot be symmetric around a zero
+     level, and zero (padding, pruned weights) must be represented without error.
+  3. Divide by the largest value, Phi^-1(delta) = 1.848: the levels span exactly [-1, 1].
+
+Storing a weight (QLoRA Sec. 2, block-wise k-bit quantization): cut it into blocks of 64, keep
+each block's absmax m_b, and store each value as the index of the nearest level of x / m_b.
+One outlier then only coarsens the 63 neighbours in its own block, not the whole tensor.
+Two 4-bit indices go into one byte. The float32 scales cost 32 / 64 = 0.5 bits per weight, so
+*double quantization* stores them again in 8 bits (blocks of 256, after subtracting their mean):
+4 + 8/64 + 32/(64*256) = 4.127 bits per weight.
+
+The levels are used equally at the scale the code is built for (level 1 = 1.848 sigma); block
+absmax maps 1 to a block's largest value instead, ~2.6 sigma for 64 normal values, which
+squeezes weights towards the inner levels. The occupancy table measures both; the entropy of
+the code use says how close each 4-bit format gets to 4 bits. Then NF4's error is compared
+with int4 and FP4 on N(0, 1) and on every layer of the tiny GPT. Runs in seconds.
+"""
+import math
+
+import torch
+
+from lessons.common import (get_base_model, lesson_dir, matplotlib_pyplot, parse_args,
+                            print_table, run_main, save_figure, write_summary)
+from quant import NF4_CODE, quantize_fp4, quantize_int4, quantize_nf4
+from quant.blockwise import nearest_level, to_blocks, unpack_nibbles
+from quant.nf4 import NF4_OFFSET
+
+NAME = "05_nf4_from_scratch"
+# The table printed in the QLoRA paper's appendix (also bitsandbytes' get_4bit_type("nf4")).
+PUBLISHED_NF4 = [
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]
+FORMATS = {"NF4": quantize_nf4, "FP4": quantize_fp4, "int4": quantize_int4}
+BITS_TARGETS = {"plain": 4.5, "double_quant": 4.13}  # QLoRA Sec. 3: 4.5 and ~4.127
+BLOCKSIZES = (32, 64, 128, 256)
+# Phi^-1(delta) = 1.848: how many standard deviations NF4's level 1.0 stands for
+NF4_TOP_SIGMA = torch.special.ndtri(torch.tensor(NF4_OFFSET, dtype=torch.float64)).item()
+
+
+def derive_levels(offset=NF4_OFFSET):
+    """The NF4 levels step by step -> (p, Phi^-1(p), level), each (16,) in level order.
+
+    Float32 probabilities and float64 quantiles, as the reference builds them."""
+    p_pos = torch.linspace(offset, 0.5, 9)[:-1].double()  # (8,) 0.968 .. 0.53
+    p_neg = torch.linspace(offset, 0.5, 8)[:-1].double()  # (7,)
+    raw = torch.cat([torch.special.ndtri(p_pos), torch.zeros(1, dtype=torch.float64),
+                     -torch.special.ndtri(p_neg)]).float()  # (16,) unsorted
+    probs = torch.cat([p_pos, torch.full((1,), 0.5, dtype=torch.float64), 1 - p_neg])
+    order = raw.argsort()
+    levels = raw[order] / raw.max()  # step 3: normalise to [-1, 1]
+    return probs[order], raw[order], levels
+
+
+def levels_table(probs, raw, levels):
+    published = torch.tensor(PUBLISHED_NF4)
+    rows = [[i, "neg" if levels[i] < 0 else ("zero" if levels[i] == 0 else "pos"),
+             f"{probs[i]:.6f}", f"{raw[i]:+.6f}", f"{levels[i]:+.8f}", f"{published[i]:+.8f}",
+             f"{abs(levels[i] - published[i]):.1e}"] for i in range(16)]
+    print_table("Step 1-3: NF4 levels = Phi^-1(p), normalised by the largest (QLoRA appendix)",
+                ["code", "side", "p", "Phi^-1(p)", "ours", "published", "|diff|"], rows)
+    return (levels - published).abs().max().item(), (NF4_CODE - published).abs().max().item()
+
+
+def codes_of(w, quantize, blocksize=64):
+    """The 4-bit index of every element of w -> (numel,) long."""
+    q = quantize(w, blocksize=blocksize, double_quant=False)
+    return unpack_nibbles(q.codes)[: w.numel()].long()
+
+
+def entropy_bits(frac):
+    """Entropy of a distribution over codes, in bits: 4 when all 16 are equally used."""
+    frac = frac[frac > 0]
+    return -(frac * frac.log2()).sum().item()
+
+
+def occupancy(w, quantize=quantize_nf4):
+    """Fraction of the elements of w stored as each of the 16 codes, and its entropy (bits)."""
+    frac = torch.bincount(codes_of(w, quantize), minlength=16).double() / w.numel()
+    return frac, entropy_bits(frac)
+
+
+def normalised_mse(w, quantize, blocksize=64, double_quant=False):
+    """Mean squared quantization error divided by mean(w^2): 0 is perfect, 1 is 'all zeros'."""
+    err = quantize(w, blocksize=blocksize, double_quant=double_quant).dequantize() - w
+    return (err.pow(2).mean() / w.pow(2).mean()).item()
+
+
+def outlier_demo(n=4096, blocksize=64, outlier=20.0, seed=0):
+    """One weight of 20 sigma in N(0, 1) noise: per-block error with 64-blocks vs one absmax."""
+    w = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    where = n // 3
+    w[where] = outlier
+    rows, per_block = [], {}
+    for label, bs in [(f"blocks of {blocksize}", blocksize), ("one global absmax", n)]:
+        err = (quantize_nf4(w, blocksize=bs, double_quant=False).dequantize() - w).pow(2)
+        mse = err.view(-1, blocksize).mean(1)  # (n / 64,) error per 64-block, same view for both
+        per_block[label] = mse
+        zeroed = (codes_of(w, quantize_nf4, bs) == 7).float().mean().item()  # code 7 = level 0
+        hit = where // blocksize
+        others = torch.cat([mse[:hit], mse[hit + 1:]])
+        rows.append([label, mse[hit].item(), others.mean().item(), f"{100 * zeroed:.1f}%"])
+    print_table(f"Block-wise absmax: N(0,1) x {n} with one outlier of {outlier:g} at index "
+                f"{where}", ["scaling", "MSE outlier's block", "MSE other blocks",
+                             "values stored as 0"], rows)
+    return per_block, rows
+
+
+def packing_table(w):
+    """The first 4 bytes of a quantized weight: two codes per byte, first one high."""
+    q = quantize_nf4(w, double_quant=False)
+    codes = unpack_nibbles(q.codes[:4])
+    values = w.reshape(-1)[:8].tolist()
+    rows = []
+    for i in range(4):
+        hi, lo = int(codes[2 * i]), int(codes[2 * i + 1])
+        byte = int(q.codes[i])
+        assert byte == 16 * hi + lo  # the packing rule, checked on the real bytes
+        rows.append([f"{2 * i},{2 * i + 1}", f"{values[2 * i]:+.4f} {values[2 * i + 1]:+.4f}",
+                     f"{hi:2d} {lo:2d}", f"{hi:04b} {lo:04b}", f"{byte:08b}", f"0x{byte:02X}"])
+    print_table("Packing: element 2i -> high nibble, 2i+1 -> low nibble (first block of a layer)",
+                ["elements", "values", "codes", "codes (bin)", "byte (bin)", "hex"], rows)
+
+
+def double_quant_table(w):
+    """Scale error and bits per parameter with and without double quantization."""
+    plain, dq = quantize_nf4(w, double_quant=False), quantize_nf4(w, double_quant=True)
+    rel = (dq.block_scales() - plain.absmax).abs() / plain.absmax  # (n_blocks,)
+    mse = {k: normalised_mse(w, quantize_nf4, double_quant=k == "double_quant")
+           for k in BITS_TARGETS}
+    rows = []
+    for key, q, formula in [("plain", plain, "4 + 32/64"),
+                            ("double_quant", dq, "4 + 8/64 + 32/(64*256)")]:
+        ok = q.bits_per_param <= BITS_TARGETS[key] + 1e-9
+        rows.append([key, formula, f"{q.bits_per_param:.4f}", f"<= {BITS_TARGETS[key]}",
+                     "PASS" if ok else "NOT MET", f"{mse[key]:.5f}"])
+    print_table(f"Double quantization of the block scales ({w.numel():,} N(0,1) values, "
+                f"blocks of 64)", ["scales", "bits formula", "bits/param", "target", "",
+                                   "NMSE"], rows)
+    print(f"scale relative error after 8-bit storage: mean {rel.mean():.2e}, max {rel.max():.2e}; "
+          f"codes identical: {torch.equal(plain.codes, dq.codes)}\n")
+    return {"bits_plain": plain.bits_per_param, "bits_double_quant": dq.bits_per_param,
+            "scale_rel_err_mean": rel.mean().item(), "scale_rel_err_max": rel.max().item()}
+
+
+def block_kurtosis(w, blocksize=64):
+    """Mean over blocks of E[(x - mean)^4] / E[(x - mean)^2]^2: ~2.9 for 64 normal values,
+    lower for flatter (more uniform) blocks, higher for heavy tails."""
+    blocks = to_blocks(w, blocksize)
+    centred = blocks - blocks.mean(1, keepdim=True)  # (n_blocks, blocksize)
+    return (centred.pow(4).mean(1) / centred.pow(2).mean(1).pow(2)).mean().item()
+
+
+def format_comparison(gauss, layers):
+    """NMSE of NF4 / FP4 / int4 (plain absmax, blocks of 64) on N(0,1) and on every layer."""
+    rows, table = [], {}
+    for name, w in [("N(0,1)", gauss)] + list(layers.items()):
+        e = table[name] = {f: normalised_mse(w, q) for f, q in FORMATS.items()}
+        rows.append([name, f"{block_kurtosis(w):.2f}", f"{e['NF4']:.5f}", f"{e['FP4']:.5f}",
+                     f"{e['int4']:.5f}", "yes" if e["NF4"] < e["FP4"] < e["int4"] else "NO"])
+    print_table("Quantization error, NMSE = mean((deq(q(w)) - w)^2) / mean(w^2), blocks of 64",
+                ["weight", "kurtosis in blocks", "NF4", "FP4", "int4", "NF4 < FP4 < int4"], rows)
+    nf4_best = sum(e["NF4"] < min(e["FP4"], e["int4"]) for e in table.values())
+    ordered = sum(e["NF4"] < e["FP4"] < e["int4"] for e in table.values())
+    print(f"NF4 lowest error on {nf4_best} of {len(table)} weights; NF4 < FP4 < int4 (the "
+          f"target) on {ordered} of {len(table)}: {'PASS' if ordered == len(table) else 'NOT MET'}"
+          f"\n(evenly spaced int4 can beat FP4 where blocks are flatter than normal, i.e. lower "
+          f"kurtosis)\n")
+    return table, f"{nf4_best}/{len(table)}", f"{ordered}/{len(table)}"
+
+
+def blocksize_sweep(gauss, layers):
+    pooled = torch.cat([w.reshape(-1) for w in layers.values()])
+    rows = []
+    for bs in BLOCKSIZES:
+        bits = [quantize_nf4(gauss, bs, dq).bits_per_param for dq in (False, True)]
+        nmse_g = normalised_mse(gauss, quantize_nf4, bs, True)
+        nmse_m = sum(normalised_mse(w, quantize_nf4, bs, True) * w.numel()
+                     for w in layers.values()) / pooled.numel()
+        rows.append([bs, f"{bits[0]:.4f}", f"{bits[1]:.4f}", f"{nmse_g:.5f}", f"{nmse_m:.5f}"])
+    print_table("Block size: bits per parameter vs error (NF4, NMSE with double quant)",
+                ["blocksize", "bits plain", "bits dq", "NMSE N(0,1)", "NMSE tiny GPT"], rows)
+    return rows
+
+
+def occupancy_table(gauss, layers):
+    """Share of weights per level: block-absmax N(0,1), N(0,1) at NF4's design scale, the GPT."""
+    pooled = torch.cat([codes_of(w, quantize_nf4) for w in layers.values()])
+    model_frac = torch.bincount(pooled, minlength=16).double() / pooled.numel()
+    gauss_frac, gauss_h = occupancy(gauss)
+    # NF4 maps its largest level to Phi^-1(delta) = 1.848 sigma; blocks of 64 instead put 1 at
+    # their absmax, ~2.5 sigma on average, which squeezes the data towards the inner levels.
+    design = (gauss / NF4_TOP_SIGMA).clamp(-1, 1)
+    design_frac = torch.bincount(nearest_level(design, NF4_CODE).reshape(-1).long(),
+                                 minlength=16).double() / gauss.numel()
+    h = {k: entropy_bits(f) for k, f in [("design", design_frac), ("model", model_frac)]}
+    rows = [[i, f"{NF4_CODE[i]:+.4f}", f"{100 * design_frac[i]:.2f}%",
+             f"{100 * gauss_frac[i]:.2f}%", f"{100 * model_frac[i]:.2f}%"] for i in range(16)]
+    rows.append(["entropy", "(max 4 bits)", f"{h['design']:.3f} bits", f"{gauss_h:.3f} bits",
+                 f"{h['model']:.3f} bits"])
+    print_table("Occupancy: share of weights stored as each level (uniform = 6.25%)",
+                ["code", "level", "N(0,1)/1.848", "N(0,1), blocks of 64",
+                 "tiny GPT, blocks of 64"], rows)
+    absmax = to_blocks(gauss, 64).abs().amax(1).mean().item()
+    others = {f: occupancy(gauss, FORMATS[f])[1] for f in ("FP4", "int4")}
+    print(f"mean absmax of a block of 64 N(0,1) values: {absmax:.3f} sigma (NF4's level 1 "
+          f"stands for {NF4_TOP_SIGMA:.3f} sigma)\nentropy of the code use on N(0,1), blocks "
+          f"of 64: NF4 {gauss_h:.3f}, FP4 {others['FP4']:.3f}, int4 {others['int4']:.3f} bits "
+          f"(15-level codes: at most {math.log2(15):.3f})\n")
+    return h["design"], gauss_h, h["model"], others
+
+
+def plot_histogram(w, name, out):
+    plt = matplotlib_pyplot()
+    blocks = to_blocks(w, 64)  # (n_blocks, 64)
+    scaled = (blocks / blocks.abs().amax(1, keepdim=True)).reshape(-1)[: w.numel()]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.hist(scaled.numpy(), bins=200, color="tab:blue", alpha=0.7)
+    for level in NF4_CODE.tolist():
+        ax.axvline(level, color="tab:red", lw=0.8)
+    ax.set(xlabel="weight / block absmax", ylabel="count",
+           title=f"{name}: weights over the 16 NF4 levels (red)")
+    save_figure(fig, out / "nf4_levels_on_weights.png")
+
+
+def plot_errors(table, sweep_rows, per_block, out):
+    plt = matplotlib_pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    names = list(table)
+    for k, fmt in enumerate(FORMATS):
+        axes[0].bar([i + 0.27 * (k - 1) for i in range(len(names))],
+                    [table[n][fmt] for n in names], width=0.27, label=fmt)
+    axes[0].set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    axes[0].set(ylabel="NMSE", title="NF4 vs FP4 vs int4 (blocks of 64)")
+    axes[0].legend(loc="lower right", fontsize=7)
+    axes[1].plot([float(r[2]) for r in sweep_rows], [float(r[3]) for r in sweep_rows], "o-")
+    for r in sweep_rows:
+        axes[1].annotate(str(r[0]), (float(r[2]), float(r[3])))
+    axes[1].set(xlabel="bits per parameter (double quant)", ylabel="NMSE on N(0,1)",
+                title="block size sweep")
+    for label, mse in per_block.items():
+        axes[2].semilogy(mse.numpy(), label=label)
+    axes[2].set(xlabel="block of 64", ylabel="MSE", title="one outlier: error per block")
+    axes[2].legend()
+    save_figure(fig, out / "nf4_errors.png")
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv)
+    out = lesson_dir(args, NAME)
+    probs, raw, levels = derive_levels()
+    diff_derived, diff_package = levels_table(probs, raw, levels)
+    print(f"delta = {NF4_OFFSET} vs ((1 - 1/30) + (1 - 1/32)) / 2 = "
+          f"{((1 - 1 / 30) + (1 - 1 / 32)) / 2:.7f}; max |derived - published| = "
+          f"{diff_derived:.1e}; max |quant.NF4_CODE - published| = {diff_package:.1e}\n")
+
+    model, _ = get_base_model(args)
+    layers = {n.removesuffix(".weight"): p.detach().cpu() for n, p in model.named_parameters()
+              if n.endswith("_proj.weight")}  # the 24 linear layers' weights
+    n = 256 if args.quick else 1024
+    gauss = torch.randn(n, 1024, generator=torch.Generator().manual_seed(args.seed))
+    design_h, gauss_h, model_h, other_h = occupancy_table(gauss, layers)
+    per_block, _ = outlier_demo(seed=args.seed)
+    packing_table(layers["blocks.0.attn.q_proj"])
+    dq = double_quant_table(gauss)
+    table, nf4_best, ordered = format_comparison(gauss, layers)
+    sweep_rows = blocksize_sweep(gauss, layers)
+
+    plot_histogram(layers["blocks.1.mlp.up_proj"], "blocks.1.mlp.up_proj", out)
+    plot_errors(table, sweep_rows, per_block, out)
+    g = table["N(0,1)"]
+    write_summary(args, NAME, {
+        "max_level_diff": diff_derived, "bits_plain": dq["bits_plain"],
+        "bits_double_quant": dq["bits_double_quant"], "nmse_nf4_normal": g["NF4"],
+        "nmse_fp4_normal": g["FP4"], "nmse_int4_normal": g["int4"],
+        "weights_nf4_lowest": nf4_best, "weights_nf4_lt_fp4_lt_int4": ordered,
+        "entropy_nf4_design_scale": design_h, "entropy_nf4_normal": gauss_h,
+        "entropy_nf4_model": model_h,
+        "entropy_fp4_normal": other_h["FP4"], "entropy_int4_normal": other_h["int4"],
+        "scale_rel_err_mean": dq["scale_rel_err_mean"]})
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

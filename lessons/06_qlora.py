@@ -1,0 +1,307 @@
+"""Lesson 06 -- QLoRA: LoRA on top of a 4-bit base.
+
+QLoRA (Dettmers et al. 2023, Sec. 3) stores every linear layer of the frozen base in NF4
+(lesson 05) and trains LoRA adapters in 16/32-bit on top:
+
+    y = dequant(W_nf4) x + b + (alpha / r) B A x
+
+The forward dequantizes W one layer at a time, just before its matmul, and throws it away. The
+backward needs dL/dx = dL/dy W (adapters of earlier layers sit upstream), so it dequantizes W
+again; it never needs dL/dW, because W is frozen -- and 4-bit codes have no gradient to take.
+That is quant.DequantMatmul. The base drops from 32 to about 4.13 bits per weight; adapters,
+their gradients and their optimizer states stay as small as in plain LoRA.
+
+Measured below: DequantMatmul's backward (float64 gradcheck; equal to autograd through the
+dense dequantized weight); the 4-bit base's loss and perplexity = exp(loss); QLoRA vs LoRA with
+the same recipe (test accuracy); the bytes of the base; the adapter re-loaded onto a freshly
+quantized base; deployment; quantize / dequantize / dequant-matmul speed.
+
+Deployment. The adapter was trained against the dequantized weights W_deq, not the original
+W0, and is tied to them. Merged into a float copy of W_deq it is exact up to float32 rounding.
+Merged into anything else -- re-quantizing W_deq + s B A to NF4, or adding s B A to the fp32
+original -- the weights move by a fresh NF4-sized rounding error that the adapter never saw.
+Default run: two 1500-step fine-tunes and a 4096 x 4096 benchmark, a few minutes on 2 cores.
+"""
+import copy
+
+import torch
+
+from lessons.common import (DEFAULT_TASK, base_recipe, finetune_config, get_base_model,
+                            lesson_dir, matplotlib_pyplot, parse_args, print_table, run_main,
+                            save_figure, task_splits, timed, write_summary)
+from lessons.qlora import dequantized_float_model, prepare_qlora
+from lora import (LoRALinear, apply_lora, count_parameters, disable_adapters, load_adapter,
+                  lora_layers, merge_lora, save_adapter)
+from quant import DequantMatmul, Linear4bit, quantize_model, quantize_nf4
+from quant.bench import benchmark_nf4
+from quant.blockwise import unpack_nibbles
+from tiny_gpt import exact_match, make_batch
+from tiny_gpt.finetune import finetune
+from tiny_gpt.pretrain import corpus_ids, validation_loss
+
+NAME = "06_qlora"
+LORA = dict(targets=("q_proj", "v_proj"), r=8, alpha=16)  # the LoRA paper's placement
+ACC_TARGET_POINTS = 3.0  # QLoRA's test accuracy at most this many points below LoRA's
+SPEED_TARGET = 1.15      # dequant-matmul time / float32 matmul time, 4096 x 4096, 2048 tokens
+F64_TOL = 1e-12  # float64, the same products in the same order: equal up to rounding (~1e-16)
+# one float32 forward through two code paths (merged vs unmerged weight): only the summation
+# order differs, ~1e-7 relative per op, ~1e-6 after four blocks; relative to the largest logit
+F32_REL_TOL = 1e-5
+MERGES = {"float": "float copy, adapter merged", "requant": "  ... then re-quantized to NF4",
+          "fp32": "adapter merged into the fp32 original W0"}
+
+
+def dequant_matmul_check(base, seed):
+    """DequantMatmul on a real layer of the base: gradcheck and parity with the dense path."""
+    linear = base.blocks[0].attn.q_proj
+    q = quantize_nf4(linear.weight.detach().cpu())
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 2, 128, generator=gen, dtype=torch.float64).requires_grad_()
+    b = linear.bias.detach().cpu().double().requires_grad_()
+    ok = torch.autograd.gradcheck(lambda x, b: DequantMatmul.apply(x, q, b), (x, b))
+    probe = torch.randn(2, 2, 128, generator=gen, dtype=torch.float64)  # a generic dL/dy
+    y4 = DequantMatmul.apply(x, q, b)
+    w = q.dequantize(torch.float64).requires_grad_()  # the dense path: W as a float tensor
+    yd = x @ w.T + b
+    grads4 = torch.autograd.grad((y4 * probe).sum(), (x, b))
+    gxd, gbd, gwd = torch.autograd.grad((yd * probe).sum(), (x, b, w))
+    diffs = [(u - v).abs().max().item() for u, v in zip((y4, *grads4), (yd, gxd, gbd))]
+    rows = [["gradcheck float64 (x, bias)", ok, "gradcheck's", "OK" if ok else "FAIL"]]
+    rows += [[f"{what}: max |4-bit - dense|", f"{d:.1e}", f"{F64_TOL:.0e}",
+              "OK" if d <= F64_TOL else "FAIL"] for what, d in zip(["y", "dL/dx", "dL/db"], diffs)]
+    rows += [["dL/dW for the 4-bit weight", "none", f"dense: {gwd.numel():,} floats", ""],
+             ["Linear4bit's parameters", [n for n, _ in Linear4bit.from_linear(
+                 linear).named_parameters()], "", ""]]
+    print_table("DequantMatmul on blocks.0.attn.q_proj (float64, x of shape (2, 2, 128))",
+                ["check", "result", "tolerance", ""], rows)
+    return ok and max(diffs) <= F64_TOL, max(diffs)
+
+
+def lm_loss_table(base, args):
+    """Validation loss and perplexity of the base in fp32 and with every linear layer in NF4."""
+    recipe = base_recipe(args)
+    _, val_ids = corpus_ids(recipe)
+    models = {"fp32": base, "NF4": quantize_model(copy.deepcopy(base), double_quant=False),
+              "NF4 + double quant": quantize_model(copy.deepcopy(base))}
+    losses = {k: validation_loss(m.eval(), val_ids, recipe.seq_len, recipe.eval_batches,
+                                 recipe.batch_size) for k, m in models.items()}
+    ref = torch.tensor(losses["fp32"])
+    rows = [[k, f"{v:.4f}", f"{torch.tensor(v).exp():.4f}", f"{v - ref:+.4f}",
+             f"{100 * (torch.tensor(v).exp() / ref.exp() - 1):+.2f}%"] for k, v in losses.items()]
+    print_table(f"The base as a language model ({recipe.eval_batches} x {recipe.batch_size} "
+                f"validation windows of {recipe.seq_len} characters)",
+                ["linear weights", "val loss", "perplexity", "loss increase", "ppl increase"], rows)
+    return losses, models["NF4 + double quant"]
+
+
+def finetune_both(base, splits, args):
+    """LoRA and QLoRA with the same targets, rank, initial A, data order and recipe."""
+    runs = {}
+    for method, prepare in [("LoRA", apply_lora), ("QLoRA", prepare_qlora)]:
+        torch.manual_seed(args.seed)  # the same A initialisation for both
+        model = prepare(copy.deepcopy(base), **LORA)
+        print(f"fine-tuning with {method} ...", flush=True)
+        result = finetune(model, splits, finetune_config(args, "lora"), device=args.device)
+        runs[method] = {"model": model, "result": result,
+                        "acc": exact_match(model, splits["test"], args.device)}
+    x, y, mask = (t.to(args.device) for t in make_batch(splits["train"][:32]))
+    step = {m: timed(lambda model=r["model"]: model(x, y, mask)[1].backward(),
+                     repeats=3 if args.quick else 15) for m, r in runs.items()}  # median fwd+bwd
+    for run in runs.values():
+        run["model"].zero_grad(set_to_none=True)  # timing left gradients behind
+    rows = [[m, f"{count_parameters(r['model'])[0]:,}",
+             f"{sum(r['result'].losses[-50:]) / len(r['result'].losses[-50:]):.4f}",
+             f"{r['result'].best_score:.4f}", f"{100 * r['acc']:.1f}%",
+             f"{r['result'].wall_time:.1f}", f"{1e3 * step[m]:.1f}"] for m, r in runs.items()]
+    print_table(f"LoRA vs QLoRA on '{DEFAULT_TASK}' (Q and V, r={LORA['r']}, alpha="
+                f"{LORA['alpha']}, {runs['LoRA']['result'].steps} steps, same seed and data)",
+                ["method", "trainable", "train loss (last 50)", "best val loss", "test acc",
+                 "wall s", "fwd+bwd ms"], rows)
+    gap, ratio = 100 * (runs["QLoRA"]["acc"] - runs["LoRA"]["acc"]), step["QLoRA"] / step["LoRA"]
+    print(f"QLoRA - LoRA test accuracy: {gap:+.1f} points (target >= -{ACC_TARGET_POINTS:g}): "
+          f"{'PASS' if gap >= -ACC_TARGET_POINTS else 'NOT MET'}\nQLoRA step / LoRA step: "
+          f"{ratio:.2f}x (median fwd+bwd on a batch of 32; every layer dequantizes its weight in "
+          f"forward, and again in backward where an input gradient is needed)\n")
+    return runs, gap, ratio
+
+
+def tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def bytes_table(base, nf4_model):
+    """Bytes of the base's weights: linear layers alone, and the whole model."""
+    linears = [m for m in base.modules() if isinstance(m, torch.nn.Linear)]
+    n_lin = sum(m.weight.numel() for m in linears)
+    q4 = [m for m in nf4_model.modules() if isinstance(m, Linear4bit)]
+    lin = {"fp32": 4 * n_lin, "bf16": 2 * n_lin,
+           "NF4": tensor_bytes(t for m in q4 for t in m.buffers())}  # codes, scales, code book
+    whole = {"fp32": tensor_bytes(base.state_dict().values()),
+             "bf16": tensor_bytes(copy.deepcopy(base).bfloat16().state_dict().values()),
+             "NF4": tensor_bytes(nf4_model.state_dict().values())}
+    n_all = sum(p.numel() for p in base.parameters())
+    rows = [[f"{len(linears)} linear weights ({n_lin:,})", *(f"{v:,}" for v in lin.values()),
+             f"{8 * lin['NF4'] / n_lin:.3f}", f"{lin['fp32'] / lin['NF4']:.2f}x"],
+            [f"whole model ({n_all:,}; NF4: rest fp32)", *(f"{v:,}" for v in whole.values()),
+             f"{8 * whole['NF4'] / n_all:.3f}", f"{whole['fp32'] / whole['NF4']:.2f}x"]]
+    print_table("Bytes of the frozen base, measured from the modules' tensors (NF4: packed codes"
+                " + 8-bit scales + second-level scales + code book)",
+                ["what", "fp32", "bf16", "NF4 + dq", "bits / weight", "fp32 / NF4"], rows)
+    return lin, whole
+
+
+@torch.no_grad()
+def logits(model, x):
+    return model.eval()(x)[0]
+
+
+def reload_check(base, qlora_model, x, out):
+    """Save the adapter, load it onto a freshly quantized base: identical outputs?"""
+    directory = save_adapter(qlora_model, out / "qlora_adapter")
+    fresh = load_adapter(quantize_model(copy.deepcopy(base)), directory)
+    before, after = logits(qlora_model, x), logits(fresh, x)
+    same, diff = torch.equal(before, after), (before - after).abs().max().item()
+    files = ", ".join(f"{p.name} {p.stat().st_size:,} B" for p in sorted(directory.iterdir()))
+    print(f"QLoRA adapter saved ({files}) and loaded onto a freshly quantized base: "
+          f"outputs identical = {same} (max |diff| = {diff:.1e})\n")
+    return same, directory
+
+
+def weight_of(module):
+    """Float (out, in) weight of an nn.Linear, Linear4bit or LoRALinear base (+ sBA if merged)."""
+    module = module.base if isinstance(module, LoRALinear) else module
+    if isinstance(module, Linear4bit):
+        return module.dequantized_weight(torch.float32)
+    return module.weight.detach()
+
+
+def rel_distance(weights, reference):
+    """|W - R| / |R|, Frobenius norms over a list of layers taken together."""
+    num = sum((w - r).pow(2).sum() for w, r in zip(weights, reference))
+    return (num / sum(r.pow(2).sum() for r in reference)).sqrt().item()
+
+
+def deployment_table(base, qlora_model, directory, x, splits, args):
+    """Test accuracy, logit difference and weight distance of the ways to ship the model."""
+    paths = [p for p, _ in lora_layers(qlora_model)]
+    float_model = dequantized_float_model(qlora_model)
+    trained = [weight_of(float_model.get_submodule(p)) for p in paths]  # W_deq + s B A
+    ref = logits(qlora_model, x)
+
+    def measure(model, weights):
+        return {"acc": exact_match(model, splits["test"], args.device),
+                "diff": (logits(model, x) - ref).abs().max().item(),
+                "dist": rel_distance(weights, trained)}
+
+    variants = {"float": float_model, "requant": quantize_model(copy.deepcopy(float_model)),
+                "fp32": merge_lora(load_adapter(copy.deepcopy(base), directory))}
+    results = {"QLoRA as trained (NF4 base + adapter)": measure(qlora_model, trained)}
+    for key, model in variants.items():
+        results[MERGES[key]] = measure(model, [weight_of(model.get_submodule(p)) for p in paths])
+    with disable_adapters(qlora_model):  # weight_of an unmerged LoRALinear: W_deq
+        results["NF4 base, adapter disabled"] = measure(
+            qlora_model, [weight_of(qlora_model.get_submodule(p)) for p in paths])
+    print_table(f"Deployment: test accuracy, max |logit diff| from the QLoRA model ({len(x)} "
+                "test prompts), distance of the adapted layers' weights from W_deq + sBA",
+                ["model", "test acc", "max |diff|", "|W - (W_deq + sBA)| / |.|"],
+                [[k, f"{100 * r['acc']:.1f}%", f"{r['diff']:.2e}", f"{r['dist']:.4f}"]
+                 for k, r in results.items()])
+    rel = results[MERGES["float"]]["diff"] / ref.abs().max().item()
+    changed = codes_changed(qlora_model, variants["requant"])
+    # the fp32 row's distance is |W0 - W_deq|: the base's own NF4 error, in the same units
+    err_ratio = results[MERGES["requant"]]["dist"] / results[MERGES["fp32"]]["dist"]
+    print(f"float merge equals the QLoRA model: max |diff| / max |logit| = {rel:.1e} "
+          f"(tolerance {F32_REL_TOL:g}): {'OK' if rel <= F32_REL_TOL else 'FAIL'}\n"
+          f"re-quantizing changes {100 * changed:.1f}% of the adapted layers' 4-bit codes; its "
+          f"rounding error is {err_ratio:.2f}x the base's own NF4 error |W_deq - W0|\n")
+    return results, rel, changed, err_ratio
+
+
+def codes_changed(qlora_model, requant):
+    """Share of the adapted layers' 4-bit codes that re-quantizing W_deq + s B A changes."""
+    pairs = [(unpack_nibbles(requant.get_submodule(p).codes.cpu()),
+              unpack_nibbles(layer.base.codes.cpu())) for p, layer in lora_layers(qlora_model)]
+    return sum((a != b).sum().item() for a, b in pairs) / sum(a.numel() for a, _ in pairs)
+
+
+def speed_table(args):
+    """quant.bench.benchmark_nf4 on 2 threads; --quick: a small size, threads left alone."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(before if args.quick else 2)
+    try:
+        r = benchmark_nf4(256, 256, tokens=128, repeats=3) if args.quick else benchmark_nf4()
+    finally:
+        torch.set_num_threads(before)
+    verdict = ("not judged at --quick size" if args.quick else
+               "PASS" if r["ratio"] <= SPEED_TARGET else "NOT MET")
+    rows = [["quantize float32 -> NF4 + dq", f"{r['quantize_MB_per_s']:.4g} MB/s", ""],
+            ["dequantize NF4 -> float32", f"{r['dequantize_MB_per_s']:.4g} MB/s", ""],
+            ["float32 matmul x W^T", f"{1e3 * r['matmul_s']:.2f} ms", ""],
+            ["DequantMatmul (4-bit W)", f"{1e3 * r['dequant_matmul_s']:.2f} ms", ""],
+            ["ratio", f"{r['ratio']:.3f}x", f"<= {SPEED_TARGET}: {verdict}"]]
+    print_table(f"NF4 speed on CPU: W {r['shape'][0]} x {r['shape'][1]}, {r['tokens']} tokens, "
+                f"{r['threads']} threads, medians of alternating runs (MB of float32 weight)",
+                ["operation", "measured", "target"], rows)
+    return r
+
+
+def plot(runs, lin, whole, out, window=25):
+    """Loss curves of LoRA and QLoRA, and the bytes of the frozen base."""
+    plt = matplotlib_pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4))
+    for (method, run), color in zip(runs.items(), ("tab:blue", "tab:green")):
+        losses, evals = torch.tensor(run["result"].losses), run["result"].evals
+        k = min(window, len(losses))
+        smooth = losses.unfold(0, k, 1).mean(1)  # moving average over k steps
+        ax.plot(range(k, len(losses) + 1), smooth.numpy(), color=color,
+                label=f"{method} train (mean of {k})")
+        ax.plot([s for s, _ in evals], [m["val_loss"] for _, m in evals], "o--", ms=4,
+                color=color, label=f"{method} validation")
+    ax.set(xlabel="step", ylabel="answer-token loss", yscale="log",
+           title=f"LoRA vs QLoRA on '{DEFAULT_TASK}'")
+    ax.legend(fontsize=8)
+    for i, values in enumerate([lin, whole]):
+        bars = bx.bar([i + 0.27 * (k - 1) for k in range(3)], [v / 1e6 for v in values.values()],
+                      width=0.27, color=["tab:gray", "tab:blue", "tab:green"])
+        bx.bar_label(bars, [f"{v / 1e6:.2f}" for v in values.values()], fontsize=8)
+    bx.set_xticks([0, 1], ["linear weights", "whole model"])
+    bx.legend(bars, list(lin))
+    bx.set(ylabel="MB", title="Bytes of the frozen base: fp32 vs bf16 vs NF4 + dq")
+    save_figure(fig, out / "qlora_loss_and_bytes.png")
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv)
+    out = lesson_dir(args, NAME)
+    base, _ = get_base_model(args)
+    base.eval()
+    grad_ok, grad_diff = dequant_matmul_check(base, args.seed)
+    losses, nf4_model = lm_loss_table(base, args)
+    lin, whole = bytes_table(base, nf4_model)
+    splits = task_splits(args)
+    runs, gap, step_ratio = finetune_both(base, splits, args)
+    qlora_model = runs["QLoRA"]["model"]
+    x = make_batch(splits["test"][:64])[0].to(args.device)  # prompts + answers, for logits
+    same, directory = reload_check(base, qlora_model, x, out)
+    deploy, merge_rel, changed, err_ratio = deployment_table(base, qlora_model, directory, x,
+                                                             splits, args)
+    speed = speed_table(args)
+    plot(runs, lin, whole, out)
+    write_summary(args, NAME, {
+        "lora_acc": runs["LoRA"]["acc"], "qlora_acc": runs["QLoRA"]["acc"],
+        "qlora_minus_lora_points": gap, "val_loss_fp32": losses["fp32"],
+        "val_loss_nf4": losses["NF4"], "val_loss_nf4_dq": losses["NF4 + double quant"],
+        "linear_bytes_fp32": lin["fp32"], "linear_bytes_nf4": lin["NF4"],
+        "dequant_matmul_grad_ok": grad_ok, "dequant_matmul_max_diff": grad_diff,
+        "adapter_reload_identical": same, "float_merge_rel_diff": merge_rel,
+        "requant_merge_acc": deploy[MERGES["requant"]]["acc"],
+        "fp32_merge_acc": deploy[MERGES["fp32"]]["acc"],
+        "requant_codes_changed": changed, "requant_err_vs_base_err": err_ratio,
+        "qlora_step_ratio": step_ratio, "dequant_matmul_ratio": speed["ratio"],
+        "quantize_MB_per_s": speed["quantize_MB_per_s"],
+        "dequantize_MB_per_s": speed["dequantize_MB_per_s"]})
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,369 @@
+"""Lesson 07 -- memory and speed: where the bytes of a training step go.
+
+One training step holds four kinds of memory. With Phi parameters in float32, of which phi are
+trained (ZeRO, Rajbhandari et al. 2020, Sec. 3, splits them the same way):
+
+    weights       4 Phi bytes                  a 4-bit NF4 base: ~0.52 bytes per weight
+    gradients     4 phi                        only trainable parameters get a .grad
+    optimizer     8 phi (+ 4 per tensor)       AdamW's exp_avg and exp_avg_sq; SGD momentum 4 phi
+    activations   what autograd saves for backward; grows with batch x sequence length
+
+Full fine-tuning has phi = Phi; LoRA r=8 on Q and V trains phi = 2% of it. Each of the seed's
+memory recipes attacks one line. LoRA: gradients and optimizer state -- and activations too,
+since a frozen layer keeps no input for a weight gradient. QLoRA (Dettmers et al. 2023, Sec. 3):
+the weights. bf16 autocast: activations saved in 2 bytes (some stay float32: see "By dtype").
+Gradient accumulation: activations of one micro-batch at a time, the same gradient. Gradient
+checkpointing (Chen et al. 2016): activations, at the price of a second forward of each block.
+CPU offload: the accelerator's copy of the frozen weights. Everything is measured from the
+tensors (tiny_gpt/memory.py): activations are the storages autograd saves, each counted once,
+caught with saved_tensors_hooks.
+
+What checkpointing costs depends on what backward costs. Full fine-tuning's backward computes a
+weight gradient for every matmul; LoRA's skips them for the frozen base, so the same recomputed
+forward is a larger share of a cheaper step ("The phases of a step"). Recomputing *part* of a
+block is the usual answer, and the table measures it: the MLPs only, the attentions only, 2 or 3
+of the 4 blocks. Under LoRA the MLP saves little (its frozen layers keep no input, only GELU
+does), so checkpointing it alone buys little; fewer whole blocks trade memory for time about
+linearly. Gradient accumulation is the other way to cut activations, by a different cost.
+
+The pitfall: torch.utils.checkpoint(use_reentrant=True) when the blocks' input does not require
+grad (frozen embeddings under LoRA) -- the adapters silently get no gradient. The table shows it
+and the fixes (tiny_gpt/checkpointing.py explains why).
+
+The batch: 16 windows of 256 characters of the pretraining text (the model's full context).
+The task lines are ~25 characters, and padding them to 256 would give the same shapes with
+wasted tokens. Step times are medians of interleaved rounds, so that a shared machine's slow
+spells hit every configuration alike; optimizers run at lr 0 (the same work, but the weights
+stay put, so gradients can be compared across configurations afterwards).
+
+Run: ``python lessons/07_memory_and_speed.py`` (a few minutes on 2 CPU cores).
+"""
+import copy
+import warnings
+
+import torch
+
+from lessons.common import (base_recipe, get_base_model, lesson_dir, matplotlib_pyplot,
+                            parse_args, print_table, run_main, save_figure, write_summary)
+from lessons.qlora import prepare_qlora
+from lora import apply_lora, lora_layers
+from quant import Linear4bit
+from tiny_gpt.checkpointing import checkpoint_submodules, enable_input_require_grads
+from tiny_gpt.data import get_batch
+from tiny_gpt.memory import (MB, FrozenBaseOffload, SavedTensorMeter, interleaved_medians,
+                             measure_step, tensor_bytes, time_step, weight_ledger)
+from tiny_gpt.pretrain import corpus_ids
+from tiny_gpt.train import accumulate_gradients
+
+NAME = "07_memory_and_speed"
+MAIN_ROWS = ["full FT, AdamW", "full FT, SGD", "LoRA", "LoRA + ckpt", "LoRA + bf16",
+             "QLoRA", "QLoRA + ckpt"]
+CKPT_ROWS = [  # (config, what is checkpointed, the config it is compared with)
+    ("LoRA", "nothing", "LoRA"),
+    ("LoRA + ckpt", "every block, torch.utils.checkpoint", "LoRA"),
+    ("LoRA + ckpt (ours)", "every block, ours (CheckpointFunction)", "LoRA"),
+    ("LoRA + ckpt (reentrant)", "every block, reentrant + input grads", "LoRA"),
+    ("LoRA + ckpt MLP", "the MLPs only (ours)", "LoRA"),
+    ("LoRA + ckpt attn", "the attentions only (ours)", "LoRA"),
+    ("LoRA + ckpt 2/4", "blocks 0 and 2 (ours)", "LoRA"),
+    ("LoRA + ckpt 3/4", "blocks 0, 1, 2 (ours)", "LoRA"),
+    ("full FT, AdamW", "full FT: nothing", "full FT, AdamW"),
+    ("full FT + ckpt", "full FT: every block", "full FT, AdamW")]
+
+
+def checkpointed(model, impl):
+    model.config.gradient_checkpointing, model.config.checkpoint_impl = bool(impl), impl or "torch"
+    return model
+
+
+def lora(base, impl=None, parts=None, quantized=False):
+    """A LoRA (or QLoRA) copy of the base. impl: per-block checkpointing ("torch_reentrant"
+    comes with its fix); parts: submodules to checkpoint instead (selective checkpointing)."""
+    model = copy.deepcopy(base)
+    torch.manual_seed(0)  # the same adapters in every configuration
+    (prepare_qlora if quantized else apply_lora)(model, r=8, alpha=16)
+    checkpointed(model, impl)
+    if impl == "torch_reentrant":
+        enable_input_require_grads(model)
+    if parts:
+        checkpoint_submodules(model, parts, impl="manual")
+    return model
+
+
+def build_configs(base, batch, micro, cuda):
+    """name -> (model, optimizer, precision, micro-batches)."""
+    models = {"full FT, AdamW": copy.deepcopy(base), "full FT, SGD": copy.deepcopy(base),
+              "full FT + ckpt": checkpointed(copy.deepcopy(base), "torch"),
+              "LoRA": lora(base), "LoRA + ckpt": lora(base, "torch"),
+              "LoRA + ckpt (ours)": lora(base, "manual"),
+              "LoRA + ckpt (reentrant)": lora(base, "torch_reentrant"),
+              "LoRA + ckpt MLP": lora(base, parts="mlp"),
+              "LoRA + ckpt attn": lora(base, parts="attn"),
+              "LoRA + ckpt 2/4": lora(base, parts=["blocks.0", "blocks.2"]),
+              "LoRA + ckpt 3/4": lora(base, parts=["blocks.0", "blocks.1", "blocks.2"]),
+              "LoRA + bf16": lora(base), "LoRA, 4 micro-batches": lora(base),
+              "QLoRA": lora(base, quantized=True),
+              "QLoRA + ckpt": lora(base, "torch", quantized=True)}
+    if cuda:
+        models["LoRA + fp16"] = lora(base)  # memory and time only: no loss scaling needed here
+    configs = {}
+    for name, model in models.items():
+        params = [p for p in model.parameters() if p.requires_grad]
+        # lr 0: the same work per step, but the weights stay put, so every configuration
+        # still holds the same model when gradients are compared after the timing runs
+        opt = (torch.optim.SGD(params, lr=0.0, momentum=0.9) if "SGD" in name
+               else torch.optim.AdamW(params, lr=0.0))
+        precision = next((p for p in ("bf16", "fp16") if p in name), "fp32")
+        configs[name] = (model, opt, precision, micro if "micro" in name else [batch])
+    return configs
+
+
+def grads_of(model, batches, device):
+    """Trainable gradients after one accumulated backward, named without wrapper modules."""
+    model.zero_grad(set_to_none=True)
+    accumulate_gradients(model, batches, device)
+    grads = {n.replace(".module.", "."): p.grad.clone() for n, p in model.named_parameters()
+             if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def max_diff(a, b):
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+def one_block_bytes(model, x):
+    """Saved tensors of a single block: what one recompute rebuilds during backward."""
+    h = model.tok_emb(x) + model.pos_emb(torch.arange(x.shape[1], device=x.device))
+    with SavedTensorMeter(model) as meter:
+        model.blocks[0](h)
+    return meter.bytes
+
+
+def pitfall_rows(base, x, y):
+    """Reentrant checkpointing with a frozen embedding, and its fixes: adapter grad norms."""
+    rows = []
+    for label, impl, fix in [("no checkpointing", None, False),
+                             ("reentrant", "torch_reentrant", False),
+                             ("reentrant + input requires grad", "torch_reentrant", True),
+                             ("non-reentrant (torch)", "torch", False),
+                             ("ours (CheckpointFunction)", "manual", False)]:
+        model = checkpointed(lora(base), impl)
+        if fix:
+            enable_input_require_grads(model)
+        for _, layer in lora_layers(model):  # a trained-looking B, so that A gets gradient too
+            torch.nn.init.normal_(layer.lora_B, std=0.02)
+        model.ln_f.requires_grad_(True)  # trained too (as with modules_to_save): no error
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(x, y)[1].backward()
+        grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+        norm = sum(0.0 if g is None else g.norm().item() ** 2 for g in grads) ** 0.5
+        rows.append([label, f"{sum(g is None for g in grads)}/{len(grads)}", f"{norm:.4g}",
+                     f"{model.ln_f.weight.grad.norm().item():.4g}", "yes" if caught else "no"])
+    return rows
+
+
+def reentrant_error(base, x, y):
+    """With only the adapters trainable, the reentrant loss has no grad_fn at all."""
+    model = checkpointed(lora(base), "torch_reentrant")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model(x, y)[1].backward()
+        except RuntimeError as err:
+            return str(err).splitlines()[0]
+    return "no error"
+
+
+def linear_bytes(model):
+    """Bytes of the (quantized or float) linear layers: weights or 4-bit buffers, biases."""
+    mods = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Linear4bit))]
+    return tensor_bytes(t for m in mods for t in [*m.parameters(), *m.buffers()])
+
+
+def offload_rows(run):
+    """CUDA only: frozen block weights in CPU memory, streamed to the GPU one block at a time."""
+    model, opt, _, _ = run.configs["LoRA"]
+    resident = torch.cuda.memory_allocated(run.device)
+    with FrozenBaseOffload(model, run.device) as off:
+        streamed = torch.cuda.memory_allocated(run.device)
+        ledger = measure_step(model, [run.batch], opt, hooks=(off.pack, off.unpack))
+        t = interleaved_medians({"o": lambda: time_step(model, [run.batch], opt)}, run.repeats)
+    return [["LoRA", f"{resident / MB:.2f}", f"{run.ledgers['LoRA'].device_peak / MB:.2f}",
+             f"{1e3 * run.times['LoRA']:.0f}"],
+            ["LoRA + offload", f"{streamed / MB:.2f}", f"{ledger.device_peak / MB:.2f}",
+             f"{1e3 * t['o']['total']:.0f}"]]
+
+
+class Run:
+    """The batch, the configurations, and what one measuring pass found for each of them."""
+
+    def __init__(self, args, base):
+        self.device, self.base = args.device, base
+        self.B, self.T, self.repeats, warmup = (4, 32, 1, 0) if args.quick else (16, 256, 7, 1)
+        gen = torch.Generator().manual_seed(args.seed)
+        x, y = get_batch(corpus_ids(base_recipe(args))[0], self.B, self.T, gen)
+        self.batch = (x, y, None)
+        self.micro = [(x[i::4], y[i::4], None) for i in range(4)]  # 4 micro-batches of B/4
+        self.configs = build_configs(base, self.batch, self.micro, self.device.type == "cuda")
+        self.ledgers = {n: measure_step(m, mb, o, p)
+                        for n, (m, o, p, mb) in self.configs.items()}
+        self.phases = interleaved_medians(
+            {n: (lambda m=m, o=o, p=p, mb=mb: time_step(m, mb, o, p))
+             for n, (m, o, p, mb) in self.configs.items()}, self.repeats, warmup)
+        self.times = {n: ph["total"] for n, ph in self.phases.items()}
+        self.main_rows = MAIN_ROWS + (["LoRA + fp16"] if "LoRA + fp16" in self.configs else [])
+        self.ref_grads = grads_of(self.configs["LoRA"][0], [self.batch], self.device)
+
+
+def ledger_section(run):
+    t_full = run.times["full FT, AdamW"]
+    print_table(f"One training step, batch {run.B} x {run.T} tokens ({run.device}): MiB, and "
+                "ms per step", ["config", "frozen", "trainable", "grads", "optim", "activ",
+                                "total", "ms", "x full FT"],
+                [[n, *[f"{v:.2f}" for v in run.ledgers[n].megabytes().values()],
+                  f"{1e3 * run.times[n]:.0f}", f"{run.times[n] / t_full:.2f}"]
+                 for n in run.main_rows])
+    mib = lambda d: ", ".join(f"{k} {v / MB:.3g}" for k, v in sorted(d.items()))
+    print_table("By dtype (MiB)", ["config", "weights", "saved activations"],
+                [[n, mib(run.ledgers[n].by_dtype), mib(run.ledgers[n].activations_by_dtype)]
+                 for n in ["LoRA", "LoRA + bf16", "QLoRA"]])
+
+
+def checkpoint_section(run):
+    rows = []
+    for name, label, against in CKPT_ROWS:
+        cut = 1 - run.ledgers[name].activations / run.ledgers[against].activations
+        extra = run.times[name] / run.times[against] - 1
+        diff = "-"  # gradients are compared among the LoRA configurations
+        if against == "LoRA":
+            grads = grads_of(run.configs[name][0], [run.batch], run.device)
+            diff = f"{max_diff(grads, run.ref_grads):.1e}"
+        rows.append([label, f"{run.ledgers[name].activations / MB:.2f}", f"{100 * cut:.0f}%",
+                     f"{1e3 * run.times[name]:.0f}", f"{100 * extra:+.0f}%", diff])
+    print_table("Gradient checkpointing: what to recompute (activations saved in forward)",
+                ["checkpointed", "activ MiB", "cut", "ms", "extra time", "max|dgrad|"], rows)
+    names = ["full FT, AdamW", "full FT + ckpt", "LoRA", "LoRA + ckpt"]
+    print_table("The phases of a step (ms, medians): a recompute repeats the blocks' forward",
+                ["config", "forward", "backward", "optimizer", "backward / forward"],
+                [[n, *[f"{1e3 * run.phases[n][k]:.0f}" for k in ("forward", "backward",
+                                                                  "optimizer")],
+                  f"{run.phases[n]['backward'] / run.phases[n]['forward']:.2f}"] for n in names])
+    x = run.batch[0].to(run.device)
+    print(f"One block's own saved tensors (LoRA), rebuilt one block at a time in backward: "
+          f"{one_block_bytes(run.configs['LoRA'][0], x) / MB:.2f} MiB on top of the "
+          f"checkpointed step's saved activations.\n")
+
+
+def accumulation_section(run):
+    diff = max_diff(grads_of(run.configs["LoRA"][0], run.micro, run.device), run.ref_grads)
+    one, four = "LoRA", "LoRA, 4 micro-batches"
+    print_table(f"Gradient accumulation (LoRA): 4 micro-batches of {run.B // 4} vs one batch "
+                f"of {run.B}", ["", "peak activ MiB", "ms", "max|dgrad| vs one batch"],
+                [["one batch", f"{run.ledgers[one].activations / MB:.2f}",
+                  f"{1e3 * run.times[one]:.0f}", "0"],
+                 ["4 micro-batches", f"{run.ledgers[four].activations / MB:.2f}",
+                  f"{1e3 * run.times[four]:.0f}", f"{diff:.1e}"]])
+    return diff
+
+
+def pitfall_section(run):
+    x, y = (t.to(run.device) for t in run.batch[:2])
+    print_table("The reentrant pitfall: LoRA + a trained ln_f, frozen embeddings",
+                ["checkpointing", "adapter grads None", "adapter grad norm", "ln_f grad norm",
+                 "warning"], pitfall_rows(run.base, x, y))
+    print(f"Reentrant with only the adapters trainable: {reentrant_error(run.base, x, y)}\n")
+
+
+def qlora_section(run):
+    lin32, lin4 = linear_bytes(run.base), linear_bytes(run.configs["QLoRA"][0])
+    base32, base4 = weight_ledger(run.base).weights, run.ledgers["QLoRA"].frozen
+    print_table("QLoRA's frozen base vs float32", ["part", "fp32 MiB", "NF4 MiB", "ratio"],
+                [["linear layers (weights, biases)", f"{lin32 / MB:.3f}", f"{lin4 / MB:.3f}",
+                  f"{lin4 / lin32:.1%}"],
+                 ["whole base (+ fp32 embeddings, norms)", f"{base32 / MB:.3f}",
+                  f"{base4 / MB:.3f}", f"{base4 / base32:.1%}"]])
+    return lin4 / lin32, base4 / base32
+
+
+def offload_section(run):
+    if run.device.type == "cuda":
+        print_table("CPU offload of the frozen blocks", ["", "weights on GPU MiB",
+                    "peak GPU MiB", "ms"], offload_rows(run))
+    else:
+        print("CPU offload: not measured. This run is on the CPU, so the weights would be "
+              "'offloaded' into the memory they already live in; it pays when a GPU's memory "
+              "is the limit (tests/test_memory.py checks the mechanism on the CPU).\n")
+
+
+def targets_section(run, qlora_linear, qlora_base):
+    led, t = run.ledgers, run.times
+    numbers = {"ckpt_activation_cut": 1 - led["LoRA + ckpt"].activations / led["LoRA"].activations,
+               "ckpt_extra_time": t["LoRA + ckpt"] / t["LoRA"] - 1,
+               "lora_optimizer_ratio": led["LoRA"].optimizer / led["full FT, AdamW"].optimizer,
+               "qlora_linear_ratio": qlora_linear, "qlora_base_ratio": qlora_base,
+               "lora_time_ratio": t["LoRA"] / t["full FT, AdamW"]}
+    goals = [("checkpointing cuts saved activations", "ckpt_activation_cut", ">=", 0.5),
+             ("checkpointing extra step time", "ckpt_extra_time", "<=", 0.4),
+             ("LoRA optimizer state / full FT's", "lora_optimizer_ratio", "<=", 0.02),
+             ("QLoRA linear layers / fp32", "qlora_linear_ratio", "<=", 0.15),
+             ("QLoRA whole base / fp32", "qlora_base_ratio", "<=", 0.15),
+             ("LoRA step time / full FT's", "lora_time_ratio", "<", 1.0)]
+    met = {">=": lambda v, g: v >= g, "<=": lambda v, g: v <= g, "<": lambda v, g: v < g}
+    print_table("Targets", ["what", "measured", "target", "met"],
+                [[w, f"{numbers[k]:.2%}", f"{op} {g:.0%}", "yes" if met[op](numbers[k], g)
+                  else "NO"] for w, k, op, g in goals])
+    return numbers
+
+
+def plot(out, run):
+    plt = matplotlib_pyplot()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [3, 2]})
+    bottom = [0.0] * len(run.main_rows)
+    for kind in ["frozen", "trainable", "grads", "optimizer", "activations"]:
+        vals = [run.ledgers[n].megabytes()[kind] for n in run.main_rows]
+        ax.bar(run.main_rows, vals, bottom=bottom, label=kind if kind in (
+            "grads", "optimizer", "activations") else f"{kind} weights")
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set(ylabel="MiB", title="Where the bytes of one training step go")
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.legend()
+    marks = {"LoRA + ckpt (ours)": ("x", "every block, ours"),
+             "LoRA + ckpt (reentrant)": ("+", "every block, reentrant")}
+    for name, label, against in CKPT_ROWS:
+        extra = 100 * (run.times[name] / run.times[against] - 1)
+        point = (extra, run.ledgers[name].activations / MB)
+        marker, legend = marks.get(name, ("o", None))
+        ax2.scatter(*point, marker=marker, label=legend, s=50,
+                    color="C3" if name.startswith("full") else "C0")
+        if legend is None:
+            ax2.annotate(label.replace(" (ours)", "").replace(", torch.utils.checkpoint", ""),
+                         point, fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax2.set(xlabel="extra step time (%)", ylabel="saved activations (MiB)",
+            title="Checkpointing: memory vs extra time (blue LoRA, red full FT)")
+    ax2.legend(fontsize=7, loc="upper right")
+    save_figure(fig, out / "memory_ledger.png")
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv)
+    base, _ = get_base_model(args)
+    run = Run(args, base)
+    ledger_section(run)
+    checkpoint_section(run)
+    accum_diff = accumulation_section(run)
+    pitfall_section(run)
+    qlora_linear, qlora_base = qlora_section(run)
+    offload_section(run)
+    numbers = targets_section(run, qlora_linear, qlora_base)
+    plot(lesson_dir(args, NAME), run)
+    write_summary(args, NAME, {
+        "batch": [run.B, run.T], **numbers, "accumulation_max_grad_diff": accum_diff,
+        **{f"total_MiB {n}": run.ledgers[n].total / MB for n in run.main_rows},
+        **{f"ms {n}": 1e3 * run.times[n] for n in run.main_rows}})
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

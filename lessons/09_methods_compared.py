@@ -1,0 +1,298 @@
+"""Lesson 09 -- the methods compared: full fine-tuning, adapter tuning, prefix tuning, LoRA, QLoRA.
+
+Five ways to teach the same frozen-or-not base the same task, each with the same data, the same
+number of optimizer steps, the same batch size and schedule (lessons/common.py's recipe with a
+shorter step budget so that all five fit in one run). What each one trains (C = 128, 4 blocks):
+
+    full FT   W <- W + dW for every weight                       all ~0.85M numbers
+    adapters  h -> h + W_up gelu(W_down h) after attention and   2 per block, m = 8:  17,472
+              after the MLP (Houlsby et al. 2019, Sec. 2.1)
+    prefix    P = 10 learned keys and values per block that      P * 4 * 2 * C:       10,240
+              every position attends to (Li & Liang 2021, Sec. 4)
+    LoRA      W_q, W_v += (alpha/r) B A, r = 8 (Hu et al. 2021)  4 * 2 * 2 * 8 * C:   16,384
+    QLoRA     LoRA on a base stored in 4-bit NF4 (Dettmers et al. 2023, Sec. 3)     16,384
+
+The three small methods are given about the same budget of trainable numbers, so the comparison
+is of *where* the numbers sit, not how many there are.
+
+Learning rates. Full FT and LoRA use the shared recipe's peaks (1e-3 and 1e-2: every weight
+moving needs a smaller step than a zero-initialized low-rank update). QLoRA trains the same
+adapters as LoRA, so it gets LoRA's. Adapters and the prefix are new here, so each gets a short
+probe: a few candidate peaks, a short run each on the training split, and the lowest validation
+loss wins (the table is printed; pass --no-probe to skip it and use 1e-2).
+
+Costs are measured, not estimated: trainable counts from the parameters; bytes of weights,
+gradients, optimizer state and saved activations from the tensors (tiny_gpt/memory.py) after
+one real step; step time as the median of steps interleaved method by method, so that a noisy
+machine slows all of them alike; inference as the median time of one forward pass over a fixed
+batch, again interleaved, relative to the base model. LoRA can then be merged into W (and
+QLoRA's into a float copy of the dequantized base) and timed again; adapters and a prefix
+cannot: an adapter has a nonlinearity between its two matrices, and a prefix is extra keys and
+values that every attention layer must read.
+
+Run: ``python lessons/09_methods_compared.py`` (a few minutes on 2 cores; ``--steps`` changes the
+budget), ``--quick`` for a smoke run of a few seconds.
+"""
+import copy
+
+import torch
+
+from lessons.common import (DEFAULT_TASK, FINETUNE_LR, finetune_config, get_base_model,
+                            lesson_dir, matplotlib_pyplot, parse_args, print_table, run_main,
+                            save_figure, task_splits, timed, write_summary)
+from lessons.qlora import dequantized_float_model, prepare_qlora
+from lora import apply_lora, count_parameters, merge_lora
+from tiny_gpt import exact_match, make_batch, sample_batch
+from tiny_gpt.adapter_tuning import apply_adapter_tuning
+from tiny_gpt.finetune import finetune
+from tiny_gpt.memory import measure_step, time_step
+from tiny_gpt.prefix_tuning import PrefixTuning
+from tiny_gpt.train import make_optimizer
+
+NAME = "09_methods_compared"
+METHODS = ["full", "adapter", "prefix", "lora", "qlora"]
+LABELS = {"full": "full fine-tuning", "adapter": "adapter tuning", "prefix": "prefix tuning",
+          "lora": "LoRA (r=8, Q,V)", "qlora": "QLoRA (NF4 + LoRA)"}
+R, ALPHA, BOTTLENECK, N_PREFIX = 8, 16, 8, 10
+PROBE_LRS = [3e-3, 1e-2, 3e-2]
+MERGEABLE = {"full": "nothing to merge", "adapter": "no: gelu between W_down, W_up",
+             "prefix": "no: extra keys/values", "lora": "yes: W + sBA",
+             "qlora": "yes, into a float copy"}
+# The seed's section 12, verbatim: parameter efficiency, compute cost, flexibility, notes.
+SEED_TABLE = {"full": ("no", "High", "Moderate", "Updates all parameters"),
+              "adapter": ("yes", "Medium", "High", "Bottleneck MLPs per layer"),
+              "prefix": ("yes", "Low", "Medium", "Learned prompt vectors"),
+              "lora": ("yes", "Low", "High", "Mergeable, simple low-rank updates"),
+              "qlora": ("yes yes", "Very Low", "High", "4-bit quantization + LoRA")}
+
+
+def add_args(parser):
+    parser.add_argument("--steps", type=int, default=600,
+                        help="optimizer steps per method (the shared recipe's 1500 is for one "
+                             "method; five of them share this lesson's time budget)")
+    parser.add_argument("--probe-steps", type=int, default=150,
+                        help="steps of each learning-rate probe run (adapters, prefix)")
+    parser.add_argument("--no-probe", action="store_true", help="skip the LR probe, use 1e-2")
+
+
+def build(method, base):
+    """A fresh copy of the base, prepared for `method`; only what the method trains has
+    requires_grad. Seeded, so every build of a method starts from the same initialization."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(base)
+    if method == "full":
+        return model.requires_grad_(True)
+    if method == "adapter":
+        return apply_adapter_tuning(model, bottleneck=BOTTLENECK)
+    if method == "prefix":
+        return PrefixTuning(model, n_prefix=N_PREFIX)
+    if method == "lora":
+        return apply_lora(model, targets=("q_proj", "v_proj"), r=R, alpha=ALPHA)
+    return prepare_qlora(model, targets=("q_proj", "v_proj"), r=R, alpha=ALPHA)
+
+
+def method_config(args, lr, steps=None, **overrides):
+    """The shared recipe (schedule, warmup, clipping, batch 32) with this method's peak lr and
+    this lesson's step budget."""
+    steps = steps or args.steps
+    settings = dict(lr=lr, max_steps=steps, warmup_steps=min(50, steps // 3),
+                    eval_every=max(1, steps // 5), progress=False)
+    return finetune_config(args, **{**settings, **overrides})
+
+
+def probe_learning_rates(args, base, splits):
+    """Short runs at a few peak lrs for the methods without a shared one; returns {method: lr}
+    and prints the validation losses it chose from."""
+    lrs = {"full": FINETUNE_LR["full"], "lora": FINETUNE_LR["lora"], "qlora": FINETUNE_LR["lora"],
+           "adapter": 1e-2, "prefix": 1e-2}
+    if args.no_probe:
+        return lrs
+    steps = 2 if args.quick else args.probe_steps
+    rows = []
+    for method in ("adapter", "prefix"):
+        losses = {}
+        for lr in PROBE_LRS:
+            cfg = method_config(args, lr, steps, eval_every=steps, restore_best=False)
+            result = finetune(build(method, base), splits, cfg, device=args.device)
+            losses[lr] = result.evals[-1][1]["val_loss"]
+        lrs[method] = min(losses, key=losses.get)
+        rows.append([LABELS[method]] + [round(losses[lr], 4) for lr in PROBE_LRS]
+                    + [f"{lrs[method]:g}"])
+    print_table(f"Learning-rate probe: validation answer loss after {steps} steps",
+                ["method"] + [f"lr {lr:g}" for lr in PROBE_LRS] + ["chosen"], rows)
+    return lrs
+
+
+def training_costs(args, base, splits, lrs, repeats):
+    """Per method: the memory ledger of one training step and the median step time, measured
+    on throwaway builds with steps interleaved across methods."""
+    gen = torch.Generator().manual_seed(args.seed)
+    batch = [sample_batch(splits["train"], 32, gen)]
+    models = {m: build(m, base).to(args.device) for m in METHODS}
+    opts = {m: make_optimizer(models[m], method_config(args, lrs[m])) for m in METHODS}
+    costs = {m: {"ledger": measure_step(models[m], batch, opts[m]), "times": []} for m in METHODS}
+    for _ in range(repeats):
+        for m in METHODS:
+            costs[m]["times"].append(time_step(models[m], batch, opts[m])["total"])
+    for m in METHODS:
+        times = sorted(costs[m]["times"])
+        costs[m]["step_ms"] = 1e3 * times[len(times) // 2]
+        costs[m]["trainable"], _ = count_parameters(models[m])
+    return costs
+
+
+def train_all(args, base, splits, lrs):
+    """Fine-tune every method with the same steps and data; returns {method: (model, result)}."""
+    trained = {}
+    for m in METHODS:
+        model = build(m, base)
+        cfg = method_config(args, lrs[m])
+        result = finetune(model, splits, cfg, device=args.device)
+        print(f"  {LABELS[m]:<20} {result.steps} steps in {result.wall_time:.1f} s, best val "
+              f"loss {result.best_score:.4f} at step {result.best_step}", flush=True)
+        trained[m] = (model, result)
+    return trained
+
+
+@torch.no_grad()
+def inference_latency(models: dict, x, repeats):
+    """Median seconds of one forward pass over x for each model, interleaved in rounds."""
+    for model in models.values():
+        model.eval()
+    times = {name: [] for name in models}
+    for model in models.values():  # warm-up: first calls allocate and pick kernels
+        model(x)
+    for _ in range(repeats):
+        for name, model in models.items():
+            times[name].append(timed(lambda: model(x), repeats=1, warmup=0))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+@torch.no_grad()
+def merged_variants(trained, x):
+    """LoRA merged into W, QLoRA merged into a float copy of its dequantized base, and the
+    largest logit change that merging caused (float32 rounding only, if merging is exact)."""
+    lora = trained["lora"][0]
+    lora_merged = merge_lora(copy.deepcopy(lora))
+    qlora = trained["qlora"][0]
+    qlora_float = dequantized_float_model(qlora)
+    gaps = {"lora": (lora_merged(x)[0] - lora(x)[0]).abs().max().item(),
+            "qlora": (qlora_float(x)[0] - qlora(x)[0]).abs().max().item()}
+    return {"lora merged": lora_merged, "qlora merged (float)": qlora_float}, gaps
+
+
+def plot(costs, accuracy, overhead, base_params, path):
+    plt = matplotlib_pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    ax = axes[0]
+    for k, m in enumerate(METHODS):
+        point = (costs[m]["trainable"], 100 * accuracy[m])
+        ax.scatter(*point, s=40)
+        ax.annotate(m, point, textcoords="offset points", xytext=(5, 10 - 7 * k), fontsize=8)
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel="test exact match (%)",
+           title=f"Accuracy vs trainable parameters (base: {base_params:,})")
+    ax = axes[1]
+    bottom = [0.0] * len(METHODS)
+    for kind in ["frozen", "trainable", "grads", "optimizer"]:
+        values = [getattr(costs[m]["ledger"], kind) / 2 ** 20 for m in METHODS]
+        ax.bar(METHODS, values, bottom=bottom, label=kind)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    for k, m in enumerate(METHODS):  # activations dwarf the rest at batch 32: written, not drawn
+        ax.text(k, bottom[k], f"act.\n{costs[m]['ledger'].activations / 2 ** 20:.0f}",
+                ha="center", va="bottom", fontsize=7)
+    ax.set(ylabel="MiB", ylim=(0, 1.25 * max(bottom)),
+           title="Training memory without activations (MiB)")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    names = list(overhead)
+    ax.barh(names, [overhead[n] for n in names])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set(xlabel="forward time / base forward time", title="Inference cost")
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv, add_args)
+    out = lesson_dir(args, NAME)
+    base, _ = get_base_model(args)
+    base.requires_grad_(False).eval()
+    splits = task_splits(args, DEFAULT_TASK)
+    base_params = base.num_params()
+    if args.quick:  # the shared recipe's smoke-run budget
+        args.steps = finetune_config(args).max_steps
+    steps = args.steps
+    lrs = probe_learning_rates(args, base, splits)
+
+    costs = training_costs(args, base, splits, lrs, repeats=3 if args.quick else 15)
+    full_bytes = costs["full"]["ledger"]
+    rows = []
+    for m in METHODS:
+        led, c = costs[m]["ledger"], costs[m]
+        rows.append([LABELS[m], f"{c['trainable']:,}", f"{100 * c['trainable'] / base_params:.2f}%",
+                     f"{lrs[m]:g}", f"{led.weights / 1024:,.0f}", f"{led.grads / 1024:,.1f}",
+                     f"{led.optimizer / 1024:,.1f}", f"{led.activations / 1024:,.0f}",
+                     round(c["step_ms"], 1), round(c["step_ms"] / costs["full"]["step_ms"], 2)])
+    print_table(f"Training cost per method (one step: batch 32, {args.device}; KiB)",
+                ["method", "trainable", "% of model", "peak lr", "weights", "grads",
+                 "optimizer", "activations", "step ms", "vs full"], rows)
+
+    print(f"Fine-tuning each method for {steps} steps (shared recipe is 1500 for one method; "
+          "same data, batch and schedule for all):", flush=True)
+    trained = train_all(args, base, splits, lrs)
+    accuracy = {m: exact_match(trained[m][0], splits["test"], args.device) for m in METHODS}
+    base_acc = exact_match(base, splits["test"], args.device)
+
+    x = make_batch(splits["test"][:64])[0].to(args.device)  # (64, T): answers included
+    merged, merge_gaps = merged_variants(trained, x)
+    timed_models = {"base": base, **{m: trained[m][0] for m in METHODS}, **merged}
+    latency = inference_latency(timed_models, x, repeats=3 if args.quick else 30)
+    overhead = {name: latency[name] / latency["base"] for name in timed_models}
+    after_merge = {"lora": overhead["lora merged"], "qlora": overhead["qlora merged (float)"]}
+    rows = [["base (no tuning)", f"{100 * base_acc:.1f}%", "-",
+             round(1e3 * latency["base"], 2), 1.0, "-", "-"]]
+    for m in METHODS:
+        result = trained[m][1]
+        merged_cell = f"{after_merge[m]:.2f}" if m in after_merge else "-"
+        rows.append([LABELS[m], f"{100 * accuracy[m]:.1f}%", round(result.best_score, 4),
+                     round(1e3 * latency[m], 2), round(overhead[m], 2), MERGEABLE[m],
+                     merged_cell])
+    print_table(f"Results after {steps} steps: test exact match ({len(splits['test'])} held-out "
+                f"prompts) and inference (one forward pass, batch {tuple(x.shape)})",
+                ["method", "test acc", "best val loss", "forward ms", "vs base",
+                 "can merge?", "vs base merged"], rows)
+    print(f"merging changes the logits by at most: LoRA {merge_gaps['lora']:.2e}, "
+          f"QLoRA -> float copy {merge_gaps['qlora']:.2e}\n")
+
+    rows = []
+    for m in METHODS:
+        led = costs[m]["ledger"]
+        train_bytes = led.weights + led.grads + led.optimizer + led.activations
+        rows.append([LABELS[m].split(" (")[0], *SEED_TABLE[m][:3],
+                     f"{100 * costs[m]['trainable'] / base_params:.2f}%",
+                     round(costs[m]["step_ms"] / costs["full"]["step_ms"], 2),
+                     round(train_bytes / full_bytes.total, 2),
+                     round(overhead[m], 2), f"{100 * accuracy[m]:.1f}%"])
+    print_table("The seed's comparison (section 12) beside what we measured",
+                ["method", "seed: param eff.", "seed: compute", "seed: flexibility",
+                 "trainable", "step time / full", "train memory / full", "inference / base",
+                 "test acc"], rows)
+    print("Seed notes: " + "; ".join(f"{LABELS[m]}: {SEED_TABLE[m][3]}" for m in METHODS) + "\n")
+
+    plot(costs, accuracy, overhead, base_params, out / "methods_compared.png")
+    numbers = {"steps": steps, "base_acc": base_acc}
+    for m in METHODS:
+        numbers.update({f"{m}_acc": accuracy[m], f"{m}_trainable": costs[m]["trainable"],
+                        f"{m}_step_ms": costs[m]["step_ms"], f"{m}_lr": lrs[m],
+                        f"{m}_inference_vs_base": overhead[m],
+                        f"{m}_optimizer_bytes": costs[m]["ledger"].optimizer})
+    numbers.update({"lora_merged_inference_vs_base": after_merge["lora"],
+                    "qlora_merged_inference_vs_base": after_merge["qlora"],
+                    "lora_merge_max_logit_change": merge_gaps["lora"],
+                    "qlora_merge_max_logit_change": merge_gaps["qlora"]})
+    write_summary(args, NAME, numbers)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

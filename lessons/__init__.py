@@ -1,0 +1,1 @@
+"""Numbered, runnable lessons. `python -m lessons` runs them all in order."""

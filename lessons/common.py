@@ -1,0 +1,153 @@
+"""What every lesson shares: its command line, its output folder, the cached base model, tables.
+
+A lesson is a script with a ``main(argv=None)``. It prints a table of numbers it measured in the
+same run, saves plots under ``runs/<lesson>/``, and writes ``summary.json`` there, which
+``python -m lessons`` collects into one table at the end.
+"""
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from tiny_gpt.pretrain import PretrainRecipe, load_base, pretrain, save_base
+from tiny_gpt.safetensors import atomic_write_bytes
+from tiny_gpt.train import pick_device
+
+RUNS = Path("runs")
+BASE_RECIPE = PretrainRecipe()
+# --quick: a smoke-run base of a few seconds; its numbers mean nothing, its code paths are real.
+QUICK_RECIPE = replace(BASE_RECIPE, corpus_chars=50_000, steps=10, warmup_steps=2,
+                       batch_size=8, seq_len=64, eval_every=5, eval_batches=1)
+
+
+def parse_args(description: str, argv=None, add_args=None) -> argparse.Namespace:
+    """--quick, --device, --seed, --runs for every lesson; add_args(parser) adds its own."""
+    parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run of a few seconds (tiny budgets, numbers meaningless)")
+    parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, ...")
+    parser.add_argument("--seed", type=int, default=0, help="seed for everything random")
+    parser.add_argument("--runs", default=str(RUNS), help="folder for outputs and the base cache")
+    if add_args:
+        add_args(parser)
+    args = parser.parse_args(argv)
+    args.device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    return args
+
+
+def lesson_dir(args, name: str) -> Path:
+    path = Path(args.runs) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def base_recipe(args) -> PretrainRecipe:
+    return QUICK_RECIPE if args.quick else BASE_RECIPE
+
+
+def base_path(args) -> Path:
+    return Path(args.runs) / "base" / ("base_quick.safetensors" if args.quick else
+                                       "base.safetensors")
+
+
+def get_base_model(args, log_path=None):
+    """The pretrained base of lesson 00: loaded from the cache, or trained now and cached.
+    Returns (model on args.device, info dict with the recipe and the pretraining result)."""
+    recipe = base_recipe(args)
+    cached = load_base(base_path(args), recipe, device=args.device)
+    if cached is not None:
+        return cached
+    print(f"no cached base model at {base_path(args)}: pretraining one "
+          f"({recipe.steps} steps)...", flush=True)
+    model, result = pretrain(recipe, device=args.device, log_path=log_path)
+    save_base(base_path(args), model, recipe, result)
+    return load_base(base_path(args), recipe, device=args.device)
+
+
+def print_table(title: str, headers, rows) -> str:
+    """Print rows as an aligned text table (and return it). Floats get 4 significant digits."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+    cells = [[fmt(h) for h in headers]] + [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [title, "-" * len(title)]
+    for k, row in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if k else c.ljust(w) for c, w in zip(row, widths)))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    text = "\n".join(lines)
+    print(text + "\n", flush=True)
+    return text
+
+
+def write_summary(args, name: str, numbers: dict) -> None:
+    """runs/<lesson>/summary.json: the lesson's headline numbers, for `python -m lessons`."""
+    record = {"lesson": name, "quick": args.quick, "device": str(args.device),
+              "time": time.strftime("%Y-%m-%d %H:%M:%S"), "numbers": numbers}
+    atomic_write_bytes(lesson_dir(args, name) / "summary.json",
+                       json.dumps(record, indent=1).encode())
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"saved {path}")
+
+
+def timed(fn, repeats: int = 5, warmup: int = 1):
+    """Median wall time of fn() in seconds, after warm-up calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def matplotlib_pyplot():
+    """pyplot with a non-interactive backend (lessons only ever save figures)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def run_main(main):
+    """Entry point used at the bottom of every lesson file."""
+    sys.exit(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# The fine-tuning recipe every lesson shares, so that their numbers can be compared.
+
+DEFAULT_TASK = "upper"   # the task the lessons tune on; "swap" is the second, for lesson 03
+FINETUNE_STEPS = 1500    # optimizer steps of a default fine-tuning run
+FINETUNE_LR = {"lora": 1e-2, "full": 1e-3}  # peak learning rates (tiny models take large ones)
+
+
+def finetune_config(args, method: str = "lora", **overrides):
+    """The shared TrainConfig for fine-tuning; --quick cuts it to a few steps."""
+    from tiny_gpt.train import TrainConfig
+    steps = 6 if args.quick else FINETUNE_STEPS
+    cfg = dict(max_steps=steps, lr=FINETUNE_LR[method], warmup_steps=min(50, steps // 3),
+               eval_every=max(1, steps // 5), seed=args.seed, progress=not args.quick)
+    cfg.update(overrides)
+    return TrainConfig(**cfg)
+
+
+def task_splits(args, task_name: str = DEFAULT_TASK):
+    """train / val / test examples; --quick keeps 16 of each so evaluation is instant."""
+    from tiny_gpt.tasks import get_task
+    splits = get_task(task_name).splits(seed=args.seed)
+    if args.quick:
+        splits = {k: v[:16] for k, v in splits.items()}
+    return splits

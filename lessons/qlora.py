@@ -1,0 +1,68 @@
+"""QLoRA = a 4-bit base (quant) + LoRA adapters (lora): the one place where the two meet.
+
+Dettmers et al. 2023 ("QLoRA", Sec. 3): every linear layer of the frozen base is stored in NF4
+with double-quantized scales, and LoRA adapters in 16/32-bit are trained on top:
+
+    y = dequant(W_nf4) x + (alpha / r) B A x        gradient flows to A, B (and x), never to W
+
+``quant`` knows nothing of LoRA and ``lora`` nothing of 4-bit: a ``LoRALinear`` wraps anything
+with ``in_features`` / ``out_features``, so the composition is two calls in a row.
+"""
+import copy
+
+import torch
+import torch.nn as nn
+
+from lora import apply_lora, lora_layers
+from lora.inject import match_targets
+from quant import Linear4bit, quantize_model
+
+
+def prepare_qlora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0,
+                  use_rslora=False, blocksize=64, double_quant=True,
+                  compute_dtype=torch.float32):
+    """Quantize every nn.Linear of ``model`` to NF4 in place, then put LoRA on ``targets``.
+    Returns the model; only the adapters' A and B require grad. Unknown targets are refused
+    before anything is quantized, so a typo leaves the model as it was."""
+    match_targets(model, targets)
+    quantize_model(model, blocksize=blocksize, double_quant=double_quant,
+                   compute_dtype=compute_dtype)
+    return apply_lora(model, targets=targets, r=r, alpha=alpha, dropout=dropout,
+                      use_rslora=use_rslora)
+
+
+def dequantized_float_model(qlora_model):
+    """A plain float copy for deployment: every Linear4bit becomes an nn.Linear holding its
+    dequantized weight, and each adapter's s*B@A is added into its layer's weight (a merge).
+
+    The merged weight W_deq + sBA is exact in float; re-quantizing it to NF4 would not be
+    (sBA is far below the NF4 step size), which is why a QLoRA adapter is merged into a float
+    copy of the base rather than into the 4-bit one."""
+    model = copy.deepcopy(qlora_model)
+    for path, layer in lora_layers(model):
+        merged = _float_linear(layer.base)
+        with torch.no_grad():
+            for name in layer.active:
+                merged.weight += layer.adapters[name].delta_weight().to(merged.weight.dtype)
+        _replace(model, path, merged)
+    for path, module in list(model.named_modules()):
+        if isinstance(module, Linear4bit):
+            _replace(model, path, _float_linear(module))
+    return model
+
+
+def _float_linear(module):
+    if isinstance(module, nn.Linear):
+        return copy.deepcopy(module)
+    weight = module.dequantized_weight(torch.float32)
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias.float())
+    return linear.to(weight.device)
+
+
+def _replace(model, path, new):
+    parent, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(parent), attr, new)
