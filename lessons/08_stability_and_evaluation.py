@@ -45,10 +45,11 @@ import torch.nn as nn
 from lessons.common import (DEFAULT_TASK, FINETUNE_LR, base_recipe, finetune_config,
                             get_base_model, lesson_dir, matplotlib_pyplot, parse_args,
                             print_table, run_main, save_figure, task_splits, write_summary)
-from lora import LoRALinear, apply_lora, disable_adapters
+from lora import apply_lora, disable_adapters
 from tiny_gpt import exact_match, sample_batch, train
 from tiny_gpt.drift import logits_of, measure_drift
 from tiny_gpt.finetune import task_loss
+from tiny_gpt.loss_scaling import DynamicLossScaler, Fp16Backward, scaled_fp16_grads
 from tiny_gpt.pretrain import corpus_ids
 from tiny_gpt.train import accumulate_gradients, lr_at, make_optimizer
 
@@ -279,94 +280,6 @@ def reproducibility(args, base, splits, out):
 
 
 # --- (g) fp16, loss scaling, and fp32 master weights ---------------------------------------
-class DynamicLossScaler:
-    """The algorithm of torch.amp.GradScaler, written out. Used like it:
-    scale(loss).backward(); unscale_(opt); [clip]; step(opt); update().
-
-    Scale S starts at init_scale. After a backward of S * loss, unscale_ divides the gradients
-    by S (in the parameters' dtype) and looks for inf/nan. step() skips the optimizer step if
-    it found any; update() then multiplies S by backoff_factor, or, after growth_interval
-    finite steps in a row, by growth_factor. Factors of 1 give a static scale."""
-
-    def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
-                 growth_interval=2000):
-        self._scale, self.growth_factor = float(init_scale), growth_factor
-        self.backoff_factor, self.growth_interval = backoff_factor, growth_interval
-        self.good_steps, self.found_inf = 0, None
-
-    def get_scale(self):
-        return self._scale
-
-    def scale(self, loss):
-        return loss * self._scale
-
-    def unscale_(self, optimizer):
-        """grad <- grad / S in the parameter's dtype (an fp16-stored grad comes back to fp32)."""
-        self.found_inf = False
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad = p.grad.to(p.dtype) * (1.0 / self._scale)
-                    self.found_inf |= not bool(torch.isfinite(p.grad).all())
-
-    def step(self, optimizer):
-        if self.found_inf is None:
-            self.unscale_(optimizer)
-        if not self.found_inf:
-            optimizer.step()
-
-    def update(self):
-        if self.found_inf:
-            self._scale *= self.backoff_factor
-            self.good_steps = 0
-        else:
-            self.good_steps += 1
-            if self.good_steps == self.growth_interval:
-                self._scale *= self.growth_factor
-                self.good_steps = 0
-        self.found_inf = None
-
-
-class Fp16Backward:
-    """While active, the gradient flowing back into the output of every linear layer is rounded
-    to float16 -- what fp16 autocast stores, since those outputs are fp16 tensors there. Counts
-    the entries that rounding flushed to zero (underflow) or turned into inf (overflow)."""
-
-    def __init__(self, model):
-        self.modules = [m for m in model.modules() if isinstance(m, (nn.Linear, LoRALinear))]
-        self.nonzero = self.flushed = self.overflowed = 0
-
-    def __enter__(self):
-        self.handles = [m.register_forward_hook(self._hook_output) for m in self.modules]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-    def _hook_output(self, module, inputs, output):
-        if output.requires_grad:
-            output.register_hook(self._round)
-
-    def _round(self, grad):
-        half = grad.to(torch.float16)
-        self.nonzero += int((grad != 0).sum())
-        self.flushed += int(((grad != 0) & (half == 0)).sum())
-        self.overflowed += int((torch.isinf(half) & torch.isfinite(grad)).sum())
-        return half.to(grad.dtype)
-
-
-def scaled_fp16_grads(model, batch, scale):
-    """Gradients of scale * loss with fp16 storage simulated, stored as float16, then unscaled
-    in float32. Returns (flat unscaled grads, flat stored fp16 grads, Fp16Backward stats)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.zero_grad(set_to_none=True)
-    with Fp16Backward(model) as sim:
-        (model(*batch)[1] * scale).backward()
-    stored = torch.cat([p.grad.flatten() for p in params]).to(torch.float16)
-    return stored.float() / scale, stored, sim
-
-
 def fp16_gradient_table(args, model, splits):
     batch = [t.to(args.device) for t in
              sample_batch(splits["train"], BATCH, torch.Generator().manual_seed(args.seed))]

@@ -1,25 +1,11 @@
-"""The mechanisms of lesson 08: the dynamic loss scaler, fp16 gradient storage, fp32 master
-weights, and same seed => same run. The lesson file is loaded by path (its name starts with a
-digit, so it cannot be imported by name)."""
-import copy
-import importlib.util
-from pathlib import Path
-
+"""The mechanisms of lesson 08: the dynamic loss scaler, fp16 gradient storage
+(tiny_gpt/loss_scaling.py), fp32 master weights, and same seed => same run."""
 import pytest
 import torch
 
 from lora import apply_lora
 from tiny_gpt import GPT, TrainConfig, make_batch, sample_batch, train
-
-LESSON = Path(__file__).resolve().parent.parent / "lessons" / "08_stability_and_evaluation.py"
-
-
-@pytest.fixture(scope="module")
-def lesson():
-    spec = importlib.util.spec_from_file_location("lesson_08", LESSON)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tiny_gpt.loss_scaling import DynamicLossScaler, Fp16Backward, scaled_fp16_grads
 
 
 def _sgd_param(value=1.0):
@@ -36,8 +22,8 @@ def _scaled_step(scaler, p, opt, g):
     scaler.update()
 
 
-def test_an_overflowing_scale_is_halved_and_the_step_skipped(lesson):
-    scaler = lesson.DynamicLossScaler(init_scale=2.0 ** 10, growth_interval=100)
+def test_an_overflowing_scale_is_halved_and_the_step_skipped():
+    scaler = DynamicLossScaler(init_scale=2.0 ** 10, growth_interval=100)
     p, opt = _sgd_param()
     _scaled_step(scaler, p, opt, float("inf"))
     assert scaler.get_scale() == 2.0 ** 9
@@ -47,8 +33,8 @@ def test_an_overflowing_scale_is_halved_and_the_step_skipped(lesson):
     torch.testing.assert_close(p.detach(), torch.full((3,), 0.9))  # a finite step is taken
 
 
-def test_the_scale_grows_after_n_good_steps_and_an_overflow_resets_the_count(lesson):
-    scaler = lesson.DynamicLossScaler(init_scale=4.0, growth_interval=3)
+def test_the_scale_grows_after_n_good_steps_and_an_overflow_resets_the_count():
+    scaler = DynamicLossScaler(init_scale=4.0, growth_interval=3)
     p, opt = _sgd_param()
     scales = []
     for g in (1.0, 1.0, 1.0, 1.0, float("inf"), 1.0, 1.0, 1.0):
@@ -57,10 +43,10 @@ def test_the_scale_grows_after_n_good_steps_and_an_overflow_resets_the_count(les
     assert scales == [4.0, 4.0, 8.0, 8.0, 4.0, 4.0, 4.0, 8.0]
 
 
-def test_the_scaler_follows_torch_grad_scaler(lesson):
+def test_the_scaler_follows_torch_grad_scaler():
     """The same stream of finite and overflowing steps gives the same scales and weights as
     torch.amp.GradScaler (its CPU version)."""
-    ours = lesson.DynamicLossScaler(init_scale=2.0 ** 6, growth_interval=2)
+    ours = DynamicLossScaler(init_scale=2.0 ** 6, growth_interval=2)
     ref = torch.amp.GradScaler("cpu", init_scale=2.0 ** 6, growth_interval=2)
     (p1, opt1), (p2, opt2) = _sgd_param(), _sgd_param()
     for g in (1.0, float("inf"), 2.0, 1.0, 1.0, float("nan"), 1.0, 3.0):
@@ -86,7 +72,7 @@ def _batch():
     return make_batch([("upper cat -> ", "CAT\n"), ("upper dog ant -> ", "DOG ANT\n")])
 
 
-def test_unscaled_gradients_equal_the_fp32_gradients(lesson, small_cfg):
+def test_unscaled_gradients_equal_the_fp32_gradients(small_cfg):
     """Scaling by a power of two is exact in floating point, so without fp16 storage the
     unscaled gradients are bit-identical to the unscaled run's. With fp16 storage every linear
     layer's output gradient is rounded to 11 significant bits (~5e-4 relative) on the way back;
@@ -98,23 +84,23 @@ def test_unscaled_gradients_equal_the_fp32_gradients(lesson, small_cfg):
     model(x, y, m)[1].backward()
     ref = [p.grad.clone() for p in params]
     model.zero_grad(set_to_none=True)
-    scaler = lesson.DynamicLossScaler(init_scale=2.0 ** 12)
+    scaler = DynamicLossScaler(init_scale=2.0 ** 12)
     scaler.scale(model(x, y, m)[1]).backward()
     opt = torch.optim.SGD(params, lr=0.0)
     scaler.unscale_(opt)
     assert not scaler.found_inf
     for p, g in zip(params, ref):
         assert torch.equal(p.grad, g)
-    unscaled, _, _ = lesson.scaled_fp16_grads(model, (x, y, m), 2.0 ** 12)
+    unscaled, _, _ = scaled_fp16_grads(model, (x, y, m), 2.0 ** 12)
     flat = torch.cat([g.flatten() for g in ref])
     assert ((unscaled - flat).norm() / flat.norm()).item() < 5e-3
 
 
-def test_fp16_storage_flushes_tiny_gradients_and_overflows_huge_ones(lesson):
+def test_fp16_storage_flushes_tiny_gradients_and_overflows_huge_ones():
     layer = torch.nn.Linear(4, 3)
     x = torch.randn(2, 4)
     for factor, expect_zero, expect_inf in ((1e-9, True, False), (1e6, False, True)):
-        with lesson.Fp16Backward(layer) as sim:
+        with Fp16Backward(layer) as sim:
             (layer(x).sum() * factor).backward()  # output grad = factor, below 6e-8 / above 65504
         assert (sim.flushed == sim.nonzero) is expect_zero
         assert (sim.overflowed > 0) is expect_inf
