@@ -31,8 +31,6 @@ and "swap" on V only (r = 16 each, the same budget), then stacked. The remedy th
 one the table's first rows show: keep the adapters separate and pick one per request.
 """
 import copy
-import statistics
-import time
 
 import torch
 
@@ -45,6 +43,7 @@ from lora import (add_adapter, combine_adapters, disable_adapters, load_adapter,
 from tiny_gpt import GPT, GPTConfig, exact_match, make_batch
 from tiny_gpt.finetune import finetune
 from tiny_gpt.tasks import greedy_answers
+from tiny_gpt.timing import round_robin_medians
 
 NAME = "03_merge_swap_save"
 TASK_NAMES = (DEFAULT_TASK, "swap")
@@ -66,20 +65,6 @@ def train_adapter(model, name, splits, args, targets=("q_proj", "v_proj"), r=8):
     return result
 
 
-def interleaved_medians(fns, repeats, warmup=3):
-    """{name: fn} -> {name: median seconds}; the fns take turns, so load hits them alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 @torch.no_grad()
 def merge_section(model, reference, x, args):
     """(a) merged == unmerged, and forward latency of base / unmerged / merged."""
@@ -95,8 +80,8 @@ def merge_section(model, reference, x, args):
                 torch.cuda.synchronize()
         return run
     variants = {"base model": reference, "LoRA unmerged": model, "LoRA merged": merged}
-    seconds = interleaved_medians({k: forward(m) for k, m in variants.items()},
-                                  5 if args.quick else 200)
+    seconds = round_robin_medians({k: forward(m) for k, m in variants.items()},
+                                  5 if args.quick else 200, warmup=3)
     base_s = seconds["base model"]
     print_table(f"(a) Forward pass over a fixed batch {tuple(x.shape)}, no grad, median of "
                 f"{5 if args.quick else 200} interleaved repeats",

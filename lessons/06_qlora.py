@@ -28,7 +28,7 @@ import torch
 
 from lessons.common import (DEFAULT_TASK, base_recipe, finetune_config, get_base_model,
                             lesson_dir, matplotlib_pyplot, parse_args, print_table, run_main,
-                            save_figure, task_splits, timed, write_summary)
+                            save_figure, task_splits, write_summary)
 from lessons.qlora import dequantized_float_model, prepare_qlora
 from lora import (LoRALinear, apply_lora, count_parameters, disable_adapters, load_adapter,
                   lora_layers, merge_lora, save_adapter)
@@ -38,6 +38,7 @@ from quant.blockwise import unpack_nibbles
 from tiny_gpt import exact_match, make_batch
 from tiny_gpt.finetune import finetune
 from tiny_gpt.pretrain import corpus_ids, validation_loss
+from tiny_gpt.timing import round_robin_medians
 
 NAME = "06_qlora"
 LORA = dict(targets=("q_proj", "v_proj"), r=8, alpha=16)  # the LoRA paper's placement
@@ -105,8 +106,9 @@ def finetune_both(base, splits, args):
         runs[method] = {"model": model, "result": result,
                         "acc": exact_match(model, splits["test"], args.device)}
     x, y, mask = (t.to(args.device) for t in make_batch(splits["train"][:32]))
-    step = {m: timed(lambda model=r["model"]: model(x, y, mask)[1].backward(),
-                     repeats=3 if args.quick else 15) for m, r in runs.items()}  # median fwd+bwd
+    step = round_robin_medians(  # median seconds of forward + backward, the two taking turns
+        {m: (lambda model=r["model"]: model(x, y, mask)[1].backward()) for m, r in runs.items()},
+        repeats=3 if args.quick else 15)
     for run in runs.values():
         run["model"].zero_grad(set_to_none=True)  # timing left gradients behind
     rows = [[m, f"{count_parameters(r['model'])[0]:,}",

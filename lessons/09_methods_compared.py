@@ -39,7 +39,7 @@ import torch
 
 from lessons.common import (DEFAULT_TASK, FINETUNE_LR, finetune_config, get_base_model,
                             lesson_dir, matplotlib_pyplot, parse_args, print_table, run_main,
-                            save_figure, task_splits, timed, write_summary)
+                            save_figure, task_splits, write_summary)
 from lessons.qlora import dequantized_float_model, prepare_qlora
 from lora import apply_lora, count_parameters, merge_lora
 from tiny_gpt import exact_match, make_batch, sample_batch
@@ -47,6 +47,7 @@ from tiny_gpt.adapter_tuning import apply_adapter_tuning
 from tiny_gpt.finetune import finetune
 from tiny_gpt.memory import measure_step, time_step
 from tiny_gpt.prefix_tuning import PrefixTuning
+from tiny_gpt.timing import round_robin_medians
 from tiny_gpt.train import make_optimizer
 
 NAME = "09_methods_compared"
@@ -156,16 +157,11 @@ def train_all(args, base, splits, lrs):
 
 @torch.no_grad()
 def inference_latency(models: dict, x, repeats):
-    """Median seconds of one forward pass over x for each model, interleaved in rounds."""
+    """Median seconds of one forward pass over x for each model, the models taking turns."""
     for model in models.values():
         model.eval()
-    times = {name: [] for name in models}
-    for model in models.values():  # warm-up: first calls allocate and pick kernels
-        model(x)
-    for _ in range(repeats):
-        for name, model in models.items():
-            times[name].append(timed(lambda: model(x), repeats=1, warmup=0))
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return round_robin_medians({name: (lambda m=model: m(x)) for name, model in models.items()},
+                               repeats)
 
 
 @torch.no_grad()

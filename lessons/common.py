@@ -101,18 +101,6 @@ def save_figure(fig, path: Path) -> None:
     print(f"saved {path}")
 
 
-def timed(fn, repeats: int = 5, warmup: int = 1):
-    """Median wall time of fn() in seconds, after warm-up calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def matplotlib_pyplot():
     """pyplot with a non-interactive backend (lessons only ever save figures)."""
     import matplotlib

@@ -14,28 +14,13 @@ that read an (N, features) activation once each: memory passes, not arithmetic.
 Timings are medians over `repeats` rounds after a warm-up, and the four alternate inside every
 round, so a shared, noisy machine slows them alike: trust the ratios more than the seconds.
 """
-import statistics
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tiny_gpt.timing import round_robin_medians
+
 from .layer import LoRALinear
-
-
-def _round_robin(fns, repeats, warmup=2):
-    """{name: fn} -> {name: median seconds}, timing the fns in turn, `repeats` rounds."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def benchmark_lora_linear(tokens=8192, features=512, r=8, alpha=16, repeats=10, seed=0,
@@ -71,7 +56,7 @@ def _benchmark(tokens, features, r, alpha, repeats, seed):
             forward(x.detach().requires_grad_()).backward(g)
         return run
 
-    seconds = _round_robin({k: step(f) for k, f in forwards.items()}, repeats)
+    seconds = round_robin_medians({k: step(f) for k, f in forwards.items()}, repeats)
     return {"tokens": tokens, "features": features, "r": r, "threads": torch.get_num_threads(),
             "seconds": seconds, "ratio": {k: v / seconds["frozen"] for k, v in seconds.items()}}
 

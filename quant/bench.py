@@ -8,31 +8,13 @@ Timings are medians over `repeats` after a warm-up, and the plain and 4-bit matm
 inside one loop, so that a shared, noisy machine slows both alike: trust the ratio more than
 the seconds. MB = 10^6 bytes of the float32 weight (read by quantize, written by dequantize).
 """
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
+from tiny_gpt.timing import round_robin_medians
+
 from .linear4bit import DequantMatmul
 from .nf4 import quantize_nf4
-
-
-def _seconds(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _median_seconds(fns, repeats):
-    """Warm each fn up once, then time them round-robin `repeats` times -> list of medians."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            ts.append(_seconds(fn))
-    return [statistics.median(ts) for ts in times]
 
 
 @torch.no_grad()
@@ -46,11 +28,12 @@ def benchmark_nf4(out_features=4096, in_features=4096, tokens=2048, repeats=5, b
     w_deq = q.dequantize(torch.float32)
     mb = w.numel() * 4 / 1e6
 
-    quantize_s, dequantize_s = _median_seconds(
-        [lambda: quantize_nf4(w, blocksize, double_quant), lambda: q.dequantize(torch.float32)],
-        repeats)
-    matmul_s, dequant_matmul_s = _median_seconds(
-        [lambda: F.linear(x, w_deq), lambda: DequantMatmul.apply(x, q, None)], repeats)
+    coding = round_robin_medians({"quantize": lambda: quantize_nf4(w, blocksize, double_quant),
+                                  "dequantize": lambda: q.dequantize(torch.float32)}, repeats)
+    matmuls = round_robin_medians({"float": lambda: F.linear(x, w_deq),
+                                   "4-bit": lambda: DequantMatmul.apply(x, q, None)}, repeats)
+    quantize_s, dequantize_s = coding["quantize"], coding["dequantize"]
+    matmul_s, dequant_matmul_s = matmuls["float"], matmuls["4-bit"]
     return {"shape": (out_features, in_features), "tokens": tokens,
             "threads": torch.get_num_threads(), "bits_per_param": q.bits_per_param,
             "quantize_MB_per_s": mb / quantize_s, "dequantize_MB_per_s": mb / dequantize_s,
