@@ -42,6 +42,7 @@ from lessons.common import (get_base_model, lesson_dir, matplotlib_pyplot, parse
 from lora import LoRAFunction, LoRALinear, apply_lora, lora_layers
 from lora.bench import benchmark_lora_linear
 from tiny_gpt import make_batch
+from tiny_gpt.finite_differences import central_differences
 
 NAME = "01_lora_layer"
 TARGET_RATIO = 1.20   # our LoRALinear, fwd + bwd, at most this many times the frozen layer
@@ -93,21 +94,6 @@ def zero_init_check(args):
     return max_diff, grad_A, grad_B
 
 
-def central_differences(loss, t, eps=FD_EPS):
-    """dL/dt by (L(t + eps) - L(t - eps)) / (2 eps), one entry of t at a time (float64)."""
-    grad = torch.zeros_like(t)
-    with torch.no_grad():
-        for i in range(t.numel()):
-            old = t.view(-1)[i].item()
-            t.view(-1)[i] = old + eps
-            up = loss().item()
-            t.view(-1)[i] = old - eps
-            down = loss().item()
-            t.view(-1)[i] = old
-            grad.view(-1)[i] = (up - down) / (2 * eps)
-    return grad
-
-
 def backward_inputs(N=6, d_in=10, d_out=8, r=3, dropout=False, seed=0):
     """Small float64 tensors, B non-zero (as after some training), optional fixed dropout mask."""
     gen = torch.Generator().manual_seed(seed)
@@ -137,7 +123,7 @@ def backward_check(scaling=2.0):
         for i, (name, t) in enumerate(zip(("dL/dx", "dL/dA", "dL/dB"), (x, A, B))):
             ours = grads["ours"][i]
             d_auto = (ours - grads["autograd"][i]).abs().max().item()
-            d_fd = (ours - central_differences(loss, t)).abs().max().item()
+            d_fd = (ours - central_differences(loss, t, FD_EPS)).abs().max().item()
             # the seed's naive layer has no dropout, so it is compared without one only
             d_naive = "-" if dropout else (ours - grads["naive"][i]).abs().max().item()
             ok = d_auto < AUTOGRAD_TOL and d_fd < FD_TOL and (dropout or d_naive < AUTOGRAD_TOL)
