@@ -7,15 +7,22 @@ a small grammar (``tiny_gpt/data.py``). The objective is the language-modelling 
 
     L = - (1/T) sum_t log p(x_{t+1} | x_{<=t})
 
-A fifth of the corpus's sentences repeat earlier words -- verbatim, in capitals, or in the other
-order. That is where the model learns to copy from its context, and that latent skill is what the
-fine-tuning tasks (upper-case a word, swap two words) later redirect with a low-rank update.
+More than half of the corpus's sentences repeat earlier words -- verbatim, in capitals, or in the
+other order (``Anna reads "red cat" and shouts "RED CAT!"``). That is where the model learns to
+copy from its context, and that latent skill is what the fine-tuning tasks (upper-case a word,
+swap two words) later redirect with a low-rank update. The lesson measures both: the base copies
+words in the corpus's own echo sentences, and scores zero on the tasks' format, which it has
+never seen. Copying arrives late and suddenly (the "induction head" jump of Olsson et al. 2022):
+a shorter run, or one with fewer echoes, gives a base that cannot copy, and LoRA on top of it
+then tops out well below 90% (see tiny_gpt/data.py).
 
-Run it: ``python lessons/00_pretrain_tiny_gpt.py`` (about 2-3 minutes on a 2-core CPU). The
+Run it: ``python lessons/00_pretrain_tiny_gpt.py`` (about 4-5 minutes on a 2-core CPU). The
 model is cached in ``runs/base/``; later lessons load it from there (and train it if missing).
 ``--text FILE`` pretrains on your own UTF-8 text instead (saved separately, in runs/00_pretrain/).
 """
+import random
 import time
+from dataclasses import replace
 
 import torch
 
@@ -26,7 +33,7 @@ from tiny_gpt import GPTConfig, TASKS, decode, encode, exact_match
 from tiny_gpt.data import get_batch
 from tiny_gpt.model import GPT
 from tiny_gpt.pretrain import corpus_ids, load_base, pretrain, save_base, validation_loss
-from dataclasses import replace
+from tiny_gpt.tasks import greedy_answers, lexicon
 
 NAME = "00_pretrain"
 
@@ -82,6 +89,23 @@ def plot_curve(out, args):
     save_figure(fig, out / "loss_curve.png")
 
 
+ECHOES = [('Ben says "{w}" and Mia says "', False), ('Anna reads "{w}" and shouts "', True)]
+
+
+def copying_skill(model, device, n_words):
+    """Fraction of lexicon words (one or two) that the base repeats exactly, for each echo
+    sentence of the corpus: the skill the tasks will redirect."""
+    rng = random.Random(0)
+    words = lexicon()
+    items = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 2))) for _ in range(n_words)]
+    acc = {}
+    for fmt, upper in ECHOES:
+        expected = [(w.upper() + "!" if upper else w) + '"' for w in items]
+        got = greedy_answers(model, [fmt.format(w=w) for w in items], 24, device)
+        acc[(fmt, upper)] = sum(g.startswith(e) for g, e in zip(got, expected)) / n_words
+    return acc
+
+
 def main(argv=None):
     args = parse_args(__doc__, argv, add_args)
     out = lesson_dir(args, NAME)
@@ -110,6 +134,12 @@ def main(argv=None):
                 [[n, t.describe, "".join(t.splits(n_train=1)["train"][0]).strip(),
                   f"{100 * base_acc[n]:.1f}%"] for n, t in TASKS.items()])
 
+    copy_acc = copying_skill(model, args.device, 10 if args.quick else 150)
+    print_table("The latent skill: copying in the corpus's own echo sentences (greedy, lexicon "
+                "words)", ["sentence the base completes", "words copied right"],
+                [[f"{fmt.format(w='red cat')}{'RED CAT!' if up else 'red cat'}\"", f"{100 * a:.1f}%"]
+                 for (fmt, up), a in copy_acc.items()])
+
     steps = 1 if args.quick else 5
     t_plain = step_time(model.config, train_ids, recipe, args.device, False, steps)
     t_ckpt = step_time(model.config, train_ids, recipe, args.device, True, steps)
@@ -128,7 +158,9 @@ def main(argv=None):
     write_summary(args, NAME, {"parameters": model.num_params(), "val_loss": val_loss,
                                "wall_time_s": result["wall_time"],
                                "tokens_per_s": result["tokens"] / result["wall_time"],
-                               **{f"base_acc_{k}": v for k, v in base_acc.items()}})
+                               **{f"base_acc_{k}": v for k, v in base_acc.items()},
+                               "copy_acc_says": copy_acc[ECHOES[0]],
+                               "copy_acc_shouts": copy_acc[ECHOES[1]]})
     return 0
 
 

@@ -78,8 +78,12 @@ def _noun_phrase(rng):
     return f"{det} {rng.choice(NOUNS)}"
 
 
-CORPUS_VERSION = 3  # bump whenever the grammar changes, so cached base models are retrained
-REPETITION_SHARE = 0.35  # fraction of sentences that echo earlier words (see _repetition)
+CORPUS_VERSION = 4  # bump whenever the grammar changes, so cached base models are retrained
+# Fraction of sentences that echo earlier words (see _repetition). Copying from the context is
+# learned in a sudden jump ("induction heads", Olsson et al. 2022), late in a short run: with
+# 0.35 the tiny GPT had not learned it after 1,600 steps at lr 2e-3, with 0.6 (and lr 4e-3) it
+# has by step ~800 of 1,200, measured as the loss on the second copy of a made-up word.
+REPETITION_SHARE = 0.6
 
 
 def _clause(rng):

@@ -23,10 +23,10 @@ class PretrainRecipe:
     corpus_seed: int = 0            # seed of the generated corpus
     corpus_version: int = CORPUS_VERSION  # grammar version (a cached base of another is stale)
     text_path: Optional[str] = None  # train on this UTF-8 file instead of the generated corpus
-    steps: int = 800                # optimizer steps
+    steps: int = 1200               # optimizer steps (copying is learned at ~800: data.py)
     batch_size: int = 32            # windows per step
     seq_len: int = 128              # window length (<= block_size)
-    lr: float = 2e-3                # peak learning rate
+    lr: float = 4e-3                # peak learning rate
     warmup_steps: int = 50          # linear warmup steps
     eval_every: int = 100           # steps between validation-loss measurements
     eval_batches: int = 8           # batches of validation windows per measurement
