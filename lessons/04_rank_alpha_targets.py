@@ -65,7 +65,7 @@ TARGET_SETS = {"Q": ("q_proj",), "V": ("v_proj",), "Q,V": QV,
                "Q,K,V,O": ("q_proj", "k_proj", "v_proj", "o_proj"),
                "attn+MLP": ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")}
 BUDGET = ("attn+MLP", 4)   # the budget: all six projections at r = 4 (see the docstring)
-STEPS = 400                # optimizer steps per run (a full fine-tune takes 1,500)
+STEPS = 250                # optimizer steps per run (a full fine-tune takes 1,500)
 LAYER = 2                  # the block whose adapters part 4 dissects (of 0..3)
 
 
