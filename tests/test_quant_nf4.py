@@ -162,3 +162,52 @@ def test_state_dict_round_trip(double_quant):
     restored = Quantized4bit.from_state_dict(state)
     assert torch.equal(dequantize_nf4(restored), dequantize_nf4(q))
     assert restored.nbytes == q.nbytes and restored.dtype == q.dtype
+
+
+# The reference's own decision thresholds: bitsandbytes quantizes a scaled value x (x = w *
+# (1 / absmax), float32) with a hard-coded binary tree, `dQuantizeNF4` in csrc/kernels.cu,
+# branching on `x > t` for these 15 constants. Our midpoints are computed from our levels, so
+# this holds both the levels and the tie rule against the reference implementation's code.
+BNB_NF4_THRESHOLDS = [
+    -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
+    -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
+    0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
+    0.5016634166240692, 0.6427869200706482, 0.8614784181118011,
+]
+
+
+def reference_nf4_code(x: float) -> int:
+    """The reference's tree, walked as a binary search: 4 comparisons `x > t` from the middle
+    threshold down, each taken branch setting the next bit (0b1000, 0b0100, ...)."""
+    thresholds = torch.tensor(BNB_NF4_THRESHOLDS, dtype=torch.float32).tolist()
+    x = torch.tensor(x, dtype=torch.float32).item()
+    lo, code = 0, 0
+    for bit in (8, 4, 2, 1):
+        t = thresholds[lo + bit - 1]
+        if x > t:
+            code |= bit
+            lo += bit
+    return code
+
+
+def test_codes_equal_the_reference_decision_tree():
+    torch.manual_seed(0)
+    w = torch.randn(37, 29)  # 1,073 values: 16 full blocks of 64 and a partial one
+    w.view(-1)[:64] = torch.linspace(-1, 1, 64)  # block 0: absmax 1, so x = w exactly
+    w.view(-1)[64:128] = torch.rand(64) * 1.8 - 0.9  # block 1: values inside (-1, 1), then
+    w.view(-1)[64:79] = torch.tensor(BNB_NF4_THRESHOLDS)  # exactly the thresholds,
+    w.view(-1)[79] = 1.0  # and absmax 1, so these are quantized as they are
+    q = quantize_nf4(w, blocksize=64, double_quant=False)
+    ours = unpack_nibbles(q.codes)[: w.numel()]
+    flat = torch.cat([w.view(-1), torch.zeros(-w.numel() % 64)])  # (n_blocks * 64,)
+    blocks = flat.view(-1, 64)
+    scaled = blocks * (1.0 / blocks.abs().amax(dim=1, keepdim=True))  # as the reference does
+    expected = [reference_nf4_code(v) for v in scaled.view(-1)[: w.numel()].tolist()]
+    assert ours.tolist() == expected
+
+
+def test_a_value_exactly_on_a_reference_threshold_takes_the_lower_code():
+    for k, t in enumerate(BNB_NF4_THRESHOLDS):
+        assert reference_nf4_code(t) == k  # the reference: `x > t` is false on the threshold
+        x = torch.tensor([t, 1.0], dtype=torch.float32)  # absmax 1: x is quantized as it is
+        assert unpack_nibbles(quantize_nf4(x, blocksize=2, double_quant=False).codes)[0] == k
