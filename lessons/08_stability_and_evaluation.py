@@ -53,6 +53,7 @@ from tiny_gpt.drift import logits_of, measure_drift
 from tiny_gpt.finetune import task_loss
 from tiny_gpt.loss_scaling import DynamicLossScaler, Fp16Backward, scaled_fp16_grads
 from tiny_gpt.pretrain import corpus_ids
+from tiny_gpt.torch_compat import cuda_grad_scaler
 from tiny_gpt.train import accumulate_gradients, lr_at, make_optimizer
 
 NAME = "08_stability_and_evaluation"
@@ -387,8 +388,7 @@ def cuda_fp16(args, base, splits):
               f"'{args.device}'; the simulation in (g1)/(g2) stands in for it.\n")
         return None
     g = max(2, args.budget.amp_steps // 6)
-    scalers = {"torch.amp.GradScaler": torch.amp.GradScaler("cuda", init_scale=2.0 ** 32,
-                                                            growth_interval=g),
+    scalers = {"torch.amp.GradScaler": cuda_grad_scaler(init_scale=2.0 ** 32, growth_interval=g),
                "DynamicLossScaler (this lesson)": DynamicLossScaler(2.0 ** 32,
                                                                     growth_interval=g)}
     results = {k: amp_run(args, base, splits, s, simulate=False, precision="fp16")

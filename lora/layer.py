@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tiny_gpt.torch_compat import autocast_enabled
+
 from .function import LoRAFunction
 
 
@@ -164,7 +166,7 @@ class LoRALinear(nn.Module):
         return (isinstance(base, nn.Linear) and not base.weight.requires_grad
                 and (base.bias is None or not base.bias.requires_grad)
                 and x.dtype == base.weight.dtype == adapter.lora_A.dtype
-                and not torch.is_autocast_enabled(x.device.type))
+                and not autocast_enabled(x.device.type))
 
     def _fused_forward(self, x, adapter):
         x2 = x.reshape(-1, self.in_features)  # (N, in), N = all leading dims

@@ -42,6 +42,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from .torch_compat import autocast_dtype, autocast_enabled
+
 IMPLS = ("torch", "torch_reentrant", "manual")
 
 
@@ -100,7 +102,7 @@ def cuda_devices(device):
 
 def autocast_state(device):
     kind = device.type
-    return {"enabled": torch.is_autocast_enabled(kind), "dtype": torch.get_autocast_dtype(kind)}
+    return {"enabled": autocast_enabled(kind), "dtype": autocast_dtype(kind)}
 
 
 def checkpoint_module(module, *args):

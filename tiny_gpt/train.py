@@ -23,6 +23,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import masked_cross_entropy
+from .torch_compat import cuda_grad_scaler
 
 
 @dataclass
@@ -162,7 +163,7 @@ def train(model, get_batch: Callable, cfg: TrainConfig, evaluate: Optional[Calla
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
     autocast_context(device, cfg.precision)  # refuses a precision this device cannot run
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    scaler = cuda_grad_scaler() if cfg.precision == "fp16" else None
     state = {"step": 0, "tokens": 0, "best_score": None, "best_step": None, "bad_evals": 0}
     if cfg.resume and cfg.ckpt_path and Path(cfg.ckpt_path).exists():
         state = load_checkpoint(cfg.ckpt_path, model, optimizer, batch_gen)
