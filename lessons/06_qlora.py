@@ -130,6 +130,9 @@ def finetune_both(base, splits, args):
 
 
 def tensor_bytes(tensors):
+    """Bytes of every tensor as each layer holds it. Unlike tiny_gpt.memory.tensor_bytes, which
+    counts a shared storage once (lesson 07), the NF4 code book, shared by all Linear4bit
+    layers here, is counted in every layer, as it would be if each were saved on its own."""
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

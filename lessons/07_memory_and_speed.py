@@ -50,9 +50,10 @@ from lora import apply_lora, lora_layers
 from quant import Linear4bit
 from tiny_gpt.checkpointing import checkpoint_submodules, enable_input_require_grads
 from tiny_gpt.data import get_batch
-from tiny_gpt.memory import (MB, FrozenBaseOffload, SavedTensorMeter, interleaved_medians,
+from tiny_gpt.memory import (MB, FrozenBaseOffload, SavedTensorMeter,
                              measure_step, tensor_bytes, time_step, weight_ledger)
 from tiny_gpt.pretrain import corpus_ids
+from tiny_gpt.timing import round_robin_phase_medians
 from tiny_gpt.train import accumulate_gradients
 
 NAME = "07_memory_and_speed"
@@ -189,7 +190,8 @@ def offload_rows(run):
     with FrozenBaseOffload(model, run.device) as off:
         streamed = torch.cuda.memory_allocated(run.device)
         ledger = measure_step(model, [run.batch], opt, hooks=(off.pack, off.unpack))
-        t = interleaved_medians({"o": lambda: time_step(model, [run.batch], opt)}, run.repeats)
+        t = round_robin_phase_medians({"o": lambda: time_step(model, [run.batch], opt)},
+                                      run.repeats)
     return [["LoRA", f"{resident / MB:.2f}", f"{run.ledgers['LoRA'].device_peak / MB:.2f}",
              f"{1e3 * run.times['LoRA']:.0f}"],
             ["LoRA + offload", f"{streamed / MB:.2f}", f"{ledger.device_peak / MB:.2f}",
@@ -209,7 +211,7 @@ class Run:
         self.configs = build_configs(base, self.batch, self.micro, self.device.type == "cuda")
         self.ledgers = {n: measure_step(m, mb, o, p)
                         for n, (m, o, p, mb) in self.configs.items()}
-        self.phases = interleaved_medians(
+        self.phases = round_robin_phase_medians(
             {n: (lambda m=m, o=o, p=p, mb=mb: time_step(m, mb, o, p))
              for n, (m, o, p, mb) in self.configs.items()}, self.repeats, warmup)
         self.times = {n: ph["total"] for n, ph in self.phases.items()}

@@ -9,6 +9,8 @@ Linear4bit from quant), so QLoRA is apply_lora on a quantized model.
 """
 from contextlib import contextmanager
 
+from tiny_gpt.module_paths import path_matches
+
 from .layer import LoRALinear, check_adapter_name, check_lora_args, has_features
 
 
@@ -34,10 +36,6 @@ def lora_layers(model):
     return [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def _matches(path, target):
-    return path == target or path.endswith("." + target)
-
-
 def match_targets(model, targets):
     """Paths of the linear layers that the targets name; unknown targets raise ValueError."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
@@ -45,11 +43,11 @@ def match_targets(model, targets):
     if not targets:
         raise ValueError("targets is empty; name at least one linear layer")
     for t in targets:
-        if not any(_matches(p, t) for p in linear):
+        if not any(path_matches(p, t) for p in linear):
             short = sorted({p.rsplit(".", 1)[-1] for p in linear})
             raise ValueError(f"target {t!r} matches no linear layer. Available short names: "
                              f"{short}; full paths: {linear}")
-    return [p for p in linear if any(_matches(p, t) for t in targets)]
+    return [p for p in linear if any(path_matches(p, t) for t in targets)]
 
 
 def adapter_names(model):

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tiny_gpt.module_paths import path_matches
+
 from .nf4 import quantize_nf4
 from .qtensor import Quantized4bit
 
@@ -116,17 +118,12 @@ class Linear4bit(nn.Module):
                 f"bits_per_param={q.bits_per_param:.3f}")
 
 
-def _matches(name, pattern):
-    """A module path matches a pattern equal to it or ending in '.' + pattern."""
-    return name == pattern or name.endswith("." + pattern)
-
-
 def _select(names, patterns, role):
     """Names matched by any pattern; a pattern matching nothing is a ValueError."""
     for pattern in patterns:
-        if not any(_matches(name, pattern) for name in names):
+        if not any(path_matches(name, pattern) for name in names):
             raise ValueError(f"{role} {pattern!r} matches no nn.Linear; available: {names}")
-    return {name for name in names if any(_matches(name, p) for p in patterns)}
+    return {name for name in names if any(path_matches(name, p) for p in patterns)}
 
 
 def quantize_model(model, targets=None, blocksize=64, double_quant=True,

@@ -8,8 +8,9 @@ import torch.nn as nn
 from lora import apply_lora, count_parameters
 from quant import quantize_model
 from tiny_gpt import GPT, GPTConfig, VOCAB_SIZE
-from tiny_gpt.memory import (FrozenBaseOffload, SavedTensorMeter, interleaved_medians,
+from tiny_gpt.memory import (FrozenBaseOffload, SavedTensorMeter,
                              measure_step, time_step, weight_ledger)
+from tiny_gpt.timing import round_robin_phase_medians
 
 F32 = 4  # bytes per float32
 
@@ -160,7 +161,7 @@ def test_time_step_splits_the_step_into_phases(small_gpt):
     assert t["total"] == pytest.approx(t["forward"] + t["backward"] + t["optimizer"])
 
 
-def test_interleaved_medians_takes_the_median_of_each_phase():
+def test_round_robin_phase_medians_takes_the_median_of_each_phase():
     values = iter([{"total": v} for v in [9.0, 1.0, 5.0, 3.0, 7.0]])
-    assert interleaved_medians({"a": lambda: next(values)}, repeats=3, warmup=2) == {
+    assert round_robin_phase_medians({"a": lambda: next(values)}, repeats=3, warmup=2) == {
         "a": {"total": 5.0}}  # the two warm-up calls (9, 1) are dropped; median of 5, 3, 7

@@ -291,18 +291,3 @@ class FrozenBaseOffload:
             return packed
         home, size, stride, offset = packed
         return home.to(self.device, non_blocking=True, copy=True).as_strided(size, stride, offset)
-
-
-def interleaved_medians(steps: dict, repeats: int = 5, warmup: int = 1) -> dict:
-    """Median of every timing of each step function, measured in rounds that visit every
-    function once, so that a slow spell of a shared machine hits all of them alike.
-    steps: name -> fn() returning a dict of seconds (like time_step). Returns name -> dict."""
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
-    runs = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, fn in steps.items():
-            runs[name].append(fn())
-    return {name: {key: sorted(r[key] for r in rs)[len(rs) // 2] for key in rs[0]}
-            for name, rs in runs.items()}

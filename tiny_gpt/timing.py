@@ -15,17 +15,32 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def round_robin_medians(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
-    """{name: fn} -> {name: median seconds of fn()}: `warmup` untimed rounds (first calls
-    allocate memory and pick kernels), then `repeats` timed rounds, each calling every fn once."""
+def _rounds(fns: dict, repeats: int, warmup: int, measure) -> dict:
+    """{name: [measure(fn) for each timed round]}: `warmup` untimed rounds (first calls
+    allocate memory and pick kernels), then `repeats` rounds, each visiting every fn once."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times = {name: [] for name in fns}
+    results = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(seconds(fn))
+            results[name].append(measure(fn))
+    return results
+
+
+def round_robin_medians(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
+    """{name: fn} -> {name: median seconds of fn()}, the fns taking turns."""
+    times = _rounds(fns, repeats, warmup, seconds)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def round_robin_phase_medians(steps: dict, repeats: int = 5, warmup: int = 1) -> dict:
+    """Like round_robin_medians for step functions that time their own phases: each fn()
+    returns a dict of seconds (like memory.time_step). Returns name -> {phase: median}, the
+    median being the middle value (the upper one of two for an even count)."""
+    runs = _rounds(steps, repeats, warmup, lambda fn: fn())
+    return {name: {key: sorted(r[key] for r in rs)[len(rs) // 2] for key in rs[0]}
+            for name, rs in runs.items()}
 
 
 def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
