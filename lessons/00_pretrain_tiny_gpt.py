@@ -32,8 +32,9 @@ from lessons.common import (base_path, base_recipe, get_base_model, lesson_dir,
 from tiny_gpt import GPTConfig, TASKS, decode, encode, exact_match
 from tiny_gpt.data import get_batch
 from tiny_gpt.model import GPT
-from tiny_gpt.pretrain import corpus_ids, load_base, pretrain, save_base, validation_loss
-from tiny_gpt.tasks import greedy_answers, lexicon
+from tiny_gpt.evaluate import greedy_answers, validation_loss
+from tiny_gpt.pretrain import corpus_ids, load_base, pretrain, save_base
+from tiny_gpt.tasks import lexicon
 
 NAME = "00_pretrain"
 

@@ -42,7 +42,7 @@ from lessons.common import (get_base_model, lesson_dir, matplotlib_pyplot, parse
 from lora import LoRAFunction, LoRALinear, apply_lora, lora_layers
 from lora.bench import benchmark_lora_linear
 from tiny_gpt import make_batch
-from tiny_gpt.finite_differences import central_differences
+from tiny_gpt.util.finite_differences import central_differences
 
 NAME = "01_lora_layer"
 TARGET_RATIO = 1.20   # our LoRALinear, fwd + bwd, at most this many times the frozen layer

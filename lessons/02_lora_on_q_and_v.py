@@ -32,8 +32,8 @@ from lessons.common import (DEFAULT_TASK, finetune_config, get_base_model, lesso
                             task_splits, write_summary)
 from lora import apply_lora, count_parameters, format_table, parameter_table
 from tiny_gpt import exact_match, sample_batch
+from tiny_gpt.evaluate import greedy_answers
 from tiny_gpt.finetune import finetune
-from tiny_gpt.tasks import greedy_answers
 from tiny_gpt.train import make_optimizer
 
 NAME = "02_lora_on_q_and_v"

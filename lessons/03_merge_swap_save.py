@@ -39,11 +39,11 @@ from lessons.common import (DEFAULT_TASK, finetune_config, get_base_model, lesso
                             task_splits, write_summary)
 from lora import (add_adapter, combine_adapters, disable_adapters, load_adapter,
                   load_model_weights, merge_lora, save_adapter, save_merged_model,
-                  set_active_adapters)
+                  set_active_adapters, train_only_adapter)
 from tiny_gpt import GPT, GPTConfig, exact_match, make_batch
+from tiny_gpt.evaluate import greedy_answers
 from tiny_gpt.finetune import finetune
-from tiny_gpt.tasks import greedy_answers
-from tiny_gpt.timing import round_robin_medians
+from tiny_gpt.util.timing import round_robin_medians
 
 NAME = "03_merge_swap_save"
 TASK_NAMES = (DEFAULT_TASK, "swap")
@@ -58,8 +58,7 @@ def train_adapter(model, name, splits, args, targets=("q_proj", "v_proj"), r=8):
     included, has requires_grad = False while it trains."""
     add_adapter(model, name, targets=targets, r=r, alpha=2 * r)
     set_active_adapters(model, name)
-    for pname, p in model.named_parameters():
-        p.requires_grad_(f".adapters.{name}." in pname)
+    train_only_adapter(model, name)
     cfg = finetune_config(args, "lora", **({} if args.quick else {"max_steps": STEPS}))
     result = finetune(model, splits, cfg, batch_size=32, device=args.device)
     print(f"trained adapter {name!r} on {targets}: {result.steps} steps, "

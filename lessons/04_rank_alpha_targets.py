@@ -57,7 +57,8 @@ from lora.analysis import (adapter_factors, amplification_factor, lora_param_cou
                            projected_norm, random_phi, random_projected_norm, rank_for_budget,
                            top_singular_subspaces)
 from tiny_gpt import exact_match, masked_cross_entropy, sample_batch
-from tiny_gpt.finetune import finetune, task_loss
+from tiny_gpt.evaluate import task_loss
+from tiny_gpt.finetune import finetune
 
 NAME = "04_rank_alpha_targets"
 QV = ("q_proj", "v_proj")

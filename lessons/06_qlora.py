@@ -29,16 +29,16 @@ import torch
 from lessons.common import (DEFAULT_TASK, base_recipe, finetune_config, get_base_model,
                             lesson_dir, matplotlib_pyplot, parse_args, print_table, run_main,
                             save_figure, task_splits, write_summary)
-from lessons.qlora import dequantized_float_model, prepare_qlora
-from lora import (LoRALinear, apply_lora, count_parameters, disable_adapters, load_adapter,
+from lora import (LoRALinear, apply_lora, dequantized_float_model, prepare_qlora, count_parameters, disable_adapters, load_adapter,
                   lora_layers, merge_lora, save_adapter)
 from quant import DequantMatmul, Linear4bit, quantize_model, quantize_nf4
 from quant.bench import benchmark_nf4
 from quant.blockwise import unpack_nibbles
 from tiny_gpt import exact_match, make_batch
+from tiny_gpt.evaluate import validation_loss
 from tiny_gpt.finetune import finetune
-from tiny_gpt.pretrain import corpus_ids, validation_loss
-from tiny_gpt.timing import round_robin_medians
+from tiny_gpt.pretrain import corpus_ids
+from tiny_gpt.util.timing import round_robin_medians
 
 NAME = "06_qlora"
 LORA = dict(targets=("q_proj", "v_proj"), r=8, alpha=16)  # the LoRA paper's placement

@@ -45,15 +45,16 @@ import torch
 
 from lessons.common import (base_recipe, get_base_model, lesson_dir, matplotlib_pyplot,
                             parse_args, print_table, run_main, save_figure, write_summary)
-from lessons.qlora import prepare_qlora
-from lora import apply_lora, lora_layers
+from lora import apply_lora, lora_layers, prepare_qlora
 from quant import Linear4bit
-from tiny_gpt.checkpointing import checkpoint_submodules, enable_input_require_grads
+from tiny_gpt.memory.checkpointing import checkpoint_submodules, enable_input_require_grads
 from tiny_gpt.data import get_batch
-from tiny_gpt.memory import (MB, FrozenBaseOffload, SavedTensorMeter,
-                             measure_step, tensor_bytes, time_step, weight_ledger)
+from tiny_gpt.memory.ledger import (MB, SavedTensorMeter, measure_step, tensor_bytes,
+                                    weight_ledger)
+from tiny_gpt.memory.offload import FrozenBaseOffload
+from tiny_gpt.memory.step_time import time_step
 from tiny_gpt.pretrain import corpus_ids
-from tiny_gpt.timing import round_robin_phase_medians
+from tiny_gpt.util.timing import round_robin_phase_medians
 from tiny_gpt.train import accumulate_gradients
 
 NAME = "07_memory_and_speed"

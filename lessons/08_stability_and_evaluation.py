@@ -49,11 +49,10 @@ from lessons.common import (DEFAULT_TASK, FINETUNE_LR, base_recipe, finetune_con
                             print_table, run_main, save_figure, task_splits, write_summary)
 from lora import apply_lora, disable_adapters
 from tiny_gpt import exact_match, sample_batch, train
-from tiny_gpt.drift import logits_of, measure_drift
-from tiny_gpt.finetune import task_loss
-from tiny_gpt.loss_scaling import DynamicLossScaler, Fp16Backward, scaled_fp16_grads
+from tiny_gpt.evaluate import logits_of, measure_drift, task_loss
+from tiny_gpt.memory.loss_scaling import DynamicLossScaler, Fp16Backward, scaled_fp16_grads
 from tiny_gpt.pretrain import corpus_ids
-from tiny_gpt.torch_compat import cuda_grad_scaler
+from tiny_gpt.util.torch_compat import cuda_grad_scaler
 from tiny_gpt.train import accumulate_gradients, lr_at, make_optimizer
 
 NAME = "08_stability_and_evaluation"

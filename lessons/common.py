@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from tiny_gpt.pretrain import PretrainRecipe, load_base, pretrain, save_base
-from tiny_gpt.safetensors import atomic_write_bytes
+from tiny_gpt.util.safetensors import atomic_write_bytes
 from tiny_gpt.train import pick_device
 
 RUNS = Path("runs")

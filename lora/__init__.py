@@ -1,10 +1,22 @@
 """LoRA from scratch: the layer with its hand-derived backward, injection by module name,
-merge / unmerge, several named adapters, and adapters on disk in the PEFT layout."""
+merge / unmerge, several named adapters, adapters on disk in the PEFT layout, and QLoRA.
+
+    function.py  LoRAFunction: y = x W0^T + s (x A^T) B^T with its backward derived by hand
+    layer.py     LoRAAdapter (one A, B pair) and LoRALinear (a frozen base + named adapters)
+    inject.py    apply_lora, merge / unmerge / disable over a model, parameter counts
+    multi.py     several adapters: add, switch, delete, combine
+    io.py        adapters and merged models on disk (safetensors, PEFT's key names)
+    analysis.py  the LoRA paper's Sec. 7: subspace similarity and amplification
+    qlora.py     QLoRA: quant's 4-bit base with LoRA on top, and its float deployment copy
+    bench.py     benchmark_lora_linear: a LoRA layer's cost against the frozen one
+"""
 from .function import LoRAFunction
 from .layer import LoRAAdapter, LoRALinear
 from .inject import (apply_lora, count_parameters, disable_adapters, format_table, lora_layers,
                      lora_state_dict, merge_lora, parameter_table, unmerge_lora)
-from .multi import add_adapter, combine_adapters, delete_adapter, set_active_adapters
+from .multi import (add_adapter, combine_adapters, delete_adapter, set_active_adapters,
+                    train_only_adapter)
+from .qlora import dequantized_float_model, prepare_qlora
 from .io import (base_fingerprint, load_adapter, load_model_weights, save_adapter,
                  save_merged_model)
 
@@ -12,6 +24,6 @@ __all__ = [
     "LoRAFunction", "LoRAAdapter", "LoRALinear", "apply_lora", "count_parameters",
     "disable_adapters", "format_table", "lora_layers", "lora_state_dict", "merge_lora",
     "parameter_table", "unmerge_lora", "add_adapter", "combine_adapters", "delete_adapter",
-    "set_active_adapters", "base_fingerprint", "load_adapter", "load_model_weights",
-    "save_adapter", "save_merged_model",
+    "set_active_adapters", "train_only_adapter", "base_fingerprint", "load_adapter", "load_model_weights",
+    "save_adapter", "save_merged_model", "prepare_qlora", "dequantized_float_model",
 ]

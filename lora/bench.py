@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tiny_gpt.timing import round_robin_medians
+from tiny_gpt.util.timing import round_robin_medians
 
 from .layer import LoRALinear
 

@@ -1,22 +1,23 @@
 """Putting LoRA into a model: pick layers by name, wrap them, freeze the rest, and the
 whole-model switches (merge, unmerge, disable) and views (parameter counts, adapter tensors).
 
-Layers are chosen by module path: a target matches a path equal to it or ending in "." + target,
-so "q_proj" picks every block's query projection and "blocks.0.attn.q_proj" only the first.
+Layers are chosen by module path with the project's one rule (tiny_gpt/util/modules.py): a
+target matches a path equal to it or ending in "." + target, so "q_proj" picks every block's
+query projection and "blocks.0.attn.q_proj" only the first.
 The LoRA paper adapts W_q and W_v (Hu et al. 2021, Sec. 4.2, 7.1), hence the default targets.
 A "linear layer" is anything with integer in_features and out_features (nn.Linear, or a 4-bit
 Linear4bit from quant), so QLoRA is apply_lora on a quantized model.
 """
 from contextlib import contextmanager
 
-from tiny_gpt.module_paths import path_matches
+from tiny_gpt.util.modules import is_linear_like, replace_module, select_paths
 
-from .layer import LoRALinear, check_adapter_name, check_lora_args, has_features
+from .layer import LoRALinear, check_adapter_name, check_lora_args
 
 
-def is_linear_like(module):
-    """A layer LoRA can wrap: has in/out features and is not already a LoRALinear."""
-    return has_features(module) and not isinstance(module, LoRALinear)
+def is_wrappable(module):
+    """A layer LoRA can wrap: linear-like and not already a LoRALinear."""
+    return is_linear_like(module) and not isinstance(module, LoRALinear)
 
 
 def base_modules(model, prefix=""):
@@ -38,26 +39,13 @@ def lora_layers(model):
 
 def match_targets(model, targets):
     """Paths of the linear layers that the targets name; unknown targets raise ValueError."""
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    linear = [p for p, m in base_modules(model) if is_linear_like(m)]
-    if not targets:
-        raise ValueError("targets is empty; name at least one linear layer")
-    for t in targets:
-        if not any(path_matches(p, t) for p in linear):
-            short = sorted({p.rsplit(".", 1)[-1] for p in linear})
-            raise ValueError(f"target {t!r} matches no linear layer. Available short names: "
-                             f"{short}; full paths: {linear}")
-    return [p for p in linear if any(path_matches(p, t) for t in targets)]
+    linear = [p for p, m in base_modules(model) if is_wrappable(m)]
+    return select_paths(linear, targets, "linear layer")
 
 
 def adapter_names(model):
     """Every adapter name present in the model, in first-seen order."""
     return list(dict.fromkeys(n for _, layer in lora_layers(model) for n in layer.adapters))
-
-
-def replace_module(model, path, new):
-    parent, _, attr = path.rpartition(".")
-    setattr(model.get_submodule(parent), attr, new)
 
 
 def attach_adapter(model, paths, name, r, alpha, dropout=0.0, use_rslora=False):

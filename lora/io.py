@@ -16,7 +16,7 @@ otherwise full module paths; PEFT matches both the same way (equal, or ending in
 
 Loading checks everything before touching the model: the config's fields and types, the
 fingerprint (when the config has one; PEFT's own configs do not), the keys (missing and
-unexpected ones listed) and shapes, through tiny_gpt.safetensors, which parses JSON and copies
+unexpected ones listed) and shapes, through tiny_gpt.util.safetensors, which parses JSON and copies
 raw bytes, so a hostile file can fail but never execute anything.
 
 A merged model is a plain state dict (W0 + s B A in place of W0, no adapter keys) in one
@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from tiny_gpt.safetensors import atomic_write_bytes, load_file, save_file
+from tiny_gpt.util.safetensors import atomic_write_bytes, load_file, save_file
 
-from .inject import (adapter_names, base_modules, is_linear_like, lora_layers, match_targets,
-                     replace_module)
+from tiny_gpt.util.modules import replace_module
+
+from .inject import adapter_names, base_modules, is_wrappable, lora_layers, match_targets
 from .multi import add_adapter, set_active_adapters
 
 CONFIG_NAME = "adapter_config.json"
@@ -52,7 +53,7 @@ def base_fingerprint(model):
     a linear layer counts by in/out features, so a 4-bit base matches its float original)."""
     lines = [f"{n} {tuple(p.shape)}" for n, p in model.named_parameters(recurse=False)]
     for path, m in base_modules(model):
-        if is_linear_like(m):
+        if is_wrappable(m):
             lines.append(f"{path} linear {m.in_features}->{m.out_features} "
                          f"bias={getattr(m, 'bias', None) is not None}")
         else:

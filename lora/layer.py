@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tiny_gpt.torch_compat import autocast_enabled
+from tiny_gpt.util.modules import is_linear_like
+from tiny_gpt.util.torch_compat import autocast_enabled
 
 from .function import LoRAFunction
 
@@ -42,11 +43,6 @@ def check_lora_args(r, alpha, dropout, in_features, out_features):
         raise ValueError(f"alpha must be > 0, got {alpha!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-
-
-def has_features(module):
-    """True for anything that maps in_features -> out_features (nn.Linear, Linear4bit, ...)."""
-    return all(isinstance(getattr(module, a, None), int) for a in ("in_features", "out_features"))
 
 
 def float_weight(base):
@@ -103,7 +99,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base, r, alpha, dropout=0.0, use_rslora=False, adapter_name="default"):
         super().__init__()
-        if not has_features(base):
+        if not is_linear_like(base):
             raise TypeError(f"LoRALinear needs a base with integer in_features and out_features; "
                             f"got {type(base).__name__}")
         self.base = base.requires_grad_(False)

@@ -18,8 +18,9 @@ with dW_i = s_i B_i A_i:
 """
 import torch
 
-from .inject import (adapter_names, attach_adapter, freeze_base, lora_layers, match_targets,
-                     replace_module)
+from tiny_gpt.util.modules import replace_module
+
+from .inject import adapter_names, attach_adapter, freeze_base, lora_layers, match_targets
 from .layer import check_lora_args
 
 
@@ -29,6 +30,15 @@ def add_adapter(model, name, targets=("q_proj", "v_proj"), r=8, alpha=16, dropou
     non-adapter parameter. The new adapter starts inactive: see set_active_adapters. -> model"""
     _add_inactive(model, match_targets(model, targets), name, r, alpha, dropout, use_rslora)
     freeze_base(model)
+    return model
+
+
+def train_only_adapter(model, name):
+    """Make adapter `name` the only trainable thing in the model (its A and B in every layer):
+    the base and every other adapter get requires_grad = False. -> model"""
+    _check_known(model, [name])
+    for param_name, p in model.named_parameters():
+        p.requires_grad_(f".adapters.{name}." in param_name)
     return model
 
 

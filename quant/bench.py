@@ -11,7 +11,7 @@ the seconds. MB = 10^6 bytes of the float32 weight (read by quantize, written by
 import torch
 import torch.nn.functional as F
 
-from tiny_gpt.timing import round_robin_medians
+from tiny_gpt.util.timing import round_robin_medians
 
 from .linear4bit import DequantMatmul
 from .nf4 import quantize_nf4

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tiny_gpt.module_paths import path_matches
+from tiny_gpt.util.modules import replace_module, select_paths
 
 from .nf4 import quantize_nf4
 from .qtensor import Quantized4bit
@@ -118,14 +118,6 @@ class Linear4bit(nn.Module):
                 f"bits_per_param={q.bits_per_param:.3f}")
 
 
-def _select(names, patterns, role):
-    """Names matched by any pattern; a pattern matching nothing is a ValueError."""
-    for pattern in patterns:
-        if not any(path_matches(name, pattern) for name in names):
-            raise ValueError(f"{role} {pattern!r} matches no nn.Linear; available: {names}")
-    return {name for name in names if any(path_matches(name, p) for p in patterns)}
-
-
 def quantize_model(model, targets=None, blocksize=64, double_quant=True,
                    compute_dtype=torch.float32, exclude=()):
     """Swap nn.Linear modules of `model` for Linear4bit, in place; returns `model`.
@@ -139,14 +131,10 @@ def quantize_model(model, targets=None, blocksize=64, double_quant=True,
     """
     check_compute_dtype(compute_dtype)
     names = [name for name, m in model.named_modules() if name and isinstance(m, nn.Linear)]
-    targets = (targets,) if isinstance(targets, str) else targets
-    exclude = (exclude,) if isinstance(exclude, str) else exclude
-    chosen = set(names) if targets is None else _select(names, targets, "target")
-    chosen -= _select(names, exclude, "exclude")
-    for name in sorted(chosen):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, attr)
-        setattr(parent, attr, Linear4bit.from_linear(linear, blocksize, double_quant,
-                                                     compute_dtype))
+    chosen = names if targets is None else select_paths(names, targets, "nn.Linear")
+    excluded = set(select_paths(names, exclude, "nn.Linear", "exclude")) if exclude else set()
+    for name in sorted(set(chosen) - excluded):
+        linear = model.get_submodule(name)
+        replace_module(model, name, Linear4bit.from_linear(linear, blocksize, double_quant,
+                                                           compute_dtype))
     return model

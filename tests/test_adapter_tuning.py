@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tiny_gpt import GPT, TrainConfig, make_batch
-from tiny_gpt.adapter_tuning import (AdaptedSublayer, BottleneckAdapter, adapter_layers,
+from tiny_gpt.methods.adapter_tuning import (AdaptedSublayer, BottleneckAdapter, adapter_layers,
                                      adapter_parameters, apply_adapter_tuning)
 from tiny_gpt.finetune import finetune
 

@@ -8,11 +8,11 @@ import torch
 
 from lora import apply_lora, lora_layers
 from tiny_gpt import GPT, GPTConfig, VOCAB_SIZE
-from tiny_gpt.checkpointing import (IMPLS, checkpoint_module,
+from tiny_gpt.memory.checkpointing import (IMPLS, checkpoint_module,
                                     checkpoint_submodules, enable_input_require_grads,
                                     run_checkpointed)
-from tiny_gpt.finite_differences import central_differences
-from tiny_gpt.memory import SavedTensorMeter
+from tiny_gpt.util.finite_differences import central_differences
+from tiny_gpt.memory.ledger import SavedTensorMeter
 from tiny_gpt.model import Block
 
 # float64 throughout: recomputation repeats the very same operations, so results should agree

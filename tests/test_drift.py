@@ -1,11 +1,11 @@
-"""tiny_gpt.drift: KL(base || tuned) on pretraining text, and the forgetting it goes with."""
+"""tiny_gpt.evaluate: KL(base || tuned) on pretraining text, and the forgetting it goes with."""
 import copy
 
 import torch
 import torch.nn.functional as F
 
 from tiny_gpt import GPT, VOCAB_SIZE
-from tiny_gpt.drift import kl_divergence, logits_of, measure_drift, next_token_loss
+from tiny_gpt.evaluate import kl_divergence, logits_of, measure_drift, next_token_loss
 
 # float64 on both sides, the same sums in a different order: agreement to ~1e-15 relative.
 F64_TOL = 1e-10

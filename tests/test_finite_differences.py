@@ -1,7 +1,7 @@
 """The finite-difference helper itself, on functions whose gradient is known in closed form."""
 import torch
 
-from tiny_gpt.finite_differences import central_differences
+from tiny_gpt.util.finite_differences import central_differences
 
 
 def test_matches_the_closed_form_gradient_and_restores_the_tensor():

@@ -9,27 +9,24 @@
     combination gives the stacked model's logits; an adapter file is 4 bytes per number plus a
     small header; training one adapter leaves the other one untouched.
 """
-import argparse
 import copy
-import importlib.util
-from pathlib import Path
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import (LoRALinear, add_adapter, apply_lora, combine_adapters, count_parameters,
                   load_adapter, lora_layers, lora_state_dict, save_adapter, save_merged_model,
-                  set_active_adapters)
+                  set_active_adapters, train_only_adapter)
 from lora.io import WEIGHTS_NAME
 from tiny_gpt import GPT, GPTConfig, TrainConfig, get_task, make_batch
 from tiny_gpt.finetune import finetune
-from tiny_gpt.safetensors import load_file
+from tiny_gpt.util.safetensors import load_file
 from tiny_gpt.train import make_optimizer
 
 F64_TOL = 1e-12  # float64: the same products summed in another order differ by ~1e-15
 F32_TOL = 1e-5   # float32 logits through 2 blocks: rounding of order 1e-6
-LESSONS = Path(__file__).resolve().parent.parent / "lessons"
 
 
 def tiny_gpt(seed=0):
@@ -153,24 +150,30 @@ def test_adapter_file_is_four_bytes_per_number_plus_a_small_header(tmp_path):
     assert (tmp_path / "merged.safetensors").stat().st_size >= 4 * GPT(GPTConfig()).num_params()
 
 
-def load_lesson(stem):
-    spec = importlib.util.spec_from_file_location(f"lesson_{stem}", LESSONS / f"{stem}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def train_one_adapter(model, name, task, steps=6, r=4):
+    """What lesson 03 does per task: add an adapter, make it active and the only trainable
+    thing, fine-tune."""
+    add_adapter(model, name, r=r, alpha=2 * r)
+    set_active_adapters(model, name)
+    train_only_adapter(model, name)
+    splits = get_task(task).splits(n_train=32, n_val=8, n_test=8)
+    finetune(model, splits, TrainConfig(max_steps=steps, lr=1e-2, warmup_steps=2, eval_every=3,
+                                        progress=False), batch_size=8, device="cpu")
 
 
-def test_lesson03_trains_one_adapter_and_leaves_the_other_untouched():
-    lesson = load_lesson("03_merge_swap_save")
-    args = argparse.Namespace(quick=True, seed=0, device=torch.device("cpu"))
+def test_training_one_adapter_leaves_the_base_and_the_other_adapter_untouched():
     model = tiny_gpt()
-    splits = get_task("upper").splits(n_train=32, n_val=8, n_test=8)
-    lesson.train_adapter(model, "upper", splits, args, r=4)
+    train_one_adapter(model, "upper", "upper")
     before = copy.deepcopy(model.state_dict())
-    lesson.train_adapter(model, "swap", get_task("swap").splits(n_train=32, n_val=8, n_test=8),
-                         args, r=4)
+    train_one_adapter(model, "swap", "swap")
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # base and "upper" as they were
     new = [k for k in after if k not in before]
     assert new and all(".adapters.swap." in k for k in new)
     assert all(after[k].abs().max() > 0 for k in new if k.endswith("lora_B"))  # swap did train
+
+
+def test_train_only_adapter_refuses_an_unknown_name():
+    model = apply_lora(tiny_gpt())
+    with pytest.raises(ValueError, match="unknown adapters"):
+        train_only_adapter(model, "nope")

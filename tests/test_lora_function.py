@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lora.function import LoRAFunction
-from tiny_gpt.finite_differences import central_differences
+from tiny_gpt.util.finite_differences import central_differences
 
 # float64 finite differences with eps = 1e-6 agree with the exact gradient to about eps^2 plus
 # rounding (1e-16 / eps): 1e-7 leaves margin for sums over a few dozen terms.

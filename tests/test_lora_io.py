@@ -10,7 +10,7 @@ from lora import (LoRALinear, apply_lora, base_fingerprint, load_adapter, load_m
                   lora_state_dict, save_adapter, save_merged_model)
 from lora.io import CONFIG_NAME, WEIGHTS_NAME
 from tiny_gpt.model import GPT, GPTConfig
-from tiny_gpt.safetensors import SafetensorsError, load_file, save_file
+from tiny_gpt.util.safetensors import SafetensorsError, load_file, save_file
 
 F32_TOL = 1e-5  # merged (W0 + sBA) x vs W0 x + s B A x in float32: rounding of order 1e-6
 KEY_A = "base_model.model.blocks.0.attn.q_proj.lora_A.weight"

@@ -8,9 +8,10 @@ import torch.nn as nn
 from lora import apply_lora, count_parameters
 from quant import quantize_model
 from tiny_gpt import GPT, GPTConfig, VOCAB_SIZE
-from tiny_gpt.memory import (FrozenBaseOffload, SavedTensorMeter,
-                             measure_step, time_step, weight_ledger)
-from tiny_gpt.timing import round_robin_phase_medians
+from tiny_gpt.memory.ledger import SavedTensorMeter, measure_step, weight_ledger
+from tiny_gpt.memory.offload import FrozenBaseOffload
+from tiny_gpt.memory.step_time import time_step
+from tiny_gpt.util.timing import round_robin_phase_medians
 
 F32 = 4  # bytes per float32
 

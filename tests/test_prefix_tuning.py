@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from tiny_gpt import GPT, TrainConfig, exact_match
 from tiny_gpt.finetune import finetune
 from tiny_gpt.model import CausalSelfAttention
-from tiny_gpt.prefix_tuning import PrefixTuning, text_keys_values
+from tiny_gpt.methods.prefix_tuning import PrefixTuning, text_keys_values
 
 FP32_TOL = 1e-6   # float32 results that differ only in kernel / summation order
 FP64_TOL = 1e-12  # float64: the same formula computed two ways

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lessons.qlora import dequantized_float_model, prepare_qlora
-from lora import LoRALinear, apply_lora, load_adapter, lora_layers, lora_state_dict, save_adapter
+from lora import (LoRALinear, apply_lora, dequantized_float_model, load_adapter, lora_layers,
+                  lora_state_dict, prepare_qlora, save_adapter)
 from quant import NF4_CODE, Linear4bit, quantize_model, quantize_nf4
 from quant.blockwise import to_blocks, unpack_nibbles
 

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from quant import DequantMatmul, Linear4bit, Quantized4bit, quantize_model, quantize_nf4
-from tiny_gpt.finite_differences import central_differences
+from tiny_gpt.util.finite_differences import central_differences
 
 # float64: gradcheck's own default tolerances; finite differences of a function that is linear
 # in x are exact up to rounding, ~1e-16 * |L| / eps, so 1e-7 is generous.

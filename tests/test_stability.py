@@ -5,7 +5,7 @@ import torch
 
 from lora import apply_lora
 from tiny_gpt import GPT, TrainConfig, make_batch, sample_batch, train
-from tiny_gpt.loss_scaling import DynamicLossScaler, Fp16Backward, scaled_fp16_grads
+from tiny_gpt.memory.loss_scaling import DynamicLossScaler, Fp16Backward, scaled_fp16_grads
 
 
 def _sgd_param(value=1.0):

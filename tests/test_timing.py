@@ -1,7 +1,7 @@
 """tiny_gpt/timing.py: the functions take turns, warm-up calls are not timed."""
 import time
 
-from tiny_gpt.timing import median_seconds, round_robin_medians
+from tiny_gpt.util.timing import median_seconds, round_robin_medians
 
 
 def test_functions_take_turns_and_warmup_rounds_come_first():

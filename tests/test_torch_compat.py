@@ -1,7 +1,7 @@
 """tiny_gpt/torch_compat.py agrees with torch's own autocast state."""
 import torch
 
-from tiny_gpt.torch_compat import autocast_dtype, autocast_enabled
+from tiny_gpt.util.torch_compat import autocast_dtype, autocast_enabled
 
 
 def test_autocast_state_is_read_inside_and_outside_a_cpu_autocast_region():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tiny_gpt import GPT, TrainConfig, VOCAB_SIZE, make_batch, train
-from tiny_gpt.safetensors import SafetensorsError
+from tiny_gpt.util.safetensors import SafetensorsError
 from tiny_gpt.train import accumulate_gradients, lr_at, make_optimizer
 
 

@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from .safetensors import SafetensorsError, load_file, save_file
+from .util.safetensors import SafetensorsError, load_file, save_file
 
 
 def save_checkpoint(path, model, optimizer, batch_gen: torch.Generator, state: dict) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpointing import IMPLS as CHECKPOINT_IMPLS, run_checkpointed
+from .memory.checkpointing import IMPLS as CHECKPOINT_IMPLS, run_checkpointed
 
 
 @dataclass

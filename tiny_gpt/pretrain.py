@@ -12,8 +12,9 @@ from typing import Optional
 import torch
 
 from .data import CORPUS_VERSION, encode, get_batch, load_text, make_corpus, train_val_split
+from .evaluate import validation_loss
 from .model import GPT, GPTConfig
-from .safetensors import load_file, save_file
+from .util.safetensors import load_file, save_file
 from .train import TrainConfig, TrainResult, train
 
 
@@ -40,18 +41,6 @@ def corpus_ids(recipe: PretrainRecipe):
     else:
         text = make_corpus(recipe.corpus_chars, recipe.corpus_seed)
     return train_val_split(torch.tensor(encode(text), dtype=torch.long))
-
-
-@torch.no_grad()
-def validation_loss(model, val_ids, seq_len, n_batches=8, batch_size=32, seed=1234) -> float:
-    """Mean next-token loss on fixed random windows of the validation text."""
-    gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    losses = []
-    for _ in range(n_batches):
-        x, y = get_batch(val_ids, batch_size, seq_len, gen)
-        losses.append(model(x.to(device), y.to(device))[1].item())
-    return sum(losses) / len(losses)
 
 
 def pretrain(recipe: PretrainRecipe, model_cfg: GPTConfig = None, device="auto",

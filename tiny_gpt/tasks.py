@@ -14,7 +14,7 @@ from typing import Callable, List, Tuple
 
 import torch
 
-from .data import ADJECTIVES, ADVERBS, INTRANSITIVE, NOUNS, VERBS, decode, encode
+from .data import ADJECTIVES, ADVERBS, INTRANSITIVE, NOUNS, VERBS, encode
 
 Example = Tuple[str, str]  # (prompt, answer); the answer ends with "\n"
 
@@ -106,30 +106,3 @@ def make_batch(examples: List[Example], pad_id: int = 0):
 def sample_batch(examples: List[Example], batch_size: int, generator=None):
     picks = torch.randint(len(examples), (batch_size,), generator=generator).tolist()
     return make_batch([examples[i] for i in picks])
-
-
-@torch.no_grad()
-def greedy_answers(model, prompts: List[str], max_new_tokens: int, device="cpu") -> List[str]:
-    """Greedy completions, cut at the first newline. Prompts of equal length are decoded as one
-    batch (left padding would shift the learned positions, so it is avoided)."""
-    by_len = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    answers = [None] * len(prompts)
-    for idxs in by_len.values():
-        x = torch.tensor([encode(prompts[i]) for i in idxs], device=device)
-        out = model.generate(x, max_new_tokens)[:, x.shape[1]:]
-        for i, row in zip(idxs, out.tolist()):
-            answers[i] = decode(row).split("\n")[0]
-    return answers
-
-
-def exact_match(model, examples: List[Example], device="cpu") -> float:
-    """Fraction of examples whose greedy completion equals the answer exactly."""
-    was_training = model.training
-    model.eval()
-    max_new = max(len(a) for _, a in examples) + 1
-    got = greedy_answers(model, [p for p, _ in examples], max_new, device)
-    model.train(was_training)
-    hits = sum(g == a.rstrip("\n") for g, (_, a) in zip(got, examples))
-    return hits / len(examples)

@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import masked_cross_entropy
-from .torch_compat import cuda_grad_scaler
+from .util.torch_compat import cuda_grad_scaler
 
 
 @dataclass
@@ -109,21 +109,36 @@ def autocast_context(device: torch.device, precision: str):
     raise ValueError(f"unknown precision {precision!r}; use 'fp32', 'bf16' or 'fp16'")
 
 
+def count_loss_tokens(micro_batches) -> int:
+    """N = sum_i n_i: the loss tokens of all micro-batches [(x, y, mask or None), ...] (the
+    mask's ones, else every target; a batch without targets counts 1, for custom losses)."""
+    return sum(int(m.sum()) if m is not None else (1 if y is None else y.numel())
+               for _, y, m in micro_batches)
+
+
+def to_device(tensors, device):
+    """The tensors of a micro-batch on `device` (None stays None)."""
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+def micro_batch_loss(model, x, y, mask, total_tokens):
+    """S_i / N: micro-batch i's summed token loss over the loss tokens of the whole step, so
+    that the micro-batches' gradients add up to the big batch's (see the module docstring)."""
+    logits, _ = model(x)
+    return masked_cross_entropy(logits, y, mask, reduction="sum") / total_tokens
+
+
 def accumulate_gradients(model, micro_batches, device, precision="fp32", scaler=None):
     """Forward/backward over micro-batches [(x, y, mask), ...] so that the summed gradient
     equals that of one batch holding all of them. Returns (mean token loss, token count)."""
-    total_tokens = sum(int(m.sum()) if m is not None else m_y.numel()
-                       for (_, m_y, m) in micro_batches)
+    total_tokens = count_loss_tokens(micro_batches)
     loss_sum = 0.0
-    for x, y, mask in micro_batches:
-        x, y = x.to(device), y.to(device)
-        mask = None if mask is None else mask.to(device)
+    for batch in micro_batches:
+        x, y, mask = to_device(batch, device)
         with autocast_context(device, precision):
-            logits, _ = model(x)
-        summed = masked_cross_entropy(logits, y, mask, reduction="sum")
-        loss = summed / total_tokens
+            loss = micro_batch_loss(model, x, y, mask, total_tokens)
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_sum += summed.item()
+        loss_sum += loss.item() * total_tokens
     return loss_sum / total_tokens, total_tokens
 
 

@@ -1,7 +1,13 @@
-"""Drift: how far a fine-tuned model has moved away from its base on the base's own text.
+"""Scoring a model, in one place: exact match of greedy answers on a task, the answer-token
+loss, the language-modelling loss on held-out text, and drift away from the base.
 
-Fine-tuning is meant to teach a task, not to rewrite the language model underneath. Two numbers
-say how much of the rest moved, both taken on windows of the pretraining validation text:
+    exact_match     fraction of held-out prompts whose greedy completion is the answer exactly
+    task_loss       mean cross-entropy over the answer tokens of a task's examples
+    validation_loss mean next-token loss on fixed random windows of a text
+    measure_drift   KL(base || tuned) and both models' loss on the base's pretraining text
+
+Drift. Fine-tuning is meant to teach a task, not to rewrite the language model underneath. Two
+numbers say how much of the rest moved, both taken on windows of the pretraining validation text:
 
     KL(base || tuned) = mean over positions t of  sum_v p_base(v | x_<t) [log p_base(v | x_<t)
                                                                         - log p_tuned(v | x_<t)]
@@ -17,13 +23,71 @@ This module knows nothing of LoRA. The base and the tuned model are given as two
 ``idx (B, T) -> logits (B, T, V)``; `logits_of(model)` makes one from a GPT. For a LoRA model the
 caller passes the same model twice, once with its adapters disabled (``lora.disable_adapters``).
 """
-from typing import Callable
+from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
 
-from .data import get_batch
+from .data import decode, encode, get_batch
+from .model import masked_cross_entropy
+from .tasks import Example, make_batch
 
+
+# --- tasks: exact match of greedy answers, answer loss ------------------------------------
+@torch.no_grad()
+def greedy_answers(model, prompts: List[str], max_new_tokens: int, device="cpu") -> List[str]:
+    """Greedy completions, cut at the first newline. Prompts of equal length are decoded as one
+    batch (left padding would shift the learned positions, so it is avoided)."""
+    by_len = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    answers = [None] * len(prompts)
+    for idxs in by_len.values():
+        x = torch.tensor([encode(prompts[i]) for i in idxs], device=device)
+        out = model.generate(x, max_new_tokens)[:, x.shape[1]:]
+        for i, row in zip(idxs, out.tolist()):
+            answers[i] = decode(row).split("\n")[0]
+    return answers
+
+
+def exact_match(model, examples: List[Example], device="cpu") -> float:
+    """Fraction of examples whose greedy completion equals the answer exactly."""
+    was_training = model.training
+    model.eval()
+    max_new = max(len(a) for _, a in examples) + 1
+    got = greedy_answers(model, [p for p, _ in examples], max_new, device)
+    model.train(was_training)
+    hits = sum(g == a.rstrip("\n") for g, (_, a) in zip(got, examples))
+    return hits / len(examples)
+
+
+@torch.no_grad()
+def task_loss(model, examples, batch_size=256) -> float:
+    """Mean cross-entropy over the answer tokens of all examples."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        x, y, mask = make_batch(examples[i:i + batch_size])
+        logits, _ = model(x.to(device))
+        total += masked_cross_entropy(logits, y.to(device), mask.to(device), "sum").item()
+        count += int(mask.sum())
+    return total / count
+
+
+# --- text: next-token loss on held-out windows ----------------------------------------------
+@torch.no_grad()
+def validation_loss(model, val_ids, seq_len, n_batches=8, batch_size=32, seed=1234) -> float:
+    """Mean next-token loss on fixed random windows of the validation text."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    losses = []
+    for _ in range(n_batches):
+        x, y = get_batch(val_ids, batch_size, seq_len, gen)
+        losses.append(model(x.to(device), y.to(device))[1].item())
+    return sum(losses) / len(losses)
+
+
+# --- drift from the base ---------------------------------------------------------------------
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 

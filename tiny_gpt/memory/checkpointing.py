@@ -42,7 +42,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from .torch_compat import autocast_dtype, autocast_enabled
+from ..util.modules import replace_module, select_paths
+from ..util.torch_compat import autocast_dtype, autocast_enabled
 
 IMPLS = ("torch", "torch_reentrant", "manual")
 
@@ -152,17 +153,13 @@ class Checkpointed(nn.Module):
 
 
 def checkpoint_submodules(model, names, impl="manual"):
-    """Wrap every submodule whose path ends with one of `names` (e.g. "mlp", "attn") in
-    Checkpointed, in place. Returns the wrapped paths; a name matching nothing is an error."""
-    names = (names,) if isinstance(names, str) else tuple(names)
-    paths = [p for p, _ in model.named_modules()
-             if p and any(p == n or p.endswith("." + n) for n in names)]
-    if not paths:
-        raise ValueError(f"{names} match no submodule of {type(model).__name__}")
+    """Wrap every submodule that one of `names` picks (e.g. "mlp", "attn"; matched as LoRA's
+    targets are) in Checkpointed, in place. Returns the wrapped paths; a name matching nothing
+    is an error, raised before anything is wrapped."""
+    submodules = [p for p, _ in model.named_modules() if p]
+    paths = select_paths(submodules, names, f"submodule of {type(model).__name__}", "name")
     for path in paths:
-        parent, _, attr = path.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, attr, Checkpointed(getattr(owner, attr), impl))
+        replace_module(model, path, Checkpointed(model.get_submodule(path), impl))
     return paths
 
 

@@ -10,9 +10,8 @@ through every linear layer to float16, which is what fp16 autocast stores, so th
 shows underflow and overflow as a GPU run would.
 """
 import torch
-import torch.nn as nn
 
-from lora import LoRALinear
+from ..util.modules import is_linear_like
 
 
 class DynamicLossScaler:
@@ -64,12 +63,13 @@ class DynamicLossScaler:
 
 
 class Fp16Backward:
-    """While active, the gradient flowing back into the output of every linear layer is rounded
+    """While active, the gradient flowing back into the output of every linear layer (anything
+    with in_features and out_features: nn.Linear, a LoRA-wrapped or a 4-bit one) is rounded
     to float16 -- what fp16 autocast stores, since those outputs are fp16 tensors there. Counts
     the entries that rounding flushed to zero (underflow) or turned into inf (overflow)."""
 
     def __init__(self, model):
-        self.modules = [m for m in model.modules() if isinstance(m, (nn.Linear, LoRALinear))]
+        self.modules = [m for m in model.modules() if is_linear_like(m)]
         self.nonzero = self.flushed = self.overflowed = 0
 
     def __enter__(self):

@@ -5,17 +5,19 @@ with double-quantized scales, and LoRA adapters in 16/32-bit are trained on top:
 
     y = dequant(W_nf4) x + (alpha / r) B A x        gradient flows to A, B (and x), never to W
 
-``quant`` knows nothing of LoRA and ``lora`` nothing of 4-bit: a ``LoRALinear`` wraps anything
-with ``in_features`` / ``out_features``, so the composition is two calls in a row.
+``quant`` knows nothing of LoRA, and the rest of ``lora`` nothing of 4-bit: a ``LoRALinear``
+wraps anything with ``in_features`` / ``out_features``, so the composition is two calls in a
+row. This file uses only ``quant``'s public API (``from quant import ...``).
 """
 import copy
 
 import torch
 import torch.nn as nn
 
-from lora import apply_lora, lora_layers
-from lora.inject import match_targets
 from quant import Linear4bit, quantize_model
+from tiny_gpt.util.modules import replace_module
+
+from .inject import apply_lora, lora_layers, match_targets
 
 
 def prepare_qlora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0,
@@ -44,10 +46,10 @@ def dequantized_float_model(qlora_model):
         with torch.no_grad():
             for name in layer.active:
                 merged.weight += layer.adapters[name].delta_weight().to(merged.weight.dtype)
-        _replace(model, path, merged)
+        replace_module(model, path, merged)
     for path, module in list(model.named_modules()):
         if isinstance(module, Linear4bit):
-            _replace(model, path, _float_linear(module))
+            replace_module(model, path, _float_linear(module))
     return model
 
 
@@ -62,7 +64,3 @@ def _float_linear(module):
             linear.bias.copy_(module.bias.float())
     return linear.to(weight.device)
 
-
-def _replace(model, path, new):
-    parent, _, attr = path.rpartition(".")
-    setattr(model.get_submodule(parent), attr, new)

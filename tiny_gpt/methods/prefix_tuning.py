@@ -32,7 +32,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .model import GPT
+from ..data import encode
+from ..model import GPT
 
 
 class PrefixTuning(nn.Module):
@@ -105,7 +106,6 @@ class PrefixTuning(nn.Module):
 def text_keys_values(model: GPT, text: str):
     """The keys and values that the frozen model computes for ``text`` in every block:
     (n_layer, 2, n_head, len(text), head_size). Used to start a prefix from real words."""
-    from .data import encode
     device = next(model.parameters()).device
     idx = torch.tensor([encode(text)], device=device)          # (1, P)
     pos = torch.arange(idx.shape[1], device=device)

@@ -16,18 +16,13 @@ with every tensor that autograd saves for backward. Several saved tensors can sh
 tensors that live in a parameter's or buffer's storage are weights, already counted, not
 activations. Frozen layers save no input at all (their weight needs no gradient), which is one
 reason LoRA's activations are smaller than full fine-tuning's.
-
-``FrozenBaseOffload`` is the seed's "CPU offload": frozen block weights live in CPU memory and
-visit the accelerator one block at a time, in forward and again in backward.
 """
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from .model import masked_cross_entropy
-from .train import autocast_context
+from ..train import autocast_context, count_loss_tokens, micro_batch_loss, to_device
 
 MB = 2 ** 20
 
@@ -144,31 +139,14 @@ def weight_ledger(model) -> Ledger:
     return ledger
 
 
-def gpt_loss(model, x, y, mask, total_tokens):
-    """Summed token loss of one micro-batch divided by the tokens of the whole step, so that
-    the micro-batches' gradients add up to the big batch's (tiny_gpt/train.py)."""
-    logits, _ = model(x)
-    return masked_cross_entropy(logits, y, mask, reduction="sum") / total_tokens
-
-
-def count_tokens(micro_batches):
-    """Loss tokens over all micro-batches (mask ones, else every target)."""
-    return sum(int(m.sum()) if m is not None else (1 if y is None else y.numel())
-               for _, y, m in micro_batches)
-
-
-def to_device(tensors, device):
-    return [None if t is None else t.to(device) for t in tensors]
-
-
 def measure_step(model, micro_batches, optimizer, precision="fp32", hooks=None,
-                 loss_fn=gpt_loss) -> Ledger:
+                 loss_fn=micro_batch_loss) -> Ledger:
     """Run one training step over micro_batches [(x, y, mask or None), ...] on the model's
     device and fill a Ledger. Activations: the largest saved-tensor total of one micro-batch
     (each micro-batch's are freed by its backward before the next forward). hooks: a
     (pack, unpack) pair for SavedTensorMeter to chain. loss_fn(model, x, y, mask, total)."""
     device = next(model.parameters()).device
-    total = count_tokens(micro_batches)
+    total = count_loss_tokens(micro_batches)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -190,104 +168,3 @@ def measure_step(model, micro_batches, optimizer, precision="fp32", hooks=None,
         torch.cuda.synchronize(device)
         ledger.device_peak = torch.cuda.max_memory_allocated(device)
     return ledger
-
-
-def time_step(model, micro_batches, optimizer, precision="fp32", loss_fn=gpt_loss) -> dict:
-    """Seconds of one training step: {"forward", "backward", "optimizer", "total"} (each phase
-    synchronized on CUDA; forward and backward summed over the micro-batches)."""
-    device = next(model.parameters()).device
-    total = count_tokens(micro_batches)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    phases = {"forward": 0.0, "backward": 0.0}
-    for batch in micro_batches:
-        x, y, mask = to_device(batch, device)
-        sync()
-        t0 = time.perf_counter()
-        with autocast_context(device, precision):
-            loss = loss_fn(model, x, y, mask, total)
-        sync()
-        t1 = time.perf_counter()
-        loss.backward()
-        sync()
-        phases["forward"] += t1 - t0
-        phases["backward"] += time.perf_counter() - t1
-    t2 = time.perf_counter()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    sync()
-    phases["optimizer"] = time.perf_counter() - t2
-    phases["total"] = sum(phases.values())
-    return phases
-
-class FrozenBaseOffload:
-    """CPU offload of the frozen weights of ``model.blocks``: a context manager.
-
-    Inside it, each block's frozen parameters live in CPU memory (pinned, when CUDA is there,
-    so copies can overlap compute). A forward pre-hook copies a block's weights to ``device``
-    just before the block runs and a forward hook points them back at the CPU copies right after.
-    That alone would not free anything: a frozen layer saves its weight for backward (it needs
-    dL/dx = g W), and the saved device copy would live until backward. So a saved-tensor hook
-    replaces every saved view of an offloaded weight by a note of where it lives (the CPU
-    tensor and the view's size, stride and offset) and copies it to the device again when
-    backward unpacks it. Device memory then holds one block's frozen weights at a time.
-
-    Only parameters are offloaded: a Linear4bit keeps its 4-bit buffers on the device (its
-    backward holds them itself). ``pack`` / ``unpack`` can be chained by SavedTensorMeter.
-    On a CPU-only machine it still runs (the "device" copy is then a second CPU tensor), which
-    is how the tests check it; it saves nothing there.
-    """
-
-    def __init__(self, model, device):
-        self.device = torch.device(device)
-        self.blocks = list(model.blocks)
-        self.frozen = [[p for p in b.parameters() if not p.requires_grad] for b in self.blocks]
-        self.home, self.live, self.handles = {}, {}, []
-        self.offloaded_saves = 0  # saved tensors replaced by a note (for tests and tables)
-
-    def __enter__(self):
-        pin = torch.cuda.is_available()
-        for block, params in zip(self.blocks, self.frozen):
-            for p in params:
-                home = p.data.to("cpu", copy=True)
-                self.home[p] = home.pin_memory() if pin else home
-                p.data = self.home[p]
-            self.handles.append(block.register_forward_pre_hook(self._fetch(params)))
-            self.handles.append(block.register_forward_hook(self._evict(params)))
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-        for handle in self.handles:
-            handle.remove()
-        for p, home in self.home.items():
-            p.data = home.to(self.device, copy=True)
-        self.handles, self.home, self.live = [], {}, {}
-
-    def _fetch(self, params):
-        def hook(module, args):
-            for p in params:
-                p.data = self.home[p].to(self.device, non_blocking=True, copy=True)
-                self.live[storage_key(p.data)] = self.home[p]
-        return hook
-
-    def _evict(self, params):
-        def hook(module, args, output):
-            for p in params:
-                self.live.pop(storage_key(p.data), None)
-                p.data = self.home[p]
-        return hook
-
-    def pack(self, t):
-        home = self.live.get(storage_key(t))
-        if home is None:
-            return t
-        self.offloaded_saves += 1
-        return home, t.size(), t.stride(), t.storage_offset()
-
-    def unpack(self, packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        home, size, stride, offset = packed
-        return home.to(self.device, non_blocking=True, copy=True).as_strided(size, stride, offset)

@@ -1,4 +1,4 @@
-"""Lesson 09 -- the methods compared: full fine-tuning, adapter tuning, prefix tuning, LoRA, QLoRA.
+"""Lesson 10 -- the methods compared: full fine-tuning, adapter tuning, prefix tuning, LoRA, QLoRA.
 
 Five ways to teach the same frozen-or-not base the same task, each with the same data, the same
 number of optimizer steps, the same batch size and schedule (lessons/common.py's recipe with a
@@ -30,7 +30,7 @@ QLoRA's into a float copy of the dequantized base) and timed again; adapters and
 cannot: an adapter has a nonlinearity between its two matrices, and a prefix is extra keys and
 values that every attention layer must read.
 
-Run: ``python lessons/09_methods_compared.py`` (a few minutes on 2 cores; ``--steps`` changes the
+Run: ``python lessons/10_methods_compared.py`` (a few minutes on 2 cores; ``--steps`` changes the
 budget), ``--quick`` for a smoke run of a few seconds.
 """
 import copy
@@ -40,17 +40,18 @@ import torch
 from lessons.common import (DEFAULT_TASK, FINETUNE_LR, finetune_config, get_base_model,
                             lesson_dir, matplotlib_pyplot, parse_args, print_table, run_main,
                             save_figure, task_splits, write_summary)
-from lessons.qlora import dequantized_float_model, prepare_qlora
-from lora import apply_lora, count_parameters, merge_lora
+from lora import (apply_lora, count_parameters, dequantized_float_model, merge_lora,
+                  prepare_qlora)
 from tiny_gpt import exact_match, make_batch, sample_batch
-from tiny_gpt.adapter_tuning import apply_adapter_tuning
+from tiny_gpt.methods.adapter_tuning import apply_adapter_tuning
 from tiny_gpt.finetune import finetune
-from tiny_gpt.memory import measure_step, time_step
-from tiny_gpt.prefix_tuning import PrefixTuning
-from tiny_gpt.timing import round_robin_medians
+from tiny_gpt.memory.ledger import measure_step
+from tiny_gpt.memory.step_time import time_step
+from tiny_gpt.methods.prefix_tuning import PrefixTuning
+from tiny_gpt.util.timing import round_robin_medians
 from tiny_gpt.train import make_optimizer
 
-NAME = "09_methods_compared"
+NAME = "10_methods_compared"
 METHODS = ["full", "adapter", "prefix", "lora", "qlora"]
 LABELS = {"full": "full fine-tuning", "adapter": "adapter tuning", "prefix": "prefix tuning",
           "lora": "LoRA (r=8, Q,V)", "qlora": "QLoRA (NF4 + LoRA)"}
