@@ -1,10 +1,12 @@
-"""What every lesson shares: its command line, its output folder, the cached base model, tables.
+"""What every lesson shares: its command line, its output folder, the cached base model, tables,
+the fine-tuning recipe, a seeded LoRA copy of the base, step timing and moving averages.
 
 A lesson is a script with a ``main(argv=None)``. It prints a table of numbers it measured in the
 same run, saves plots under ``runs/<lesson>/``, and writes ``summary.json`` there, which
 ``python -m lessons`` collects into one table at the end.
 """
 import argparse
+import copy
 import json
 import sys
 import time
@@ -13,9 +15,13 @@ from pathlib import Path
 
 import torch
 
+from lora import apply_lora, prepare_qlora
+from tiny_gpt.memory.step_time import time_step
 from tiny_gpt.pretrain import PretrainRecipe, load_base, pretrain, save_base
+from tiny_gpt.tasks import get_task
+from tiny_gpt.train import TrainConfig, pick_device
 from tiny_gpt.util.safetensors import atomic_write_bytes
-from tiny_gpt.train import pick_device
+from tiny_gpt.util.timing import round_robin_phase_medians
 
 RUNS = Path("runs")
 BASE_RECIPE = PretrainRecipe()
@@ -124,7 +130,6 @@ FINETUNE_LR = {"lora": 1e-2, "full": 1e-3}  # peak learning rates (tiny models t
 
 def finetune_config(args, method: str = "lora", **overrides):
     """The shared TrainConfig for fine-tuning; --quick cuts it to a few steps."""
-    from tiny_gpt.train import TrainConfig
     steps = 6 if args.quick else FINETUNE_STEPS
     cfg = dict(max_steps=steps, lr=FINETUNE_LR[method], warmup_steps=min(50, steps // 3),
                eval_every=max(1, steps // 5), seed=args.seed, progress=not args.quick)
@@ -134,8 +139,40 @@ def finetune_config(args, method: str = "lora", **overrides):
 
 def task_splits(args, task_name: str = DEFAULT_TASK):
     """train / val / test examples; --quick keeps 16 of each so evaluation is instant."""
-    from tiny_gpt.tasks import get_task
     splits = get_task(task_name).splits(seed=args.seed)
     if args.quick:
         splits = {k: v[:16] for k, v in splits.items()}
     return splits
+
+
+LORA_TARGETS, LORA_R, LORA_ALPHA = ("q_proj", "v_proj"), 8, 16  # the LoRA paper's Q,V at r = 8
+
+
+def lora_copy(base, seed: int = 0, targets=LORA_TARGETS, r: int = LORA_R, alpha=LORA_ALPHA,
+              dropout: float = 0.0, use_rslora: bool = False, quantized: bool = False):
+    """A fresh copy of `base` with LoRA on `targets` -- QLoRA when `quantized`: every linear
+    layer in NF4 first. lora_A's Kaiming init draws from torch's global generator, seeded here,
+    so copies made with one seed start identical (LoRA and QLoRA alike)."""
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    prepare = prepare_qlora if quantized else apply_lora
+    return prepare(model, targets=targets, r=r, alpha=alpha, dropout=dropout,
+                   use_rslora=use_rslora)
+
+
+def median_step_seconds(runs: dict, micro_batches, repeats: int) -> dict:
+    """{name: (model, optimizer)} -> {name: median seconds of one training step (forward,
+    backward, optimizer step; synchronized on CUDA)}, the models taking turns so that a busy
+    machine slows them alike (tiny_gpt/util/timing.py)."""
+    steps = {name: (lambda m=model, o=opt: time_step(m, micro_batches, o))
+             for name, (model, opt) in runs.items()}
+    medians = round_robin_phase_medians(steps, repeats)
+    return {name: phases["total"] for name, phases in medians.items()}
+
+
+def moving_average(values, k: int) -> list:
+    """Means of every k consecutive values: entry j is mean(values[j : j + k]), so there are
+    len(values) - k + 1 of them (plot them at steps k .. len(values)). k is cut to the length."""
+    t = torch.as_tensor(values, dtype=torch.float64)
+    k = max(1, min(k, len(t)))
+    return t.unfold(0, k, 1).mean(1).tolist()

@@ -11,7 +11,7 @@ merge / unmerge, several named adapters, adapters on disk in the PEFT layout, an
     bench.py     benchmark_lora_linear: a LoRA layer's cost against the frozen one
 """
 from .function import LoRAFunction
-from .layer import LoRAAdapter, LoRALinear
+from .layer import LoRAAdapter, LoRALinear, lora_scaling
 from .inject import (apply_lora, count_parameters, disable_adapters, format_table, lora_layers,
                      lora_state_dict, merge_lora, parameter_table, unmerge_lora)
 from .multi import (add_adapter, combine_adapters, delete_adapter, set_active_adapters,
@@ -21,7 +21,7 @@ from .io import (base_fingerprint, load_adapter, load_model_weights, save_adapte
                  save_merged_model)
 
 __all__ = [
-    "LoRAFunction", "LoRAAdapter", "LoRALinear", "apply_lora", "count_parameters",
+    "LoRAFunction", "LoRAAdapter", "LoRALinear", "lora_scaling", "apply_lora", "count_parameters",
     "disable_adapters", "format_table", "lora_layers", "lora_state_dict", "merge_lora",
     "parameter_table", "unmerge_lora", "add_adapter", "combine_adapters", "delete_adapter",
     "set_active_adapters", "train_only_adapter", "base_fingerprint", "load_adapter", "load_model_weights",

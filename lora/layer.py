@@ -45,6 +45,12 @@ def check_lora_args(r, alpha, dropout, in_features, out_features):
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
 
 
+def lora_scaling(r, alpha, use_rslora=False):
+    """s = alpha / r (Hu et al. 2021, Sec. 4.1), or alpha / sqrt(r) with rank-stabilized LoRA
+    (Kalajdzievski 2023), which keeps the update's size from shrinking as r grows."""
+    return alpha / (math.sqrt(r) if use_rslora else r)
+
+
 def float_weight(base):
     """base.weight if it is a float tensor (nn.Linear), else None (e.g. a 4-bit base)."""
     weight = getattr(base, "weight", None)
@@ -64,7 +70,7 @@ class LoRAAdapter(nn.Module):
         super().__init__()
         check_lora_args(r, alpha, dropout, in_features, out_features)
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
-        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # U(-1/sqrt(in), 1/sqrt(in))
