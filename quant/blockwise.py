@@ -28,16 +28,26 @@ def check_blocksize(blocksize):
         raise ValueError(f"blocksize must be a positive even integer, got {blocksize!r}")
 
 
+def unravel(flat_index: int, shape) -> tuple:
+    """The index tuple of element `flat_index` of a row-major tensor of `shape`."""
+    where = []
+    for size in reversed(tuple(shape)):
+        flat_index, i = divmod(flat_index, size)
+        where.append(i)
+    return tuple(reversed(where))
+
+
 def check_finite(w, who):
-    """Raise a ValueError naming how many values of `w` are nan/inf and where the first is."""
-    bad = ~torch.isfinite(w)
+    """Raise a ValueError naming how many values of `w` are nan/inf -- or too large for
+    float32, in which blocks are quantized -- and where the first one is."""
+    bad = ~torch.isfinite(w.detach().float())  # a finite 1e39 in float64 is inf here
     n_bad = int(bad.sum())
     if n_bad:
         flat_index = int(bad.reshape(-1).nonzero()[0])
-        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), w.shape))
         value = w.reshape(-1)[flat_index].item()
-        raise ValueError(f"{who}: weight has {n_bad} non-finite value(s) (nan/inf); "
-                         f"the first is {value} at index {where}")
+        raise ValueError(f"{who}: weight has {n_bad} non-finite value(s) in float32 (nan, inf, "
+                         f"or beyond float32's range |w| > 3.4e38); the first is {value} at "
+                         f"index {unravel(flat_index, w.shape)}")
 
 
 def to_blocks(w, blocksize):

@@ -69,6 +69,7 @@ class Linear4bit(nn.Module):
         self.compute_dtype = compute_dtype
         state = qweight.to_state_dict()
         self._layout = {key: state.pop(key) for key in ("shape", "blocksize", "dtype")}
+        state["code"] = state["code"].clone()  # our own: a load_state_dict must touch no other
         for name, tensor in state.items():
             self.register_buffer(name, tensor)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),

@@ -106,7 +106,8 @@ def quantize_4bit(w, code, blocksize=64, double_quant=True, who="quantize_4bit")
     absmax = block_absmax(blocks)
     if not torch.isfinite(absmax).all():  # nan/inf anywhere makes its block's absmax non-finite
         check_finite(w, who)
-    packed = quantize_blocks(blocks, absmax, code.to(blocks.device))
+    own_code = code.to(blocks.device, copy=True)  # never the shared NF4_CODE itself
+    packed = quantize_blocks(blocks, absmax, own_code)
     scales8 = quantize_scales(absmax) if double_quant else None
-    return Quantized4bit(packed, code.to(blocks.device), w.shape, w.dtype, blocksize,
+    return Quantized4bit(packed, own_code, w.shape, w.dtype, blocksize,
                          None if double_quant else absmax, scales8)

@@ -165,3 +165,17 @@ def test_parity_with_dense_path_float16_on_cuda():
     x = seeded(8, 96, seed=1).cuda()
     dense = F.linear(x.half(), layer.dequantized_weight(), linear.bias.half()).float()
     torch.testing.assert_close(layer(x), dense, atol=BF16_TOL, rtol=BF16_TOL)  # fp16 is finer
+
+
+def test_loading_one_layer_leaves_every_other_code_book_and_nf4_code_alone():
+    """On CPU, code.to(device) returns the same tensor: without a copy every Linear4bit's code
+    buffer would be NF4_CODE itself, and load_state_dict into one would rewrite all of them."""
+    from quant import NF4_CODE
+    before = NF4_CODE.clone()
+    a, b = Linear4bit.from_linear(make_linear(seed=0)), Linear4bit.from_linear(make_linear(seed=1))
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    state["code"] = torch.linspace(-1, 1, 16)
+    a.load_state_dict(state)
+    assert torch.equal(NF4_CODE, before)
+    assert torch.equal(b.code, before)
+    assert torch.equal(quantize_nf4(torch.randn(64)).code, before)

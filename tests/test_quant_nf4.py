@@ -211,3 +211,24 @@ def test_a_value_exactly_on_a_reference_threshold_takes_the_lower_code():
         assert reference_nf4_code(t) == k  # the reference: `x > t` is false on the threshold
         x = torch.tensor([t, 1.0], dtype=torch.float32)  # absmax 1: x is quantized as it is
         assert unpack_nibbles(quantize_nf4(x, blocksize=2, double_quant=False).codes)[0] == k
+
+
+def test_a_finite_float64_value_beyond_float32_range_is_refused():
+    """Blocks are quantized in float32, where 1e39 is inf: it must not pass as 'finite'."""
+    w = torch.zeros(4, 8, dtype=torch.float64)
+    w[2, 3] = 1e39
+    with pytest.raises(ValueError, match=r"1 non-finite .* at index \(2, 3\)"):
+        quantize_nf4(w)
+
+
+def test_unravel_gives_the_row_major_index():
+    from quant.blockwise import unravel
+    t = torch.arange(60).view(3, 4, 5)
+    for flat in (0, 7, 33, 59):
+        assert t[unravel(flat, t.shape)] == flat
+
+
+def test_each_quantized_weight_owns_its_code_book():
+    q1, q2 = quantize_nf4(torch.randn(64)), quantize_nf4(torch.randn(64))
+    assert q1.code.data_ptr() != NF4_CODE.data_ptr() != q2.code.data_ptr()
+    assert torch.equal(q1.code, NF4_CODE)
