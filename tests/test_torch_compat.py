@@ -1,4 +1,4 @@
-"""tiny_gpt/torch_compat.py agrees with torch's own autocast state."""
+"""tiny_gpt/util/torch_compat.py agrees with torch's own autocast state, and papers over torch 2.1."""
 import torch
 
 from tiny_gpt.util.torch_compat import autocast_dtype, autocast_enabled
@@ -11,3 +11,20 @@ def test_autocast_state_is_read_inside_and_outside_a_cpu_autocast_region():
         assert autocast_dtype("cpu") == torch.bfloat16
         assert not autocast_enabled("cuda")  # one device's region says nothing of another's
     assert not autocast_enabled("cpu")
+
+
+def test_turning_off_autocast_where_torch_has_none_is_a_no_op(monkeypatch):
+    """torch < 2.5 has no MPS autocast, and torch.autocast("mps", enabled=False) raised there:
+    the training loop's fp32 context must not fail on such a device type."""
+    import tiny_gpt.util.torch_compat as compat
+    monkeypatch.setattr(compat, "autocast_available", lambda device_type: device_type == "cpu")
+    with compat.autocast("mps", enabled=False):
+        pass
+    assert not compat.autocast_enabled("mps")
+    with compat.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+
+
+def test_autocast_available_knows_cpu():
+    from tiny_gpt.util.torch_compat import autocast_available
+    assert autocast_available("cpu")

@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import masked_cross_entropy
-from .util.torch_compat import cuda_grad_scaler
+from .util.torch_compat import autocast, cuda_grad_scaler
 
 
 @dataclass
@@ -98,14 +98,14 @@ def make_optimizer(model, cfg: TrainConfig):
 
 def autocast_context(device: torch.device, precision: str):
     if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
+        return autocast(device.type, enabled=False)
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return autocast(device.type, dtype=torch.bfloat16)
     if precision == "fp16":
         if device.type != "cuda":
             raise ValueError("fp16 training needs a CUDA device (it relies on a gradient "
                              "scaler); on CPU use precision='bf16' or 'fp32'")
-        return torch.autocast("cuda", dtype=torch.float16)
+        return autocast("cuda", dtype=torch.float16)
     raise ValueError(f"unknown precision {precision!r}; use 'fp32', 'bf16' or 'fp16'")
 
 
@@ -194,7 +194,7 @@ def train(model, get_batch: Callable, cfg: TrainConfig, evaluate: Optional[Calla
                 group["lr"] = lr
             micro = [get_batch(batch_gen) for _ in range(cfg.grad_accum)]
             loss, n_tok = accumulate_gradients(model, micro, device, cfg.precision, scaler)
-            _optimizer_step(model, optimizer, scaler, cfg.grad_clip)
+            optimizer_step(model, optimizer, scaler, cfg.grad_clip)
             state["step"], state["tokens"] = step + 1, state["tokens"] + n_tok
             result.losses.append(loss)
             if log:
@@ -224,7 +224,9 @@ def train(model, get_batch: Callable, cfg: TrainConfig, evaluate: Optional[Calla
     return result
 
 
-def _optimizer_step(model, optimizer, scaler, grad_clip):
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """After backward: unscale the gradients (when a loss scaler is given), clip their global
+    norm to grad_clip (0: no clipping), step (a scaler may skip it on inf/nan), zero them."""
     params = [p for p in model.parameters() if p.requires_grad]
     if scaler is not None:
         scaler.unscale_(optimizer)

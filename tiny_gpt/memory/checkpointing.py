@@ -43,7 +43,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ..util.modules import replace_module, select_paths
-from ..util.torch_compat import autocast_dtype, autocast_enabled
+from ..util.torch_compat import autocast, autocast_dtype, autocast_enabled
 
 IMPLS = ("torch", "torch_reentrant", "manual")
 
@@ -74,7 +74,7 @@ class CheckpointFunction(torch.autograd.Function):
                   for none, need in zip(ctx.none, ctx.needs_input_grad[2:])]
         with torch.random.fork_rng(devices=cuda_devices(ctx.device)), torch.enable_grad():
             set_rng_state(ctx.device, ctx.rng)
-            with torch.autocast(ctx.device.type, **ctx.autocast):
+            with autocast(ctx.device.type, **ctx.autocast):
                 out = ctx.run(*inputs)
         wanted = [t for t, need in zip([*inputs, *ctx.params], ctx.needs_input_grad[2:])
                   if need]

@@ -1,18 +1,40 @@
-"""Three torch calls whose names changed between 2.1 and 2.4, in one place.
+"""The torch calls that differ between torch 2.1 and today's torch, in one place.
 
 The package asks for torch>=2.1 so that a user's own install (CPU, CUDA or MPS build) is kept.
 torch 2.4 added ``torch.is_autocast_enabled(device_type)`` and ``torch.get_autocast_dtype``;
 2.3 added ``torch.amp.GradScaler(device)``. Before, the same things were spelled per device.
-Only the torch 2.4+ spelling runs in this project's CI (torch 2.13); the older branches are
-the documented torch 2.1 API.
+Autocast itself knew only "cpu" and "cuda" (and a few others) until MPS joined in torch 2.5:
+before, ``torch.autocast("mps", enabled=False)`` raises, although turning off what does not
+exist should do nothing. Only the newest spellings run in this project's CI (torch 2.13); the
+older branches are the documented torch 2.1 API. Everything else that the project calls exists
+unchanged since torch 2.1.
 """
+import contextlib
+
 import torch
 
 _NEW_AUTOCAST_API = hasattr(torch, "get_autocast_dtype")  # torch >= 2.4
 
 
+def autocast_available(device_type: str) -> bool:
+    """Does this torch have autocast for the device type ("cpu", "cuda", "mps", ...)?"""
+    if hasattr(torch.amp, "is_autocast_available"):  # torch >= 2.4
+        return torch.amp.is_autocast_available(device_type)
+    return device_type in ("cpu", "cuda", "xpu", "hpu")
+
+
+def autocast(device_type: str, dtype=None, enabled: bool = True):
+    """torch.autocast, except that turning autocast *off* for a device type that this torch
+    has no autocast for is a no-op (nothing is on to turn off), not an error."""
+    if not enabled and not autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
 def autocast_enabled(device_type: str) -> bool:
     """Is autocast on for this device type ("cpu", "cuda", ...) right now?"""
+    if not autocast_available(device_type):
+        return False
     if _NEW_AUTOCAST_API:
         return torch.is_autocast_enabled(device_type)
     if device_type == "cpu":
