@@ -7,34 +7,33 @@ last kernel is *launched*, not when it finishes.
 """
 import time
 
-import torch
-
 from ..train import autocast_context, count_loss_tokens, micro_batch_loss, to_device
+from ..util.timing import synchronize
 
 
-def time_step(model, micro_batches, optimizer, precision="fp32", loss_fn=micro_batch_loss) -> dict:
+def time_step(model, micro_batches, optimizer, precision="fp32",
+              loss_fn=micro_batch_loss) -> dict:
     """Seconds of one training step: {"forward", "backward", "optimizer", "total"} (each phase
     synchronized on CUDA; forward and backward summed over the micro-batches)."""
     device = next(model.parameters()).device
     total = count_loss_tokens(micro_batches)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     phases = {"forward": 0.0, "backward": 0.0}
     for batch in micro_batches:
         x, y, mask = to_device(batch, device)
-        sync()
+        synchronize()
         t0 = time.perf_counter()
         with autocast_context(device, precision):
             loss = loss_fn(model, x, y, mask, total)
-        sync()
+        synchronize()
         t1 = time.perf_counter()
         loss.backward()
-        sync()
+        synchronize()
         phases["forward"] += t1 - t0
         phases["backward"] += time.perf_counter() - t1
     t2 = time.perf_counter()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    sync()
+    synchronize()
     phases["optimizer"] = time.perf_counter() - t2
     phases["total"] = sum(phases.values())
     return phases

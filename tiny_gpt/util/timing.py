@@ -3,15 +3,27 @@
 A busy machine has slow spells. Timing A ten times and then B ten times lets a spell land on
 one of them only; taking turns (A, B, A, B, ...) spreads it over both, and the median drops the
 outliers. So the lessons report ratios measured this way, and trust them more than the seconds.
+On CUDA every timed call is synchronized before and after (``seconds``).
 """
 import statistics
 import time
 
+import torch
+
+
+def synchronize() -> None:
+    """Wait for queued CUDA kernels, if CUDA is in use: they run asynchronously, and a clock
+    read without waiting would time how fast they are *launched*."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
 
 def seconds(fn) -> float:
-    """Wall-clock seconds of one call of fn()."""
+    """Wall-clock seconds of one call of fn(), including the device work it queued."""
+    synchronize()
     start = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - start
 
 
