@@ -34,6 +34,14 @@ class SafetensorsError(ValueError):
     """The file is not a valid safetensors file; the message says why."""
 
 
+def _check_little_endian(action: str) -> None:
+    """The format stores little-endian bytes, which are copied as they are: a big-endian host
+    would read (or write) every number byte-swapped."""
+    if sys.byteorder != "little":
+        raise RuntimeError(f"cannot {action} safetensors on a big-endian machine: this code "
+                           "copies little-endian bytes as they are")
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename over the
     target: a crash leaves either the old file or the new one, never half of one."""
@@ -67,8 +75,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 def serialize(tensors: dict, metadata: dict = None) -> bytes:
     """tensors: {name: Tensor} -> the bytes of a safetensors file."""
-    if sys.byteorder != "little":
-        raise RuntimeError("this writer assumes a little-endian machine")
+    _check_little_endian("write")
     header, blobs, offset = {}, [], 0
     for name in sorted(tensors):
         t = tensors[name]
@@ -99,15 +106,29 @@ def _parse_header(raw: bytes, where: str):
         raise SafetensorsError(f"{where}: header length {n} runs past the end of the "
                                f"{len(raw)}-byte file (truncated or not a safetensors file)")
     try:
-        header = json.loads(raw[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw[8:8 + n].decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, _DuplicateKey) as e:
         raise SafetensorsError(f"{where}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{where}: header must be a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise SafetensorsError(f"{where}: __metadata__ must map strings to strings")
+        raise SafetensorsError(f"{where}: __metadata__ must be an object mapping strings to "
+                               f"strings, got {metadata!r:.80}")
     return header, metadata, raw[8 + n:]
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    """json's object hook: a key given twice is an error (json.loads would keep the last)."""
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise _DuplicateKey(f"key(s) {repeated} appear more than once in one object")
+    return dict(pairs)
 
 
 def _check_entry(name, entry, data_len, where):
@@ -153,6 +174,7 @@ def _check_layout(header, data_len, where):
 
 def deserialize(raw: bytes, where: str = "<bytes>"):
     """bytes -> ({name: Tensor}, metadata). Validates everything before building tensors."""
+    _check_little_endian("read")
     header, metadata, data = _parse_header(raw, where)
     for name, entry in header.items():
         _check_entry(name, entry, len(data), where)
@@ -164,6 +186,9 @@ def deserialize(raw: bytes, where: str = "<bytes>"):
         buf = bytearray(data[begin:end])
         storage = torch.uint8 if dtype == torch.bool else dtype
         t = torch.frombuffer(buf, dtype=storage) if buf else torch.empty(0, dtype=storage)
+        if dtype == torch.bool and bool((t > 1).any()):
+            raise SafetensorsError(f"{where}: BOOL tensor {name!r} holds bytes other than 0 "
+                                   "and 1")
         tensors[name] = t.to(dtype).reshape(e["shape"])
     return tensors, metadata
 
