@@ -21,9 +21,10 @@ from .io import (base_fingerprint, load_adapter, load_model_weights, save_adapte
                  save_merged_model)
 
 __all__ = [
-    "LoRAFunction", "LoRAAdapter", "LoRALinear", "lora_scaling", "apply_lora", "count_parameters",
-    "disable_adapters", "format_table", "lora_layers", "lora_state_dict", "merge_lora",
-    "parameter_table", "unmerge_lora", "add_adapter", "combine_adapters", "delete_adapter",
-    "set_active_adapters", "train_only_adapter", "base_fingerprint", "load_adapter", "load_model_weights",
-    "save_adapter", "save_merged_model", "prepare_qlora", "dequantized_float_model",
+    "LoRAFunction", "LoRAAdapter", "LoRALinear", "lora_scaling", "apply_lora",
+    "count_parameters", "disable_adapters", "format_table", "lora_layers", "lora_state_dict",
+    "merge_lora", "parameter_table", "unmerge_lora", "add_adapter", "combine_adapters",
+    "delete_adapter", "set_active_adapters", "train_only_adapter", "base_fingerprint",
+    "load_adapter", "load_model_weights", "save_adapter", "save_merged_model", "prepare_qlora",
+    "dequantized_float_model",
 ]

@@ -1,4 +1,5 @@
-"""tiny_gpt/util/torch_compat.py agrees with torch's own autocast state, and papers over torch 2.1."""
+"""tiny_gpt/util/torch_compat.py agrees with torch's own autocast state and papers over the
+differences of torch 2.1."""
 import torch
 
 from tiny_gpt.util.torch_compat import autocast_dtype, autocast_enabled

@@ -13,7 +13,6 @@ exactly the big batch's.
 """
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,8 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import masked_cross_entropy
+from .util.progress import Progress
+from .util.safetensors import check_writable
 from .util.torch_compat import autocast, cuda_grad_scaler
 
 
@@ -49,6 +50,45 @@ class TrainConfig:
     resume: bool = False           # continue from ckpt_path if it exists
     progress: bool = True          # one-line progress display with ETA
 
+    def __post_init__(self):
+        check_config(self)
+
+
+CHOICES = {"schedule": ("cosine", "constant"), "optimizer": ("adamw", "sgd"),
+           "precision": ("fp32", "bf16", "fp16")}
+
+
+def _whole(value, low):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _real(value, low, high=math.inf, low_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return False
+    return (value > low if low_open else value >= low) and value <= high
+
+
+def check_config(cfg) -> None:
+    """Refuse a TrainConfig that would train wrongly or not at all, naming the field."""
+    rules = [("max_steps", _whole(cfg.max_steps, 1), "a whole number >= 1"),
+             ("lr", _real(cfg.lr, 0, low_open=True) and math.isfinite(cfg.lr), "finite and > 0"),
+             ("min_lr_ratio", _real(cfg.min_lr_ratio, 0, 1), "in [0, 1]"),
+             ("warmup_steps", _whole(cfg.warmup_steps, 0), "a whole number >= 0"),
+             ("weight_decay", _real(cfg.weight_decay, 0, 1e6), "finite and >= 0"),
+             ("betas", isinstance(cfg.betas, (tuple, list)) and len(cfg.betas) == 2
+              and all(_real(b, 0, 1) and b < 1 for b in cfg.betas), "two numbers in [0, 1)"),
+             ("grad_clip", _real(cfg.grad_clip, 0, 1e30), "finite and >= 0 (0: no clipping)"),
+             ("grad_accum", _whole(cfg.grad_accum, 1), "a whole number >= 1"),
+             ("eval_every", _whole(cfg.eval_every, 0), "a whole number >= 0 (0: never)"),
+             ("patience", cfg.patience is None or _whole(cfg.patience, 1), "None or >= 1"),
+             ("ckpt_every", _whole(cfg.ckpt_every, 0), "a whole number >= 0"),
+             ("seed", _whole(cfg.seed, 0), "a whole number >= 0")]
+    rules += [(name, getattr(cfg, name) in allowed, "one of " + ", ".join(map(repr, allowed)))
+              for name, allowed in CHOICES.items()]
+    for name, ok, allowed in rules:
+        if not ok:
+            raise ValueError(f"TrainConfig.{name} must be {allowed}; got {getattr(cfg, name)!r}")
+
 
 @dataclass
 class TrainResult:
@@ -63,14 +103,33 @@ class TrainResult:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """'auto' takes cuda, then mps, then cpu; any other name is used as given."""
+    """'auto' takes cuda, then mps, then cpu; any other name ("cpu", "cuda:1", ...) is used
+    as given, once this machine is known to have it."""
     if name != "auto":
-        return torch.device(name)
+        return check_device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_device(name) -> torch.device:
+    """torch.device(name), refused with a clear message when it is not a device name or this
+    machine does not have it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but this torch sees no CUDA GPU; use "
+                         "auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps and mps.is_available()):
+        raise ValueError(f"device {name!r} asked for, but MPS is not available; use auto or cpu")
+    return device
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -142,27 +201,6 @@ def accumulate_gradients(model, micro_batches, device, precision="fp32", scaler=
     return loss_sum / total_tokens, total_tokens
 
 
-class _Progress:
-    """One status line, rewritten in place on a terminal; a line per 10% otherwise."""
-
-    def __init__(self, total, enabled):
-        self.total, self.enabled, self.t0 = total, enabled, time.time()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, step, loss, lr, tokens):
-        if not self.enabled:
-            return
-        done = step + 1
-        if not self.tty and done % max(1, self.total // 10) and done != self.total:
-            return
-        elapsed = time.time() - self.t0
-        eta = elapsed / done * (self.total - done)
-        line = (f"step {done}/{self.total} loss {loss:.4f} lr {lr:.2e} "
-                f"{tokens / max(elapsed, 1e-9):,.0f} tok/s ETA {eta:.0f}s")
-        end = "" if self.tty and done != self.total else "\n"
-        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
-
-
 def train(model, get_batch: Callable, cfg: TrainConfig, evaluate: Optional[Callable] = None,
           device="auto", monitor: str = "val_loss", mode: str = "min") -> TrainResult:
     """Train ``model`` in place.
@@ -171,57 +209,92 @@ def train(model, get_batch: Callable, cfg: TrainConfig, evaluate: Optional[Calla
     torch.Generator so that runs are reproducible and resumable.
     evaluate(model) -> dict of metrics, called every eval_every steps; ``monitor`` names the one
     used for early stopping and best-weight tracking (``mode`` 'min' or 'max').
+    Everything that decides the rest of a run -- weights, optimizer and loss-scaler state, RNGs,
+    the best weights so far -- goes into the checkpoint, so a resumed run ends where an
+    uninterrupted one would.
     """
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     device = pick_device(device) if isinstance(device, str) else device
-    torch.manual_seed(cfg.seed)
-    batch_gen = torch.Generator().manual_seed(cfg.seed)
-    model.to(device).train()
-    optimizer = make_optimizer(model, cfg)
     autocast_context(device, cfg.precision)  # refuses a precision this device cannot run
-    scaler = cuda_grad_scaler() if cfg.precision == "fp16" else None
-    state = {"step": 0, "tokens": 0, "best_score": None, "best_step": None, "bad_evals": 0}
+    if cfg.ckpt_path:
+        check_writable(cfg.ckpt_path)  # found now, not after all the training
+    torch.manual_seed(cfg.seed)
+    run = _Run(model.to(device).train(), cfg, torch.Generator().manual_seed(cfg.seed))
     if cfg.resume and cfg.ckpt_path and Path(cfg.ckpt_path).exists():
-        state = load_checkpoint(cfg.ckpt_path, model, optimizer, batch_gen)
-    result = TrainResult(steps=state["step"], tokens=state["tokens"], wall_time=0.0)
-    best_weights = None
+        run.state, run.best_weights = load_checkpoint(cfg.ckpt_path, model, run.optimizer,
+                                                      run.batch_gen, run.scaler)
+    result = TrainResult(steps=run.state["step"], tokens=run.state["tokens"], wall_time=0.0)
     log = open(cfg.log_path, "a") if cfg.log_path else None
-    progress = _Progress(cfg.max_steps, cfg.progress)
-    t0 = time.time()
+    progress, t0 = Progress(cfg.max_steps, cfg.progress), time.time()
     try:
-        for step in range(state["step"], cfg.max_steps):
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = [get_batch(batch_gen) for _ in range(cfg.grad_accum)]
-            loss, n_tok = accumulate_gradients(model, micro, device, cfg.precision, scaler)
-            optimizer_step(model, optimizer, scaler, cfg.grad_clip)
-            state["step"], state["tokens"] = step + 1, state["tokens"] + n_tok
+        for step in range(run.state["step"], cfg.max_steps):
+            if run.state["stopped_early"]:
+                break
+            loss, lr = run.step(step, get_batch, device)
             result.losses.append(loss)
             if log:
                 log.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr,
-                                      "tokens": state["tokens"],
+                                      "tokens": run.state["tokens"],
                                       "time": round(time.time() - t0, 4)}) + "\n")
-            progress.update(step - result.steps, loss, lr, state["tokens"] - result.tokens)
+            progress.update(step - result.steps, loss, lr, run.state["tokens"] - result.tokens)
             if evaluate and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                improved = _validate(model, evaluate, step + 1, monitor, mode, state, result)
-                if improved and cfg.restore_best:
-                    best_weights = _trainable_copy(model)
-                if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
-                    result.stopped_early = True
-                    break
+                run.validate(evaluate, step + 1, monitor, mode, result)
             if cfg.ckpt_path and cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0:
-                save_checkpoint(cfg.ckpt_path, model, optimizer, batch_gen, state)
+                run.save(cfg.ckpt_path)
     finally:
         if log:
             log.close()
-    if cfg.ckpt_path:
-        save_checkpoint(cfg.ckpt_path, model, optimizer, batch_gen, state)
-    if best_weights is not None:
-        _load_trainable(model, best_weights)
-    result.steps, result.tokens = state["step"], state["tokens"]
-    result.best_step, result.best_score = state["best_step"], state["best_score"]
-    result.wall_time = time.time() - t0
-    return result
+    return run.finish(result, t0)
+
+
+class _Run:
+    """The state of one call of train(): the model, its optimizer and loss scaler, the batch
+    generator, the counters, and the best trainable weights seen by validation."""
+
+    def __init__(self, model, cfg, batch_gen):
+        self.model, self.cfg, self.batch_gen = model, cfg, batch_gen
+        self.optimizer = make_optimizer(model, cfg)
+        self.scaler = cuda_grad_scaler() if cfg.precision == "fp16" else None
+        self.state = {"step": 0, "tokens": 0, "best_score": None, "best_step": None,
+                      "bad_evals": 0, "stopped_early": False}
+        self.best_weights = None
+
+    def step(self, step, get_batch, device):
+        """One optimizer step (grad_accum micro-batches); returns (loss, lr)."""
+        lr = lr_at(step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro = [get_batch(self.batch_gen) for _ in range(self.cfg.grad_accum)]
+        loss, n_tok = accumulate_gradients(self.model, micro, device, self.cfg.precision,
+                                           self.scaler)
+        optimizer_step(self.model, self.optimizer, self.scaler, self.cfg.grad_clip)
+        self.state["step"], self.state["tokens"] = step + 1, self.state["tokens"] + n_tok
+        return loss, lr
+
+    def validate(self, evaluate, step, monitor, mode, result):
+        """Evaluate; keep the best weights; decide on early stopping."""
+        if _validate(self.model, evaluate, step, monitor, mode, self.state, result):
+            if self.cfg.restore_best:
+                self.best_weights = _trainable_copy(self.model)
+        if self.cfg.patience is not None and self.state["bad_evals"] >= self.cfg.patience:
+            self.state["stopped_early"] = True
+
+    def save(self, path):
+        save_checkpoint(path, self.model, self.optimizer, self.batch_gen, self.state,
+                        self.best_weights, self.scaler)
+
+    def finish(self, result, t0):
+        """Final checkpoint (of the last weights), then the best weights restored."""
+        if self.cfg.ckpt_path:
+            self.save(self.cfg.ckpt_path)
+        if self.best_weights is not None:
+            _load_trainable(self.model, self.best_weights)
+        result.steps, result.tokens = self.state["step"], self.state["tokens"]
+        result.best_step, result.best_score = self.state["best_step"], self.state["best_score"]
+        result.stopped_early = self.state["stopped_early"]
+        result.wall_time = time.time() - t0
+        return result
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip):
@@ -246,6 +319,9 @@ def _validate(model, evaluate, step, monitor, mode, state, result) -> bool:
         metrics = evaluate(model)
     model.train()
     result.evals.append((step, metrics))
+    if monitor not in metrics:
+        raise KeyError(f"evaluate() returned {sorted(metrics)}, without the monitored metric "
+                       f"{monitor!r}")
     score = metrics[monitor]
     best = state["best_score"]
     improved = best is None or (score < best if mode == "min" else score > best)

@@ -60,6 +60,21 @@ def atomic_write_bytes(path, data: bytes) -> None:
         raise
 
 
+def check_writable(path) -> None:
+    """Fail now, with the path in the message, if `path` could not be written atomically later
+    (its folder cannot be made, or holds no new file, or the path is a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file path to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {e.strerror or e}") from None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
