@@ -121,15 +121,22 @@ def format_table(rows, header=("module", "trainable", "total")):
 
 
 def merge_lora(model):
-    """Fold every LoRALinear's active adapters into its base weight; returns `model`."""
-    for _, layer in lora_layers(model):
+    """Fold every LoRALinear's active adapters into its base weight; returns `model`. Every
+    layer is checked first, so a layer that cannot merge leaves all of them unmerged."""
+    layers = lora_layers(model)
+    for path, layer in layers:
+        layer.check_can_merge(path)
+    for _, layer in layers:
         layer.merge()
     return model
 
 
 def unmerge_lora(model):
-    """Undo merge_lora; returns `model`."""
-    for _, layer in lora_layers(model):
+    """Undo merge_lora; returns `model`. Checked first for every layer, as merge_lora is."""
+    layers = lora_layers(model)
+    for path, layer in layers:
+        layer.check_can_unmerge(path)
+    for _, layer in layers:
         layer.unmerge()
     return model
 

@@ -6,10 +6,13 @@ An adapter directory holds two files, both written atomically (temporary file + 
                                     base_model.model.<module path>.lora_A.weight   (r, in)
                                     base_model.model.<module path>.lora_B.weight   (out, r)
     adapter_config.json         peft_type "LORA", r, lora_alpha, target_modules, lora_dropout,
-                                use_rslora, bias "none", task_type "CAUSAL_LM", and
+                                use_rslora, bias "none", task_type null, and
                                 base_model_fingerprint: a hash of the base model's module paths
                                 and weight shapes, so that loading onto another architecture
                                 fails with a clear message instead of a shape error deep inside.
+
+task_type is null (PEFT's "no task"): with "CAUSAL_LM" PEFT's from_pretrained would wrap our GPT
+in its causal-LM class, which needs the Hugging Face generation API that this GPT does not have.
 
 target_modules holds short names ("q_proj") when they pick out exactly the adapted layers,
 otherwise full module paths; PEFT matches both the same way (equal, or ending in "." + name).
@@ -25,11 +28,12 @@ safetensors file: it loads into the unmodified base architecture, without this p
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
 
-from tiny_gpt.util.safetensors import atomic_write_bytes, load_file, save_file
+from tiny_gpt.util.safetensors import atomic_write_files, load_file, save_file, serialize
 
 from tiny_gpt.util.modules import replace_module
 
@@ -77,14 +81,14 @@ def save_adapter(model, directory, adapter_name="default"):
         tensors[peft_key(path, "A")] = adapter.lora_A.detach()
         tensors[peft_key(path, "B")] = adapter.lora_B.detach()
     first = found[0][1]  # one add_adapter call made them all: the same hyper-parameters
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r,
+    config = {"peft_type": "LORA", "task_type": None, "r": first.r,
               "lora_alpha": first.alpha, "lora_dropout": first.dropout,
               "use_rslora": first.use_rslora, "bias": "none",
               "target_modules": _target_modules(model, [p for p, _ in found]),
               "base_model_fingerprint": base_fingerprint(model)}
     directory = Path(directory)
-    save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write_bytes(directory / CONFIG_NAME, json.dumps(config, indent=2).encode("utf-8"))
+    atomic_write_files({directory / WEIGHTS_NAME: serialize(tensors, {"format": "pt"}),
+                        directory / CONFIG_NAME: json.dumps(config, indent=2).encode("utf-8")})
     return directory
 
 
@@ -112,9 +116,11 @@ def read_adapter_config(path):
         raise ValueError(f"{path}: missing required fields {missing}")
     config = {**{k: default for k, (_, default) in OPTIONAL.items()}, **config}
     _check_types(config, path)
-    if not (config["r"] >= 1 and config["lora_alpha"] > 0 and 0 <= config["lora_dropout"] < 1):
-        raise ValueError(f"{path}: need r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1, got "
-                         f"{config['r']}, {config['lora_alpha']}, {config['lora_dropout']}")
+    if not (config["r"] >= 1 and 0 < config["lora_alpha"] < math.inf
+            and 0 <= config["lora_dropout"] < 1):
+        raise ValueError(f"{path}: need r >= 1, finite lora_alpha > 0 and 0 <= lora_dropout "
+                         f"< 1, got {config['r']}, {config['lora_alpha']}, "
+                         f"{config['lora_dropout']}")
     if config["peft_type"] != "LORA" or config["bias"] != "none":
         raise ValueError(f"{path}: need peft_type 'LORA' and bias 'none', got "
                          f"{config['peft_type']!r} and {config['bias']!r}")
@@ -137,6 +143,14 @@ def check_tensors(found, expected, where):
                  if tuple(found[k].shape) != tuple(expected[k])]
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
+
+
+def check_finite_tensors(tensors, where):
+    """A nan or inf factor would turn every output of the model into nan: refuse it by name."""
+    bad = [k for k, t in sorted(tensors.items())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{where}: tensors {bad} hold nan or inf values")
 
 
 def load_adapter(model, directory, adapter_name="default"):
@@ -162,6 +176,7 @@ def load_adapter(model, directory, adapter_name="default"):
         expected[peft_key(path, "A")] = (r, m.in_features)
         expected[peft_key(path, "B")] = (m.out_features, r)
     check_tensors(tensors, expected, str(directory / WEIGHTS_NAME))
+    check_finite_tensors(tensors, str(directory / WEIGHTS_NAME))
     add_adapter(model, adapter_name, paths, r, config["lora_alpha"], config["lora_dropout"],
                 config["use_rslora"])
     set_active_adapters(model, [adapter_name])
@@ -189,5 +204,6 @@ def load_model_weights(model, path):
     tensors, _ = load_file(path)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     check_tensors(tensors, expected, str(path))
+    check_finite_tensors(tensors, str(path))
     model.load_state_dict(tensors)
     return model

@@ -34,15 +34,20 @@ from tiny_gpt.util.torch_compat import autocast_enabled
 from .function import LoRAFunction
 
 
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_lora_args(r, alpha, dropout, in_features, out_features):
-    """Raise ValueError unless 0 < r <= min(in, out), alpha > 0 and 0 <= dropout < 1."""
+    """Raise ValueError unless 0 < r <= min(in, out), alpha is finite and > 0, and
+    0 <= dropout < 1 (each a number, not a string or a bool)."""
     if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= min(in_features, out_features):
         raise ValueError(f"r must be an integer with 1 <= r <= min(in_features, out_features) = "
                          f"{min(in_features, out_features)}, got {r!r}")
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not (_is_number(alpha) and 0 < alpha < math.inf):
+        raise ValueError(f"alpha must be > 0 and finite (a number), got {alpha!r}")
+    if not (_is_number(dropout) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"dropout must be in [0, 1) (a number), got {dropout!r}")
 
 
 def lora_scaling(r, alpha, use_rslora=False):
@@ -181,10 +186,22 @@ class LoRALinear(nn.Module):
     def merged(self):
         return self.merged_adapters is not None
 
+    def check_can_merge(self, where="this layer"):
+        """Raise (changing nothing) unless merge() would succeed."""
+        if self.merged:
+            raise RuntimeError(f"{where}: already merged ({self.merged_adapters}); call "
+                               "unmerge() first")
+        self._float_weight("merge")
+
+    def check_can_unmerge(self, where="this layer"):
+        """Raise (changing nothing) unless unmerge() would succeed."""
+        if not self.merged:
+            raise RuntimeError(f"{where}: not merged: there is nothing to unmerge")
+        self._float_weight("unmerge")
+
     def merge(self):
         """W0 <- W0 + sum of s B A over the active adapters, in W0's dtype."""
-        if self.merged:
-            raise RuntimeError(f"already merged ({self.merged_adapters}); call unmerge() first")
+        self.check_can_merge()
         weight = self._float_weight("merge")
         with torch.no_grad():
             for name in self.active:
@@ -193,8 +210,7 @@ class LoRALinear(nn.Module):
 
     def unmerge(self):
         """W0 <- W0 - the updates merge() added (equal to the original up to rounding)."""
-        if not self.merged:
-            raise RuntimeError("not merged: there is nothing to unmerge")
+        self.check_can_unmerge()
         weight = self._float_weight("unmerge")
         with torch.no_grad():
             for name in self.merged_adapters:

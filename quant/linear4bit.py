@@ -93,6 +93,9 @@ class Linear4bit(nn.Module):
         return self.weight.dequantize(dtype or self.compute_dtype)
 
     def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear4bit expects inputs of width in_features = "
+                             f"{self.in_features}, got shape {tuple(x.shape)}")
         if self.compute_dtype == torch.float16 and x.device.type != "cuda":
             raise RuntimeError("Linear4bit: float16 compute is only supported on CUDA; "
                                "use torch.bfloat16 or torch.float32 on CPU")
@@ -134,8 +137,11 @@ def quantize_model(model, targets=None, blocksize=64, double_quant=True,
     names = [name for name, m in model.named_modules() if name and isinstance(m, nn.Linear)]
     chosen = names if targets is None else select_paths(names, targets, "nn.Linear")
     excluded = set(select_paths(names, exclude, "nn.Linear", "exclude")) if exclude else set()
-    for name in sorted(set(chosen) - excluded):
-        linear = model.get_submodule(name)
-        replace_module(model, name, Linear4bit.from_linear(linear, blocksize, double_quant,
-                                                           compute_dtype))
+    # quantize every layer before swapping any: a weight that cannot be quantized (nan, inf)
+    # then leaves the whole model as it was
+    quantized = {name: Linear4bit.from_linear(model.get_submodule(name), blocksize,
+                                              double_quant, compute_dtype)
+                 for name in sorted(set(chosen) - excluded)}
+    for name, layer in quantized.items():
+        replace_module(model, name, layer)
     return model

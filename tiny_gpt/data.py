@@ -30,7 +30,15 @@ def encode(text: str) -> list:
 
 
 def decode(ids) -> str:
-    return "".join(ALPHABET[int(i)] for i in ids)
+    """Token ids -> text. An id outside 0 .. VOCAB_SIZE - 1 is an error that names it."""
+    chars = []
+    for pos, i in enumerate(ids):
+        i = int(i)
+        if not 0 <= i < len(ALPHABET):
+            raise ValueError(f"token id {i} at position {pos} is outside the vocabulary "
+                             f"0..{len(ALPHABET) - 1}")
+        chars.append(ALPHABET[i])
+    return "".join(chars)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,11 +154,22 @@ def make_corpus(n_chars: int = 1_000_000, seed: int = 0) -> str:
 
 
 def load_text(path) -> str:
-    """Read a user's UTF-8 text file and check that it encodes (raises on unknown chars)."""
-    text = Path(path).read_text(encoding="utf-8")
+    """Read a user's UTF-8 text file and check that it encodes (raises on unknown chars);
+    every error names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no such text file: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: byte {e.object[e.start]:#04x} at byte "
+                         f"offset {e.start}") from None
     if not text:
         raise ValueError(f"{path} is empty")
-    encode(text)
+    try:
+        encode(text)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     return text
 
 

@@ -1,0 +1,173 @@
+"""Bad input across the public API: a clear error that says what was wrong and what is allowed,
+raised before anything changes -- the model, the files on disk, the global state. Operations
+over many layers complete or leave every layer as it was. (Training configs, devices and
+checkpoints: tests/test_train_resume.py; safetensors files: tests/test_safetensors.py.)"""
+import copy
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lora import (LoRALinear, apply_lora, load_adapter, load_model_weights, merge_lora,
+                  save_adapter, save_merged_model, unmerge_lora)
+from lora.io import CONFIG_NAME, WEIGHTS_NAME
+from quant import Linear4bit, quantize_model
+from tiny_gpt import GPT, GPTConfig, decode, load_text
+from tiny_gpt.util.safetensors import load_file, save_file
+
+
+def gpt(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+
+
+def same_state(a: dict, b: dict):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def snapshot(model):
+    return copy.deepcopy(model.state_dict())
+
+
+@pytest.mark.parametrize("kwargs, phrase", [
+    (dict(alpha=float("inf")), "alpha must be > 0 and finite"),
+    (dict(alpha=float("nan")), "alpha must be > 0 and finite"),
+    (dict(alpha="16"), "alpha must be > 0 and finite"),
+    (dict(alpha=True), "alpha must be > 0 and finite"),
+    (dict(dropout="0.1"), "dropout must be in \\[0, 1\\)"),
+    (dict(targets=None), "targets must be a module name or a list"),
+    (dict(targets=("q_proj", 3)), "every target must be a non-empty module name"),
+    (dict(targets=()), "targets is empty"),
+    (dict(r=2.0), "r must be an integer")])
+def test_apply_lora_refuses_bad_arguments_and_leaves_the_model_alone(kwargs, phrase):
+    model = gpt()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=phrase):
+        apply_lora(model, **kwargs)
+    assert same_state(model.state_dict(), before)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def lora_model():
+    model = apply_lora(gpt(), r=2, alpha=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_()
+    return model
+
+
+def test_a_config_with_infinite_alpha_is_refused(tmp_path):
+    save_adapter(lora_model(), tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "lora_alpha": float("inf")}))
+    assert "Infinity" in (tmp_path / CONFIG_NAME).read_text()
+    model = gpt()
+    with pytest.raises(ValueError, match="finite lora_alpha"):
+        load_adapter(model, tmp_path)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_adapter_tensors_holding_nan_or_inf_are_refused(tmp_path, bad):
+    save_adapter(lora_model(), tmp_path)
+    tensors, meta = load_file(tmp_path / WEIGHTS_NAME)
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = bad
+    save_file(tensors, tmp_path / WEIGHTS_NAME, meta)
+    model = gpt()
+    with pytest.raises(ValueError, match=f"tensors \\['{key}'\\] hold nan or inf"):
+        load_adapter(model, tmp_path)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_merged_weights_holding_nan_are_refused(tmp_path):
+    save_merged_model(lora_model(), tmp_path / "m.safetensors")
+    tensors, meta = load_file(tmp_path / "m.safetensors")
+    tensors[sorted(tensors)[0]] *= float("nan")
+    save_file(tensors, tmp_path / "m.safetensors", meta)
+    model = gpt(seed=3)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="hold nan or inf"):
+        load_model_weights(model, tmp_path / "m.safetensors")
+    assert same_state(model.state_dict(), before)
+
+
+def test_save_adapter_that_fails_midway_leaves_both_old_files(tmp_path, monkeypatch):
+    """The weights and the config are written to temporary names first and renamed together:
+    a failure while writing the second leaves the old pair, and no stray file."""
+    model = lora_model()
+    save_adapter(model, tmp_path)
+    old = {n: (tmp_path / n).read_bytes() for n in (WEIGHTS_NAME, CONFIG_NAME)}
+    with torch.no_grad():
+        model.blocks[0].attn.q_proj.lora_B.add_(1.0)
+    calls = []
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="No space"):
+        save_adapter(model, tmp_path)
+    assert {n: (tmp_path / n).read_bytes() for n in old} == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(old)
+
+
+def test_merge_lora_with_one_layer_that_cannot_merge_merges_none():
+    """A 4-bit base has no float weight to merge into: checked for every layer first."""
+    model = gpt()
+    quantize_model(model, targets=("blocks.1.attn.v_proj",))
+    apply_lora(model, r=2, alpha=4)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="no float .weight"):
+        merge_lora(model)
+    assert same_state(model.state_dict(), before)
+    assert not any(m.merged for m in model.modules() if isinstance(m, LoRALinear))
+
+
+def test_unmerge_lora_with_one_unmerged_layer_unmerges_none():
+    model = merge_lora(lora_model())
+    model.blocks[1].attn.v_proj.unmerge()
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="blocks.1.attn.v_proj: not merged"):
+        unmerge_lora(model)
+    assert same_state(model.state_dict(), before)
+
+
+def test_quantize_model_with_nan_in_a_late_layer_swaps_no_layer():
+    model = gpt()
+    with torch.no_grad():
+        model.blocks[1].mlp.down_proj.weight[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_model(model)
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
+
+
+def test_a_linear4bit_fed_the_wrong_width_says_so():
+    layer = Linear4bit.from_linear(nn.Linear(64, 32))
+    with pytest.raises(ValueError, match="in_features = 64, got shape \\(3, 48\\)"):
+        layer(torch.randn(3, 48))
+
+
+@pytest.mark.parametrize("ids", [[-1], [200], [5, 96]])
+def test_decode_refuses_ids_outside_the_vocabulary(ids):
+    with pytest.raises(ValueError, match="outside the vocabulary 0..95"):
+        decode(ids)
+
+
+def test_load_text_names_the_file_for_each_problem(tmp_path):
+    with pytest.raises(ValueError, match="no such text file: .*missing.txt"):
+        load_text(tmp_path / "missing.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8 text: byte 0xe9 at byte "
+                                         "offset 3"):
+        load_text(tmp_path / "latin1.txt")
+    (tmp_path / "accent.txt").write_text("café", encoding="utf-8")
+    with pytest.raises(ValueError, match="accent.txt: character 'é'"):
+        load_text(tmp_path / "accent.txt")
