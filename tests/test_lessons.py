@@ -1,7 +1,9 @@
 """Smoke runs: every lesson's main() with --quick, in one shared temporary runs folder (so the
-quick base model of lesson 00 is trained once and reused, as in a real run)."""
+quick base model of lesson 00 is trained once and reused, as in a real run); and
+``python -m lessons``: failures listed and non-zero, stale summaries ignored, bad flags refused."""
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,63 @@ def test_lesson_quick_run(path, runs_dir):
     assert json.loads(summaries[0].read_text())["numbers"]
 
 
-def test_lessons_are_numbered_00_to_09_without_gaps():
+def test_lessons_are_numbered_from_00_without_gaps():
     numbers = [int(p.name[:2]) for p in LESSONS]
     assert numbers == list(range(len(numbers)))
+
+
+def fake_lesson(folder: Path, name: str, code: int, summary=True) -> Path:
+    """A stand-in lesson script: writes a summary (or not) under --runs and exits with code."""
+    path = folder / name
+    path.write_text(
+        "import json, sys, pathlib\n"
+        "runs = pathlib.Path(sys.argv[sys.argv.index('--runs') + 1])\n"
+        f"out = runs / '{name[:-3]}'\n"
+        "out.mkdir(parents=True, exist_ok=True)\n"
+        f"if {summary}:\n"
+        "    (out / 'summary.json').write_text(json.dumps({'numbers': {'x': 1.5}}))\n"
+        f"print('table of {name}')\n"
+        f"sys.exit({code})\n")
+    return path
+
+
+def test_run_all_lists_failed_lessons_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+    import lessons.__main__ as run_all
+    scripts = [fake_lesson(tmp_path, "00_fine.py", 0), fake_lesson(tmp_path, "01_broken.py", 3)]
+    monkeypatch.setattr(run_all, "lesson_files", lambda: scripts)
+    runs = tmp_path / "runs"
+    assert run_all.main(["--runs", str(runs), "--report", str(tmp_path / "report")]) == 1
+    out = capsys.readouterr().out
+    assert "1 lesson(s) failed: 01_broken.py" in out and "x=1.5" in out
+    page = (tmp_path / "report" / "results.md").read_text()
+    assert "| 01_broken.py | FAILED |" in page and "table of 00_fine.py" in page
+    assert "Machine:" in page and "torch" in page
+
+
+def test_run_all_ignores_a_stale_summary_of_an_earlier_run(tmp_path, monkeypatch, capsys):
+    import lessons.__main__ as run_all
+    runs = tmp_path / "runs"
+    (runs / "00_fine").mkdir(parents=True)
+    (runs / "00_fine" / "summary.json").write_text(json.dumps({"numbers": {"stale": 9}}))
+    time.sleep(0.05)
+    script = fake_lesson(tmp_path, "00_fine.py", 4, summary=False)
+    monkeypatch.setattr(run_all, "lesson_files", lambda: [script])
+    assert run_all.main(["--runs", str(runs)]) == 1
+    assert "stale" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, phrase", [(["--only", "99"], "no lesson numbered 99"),
+                                          (["--bogus"], "unrecognized arguments")])
+def test_run_all_refuses_bad_flags_with_a_usage_error(argv, phrase, capsys):
+    import lessons.__main__ as run_all
+    with pytest.raises(SystemExit) as stop:
+        run_all.main(argv)
+    assert stop.value.code == 2 and phrase in capsys.readouterr().err
+
+
+def test_run_all_refuses_a_runs_path_that_is_a_file(tmp_path, capsys):
+    import lessons.__main__ as run_all
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit):
+        run_all.main(["--runs", str(tmp_path / "f")])
+    assert "is a file" in capsys.readouterr().err
