@@ -171,3 +171,23 @@ def test_load_text_names_the_file_for_each_problem(tmp_path):
     (tmp_path / "accent.txt").write_text("café", encoding="utf-8")
     with pytest.raises(ValueError, match="accent.txt: character 'é'"):
         load_text(tmp_path / "accent.txt")
+
+
+@pytest.mark.parametrize("field, value", [("n_head", 0), ("n_layer", -1), ("n_embd", 2.5),
+                                          ("dropout", 1.0), ("block_size", True)])
+def test_a_bad_gpt_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"GPTConfig.{field} must be"):
+        GPTConfig(**{field: value})
+
+
+@pytest.mark.parametrize("bad", [96, -1])
+def test_a_token_id_outside_the_vocabulary_is_a_clear_error(bad):
+    x = torch.zeros(1, 4, dtype=torch.long)
+    x[0, 2] = bad
+    with pytest.raises(ValueError, match="token ids must lie in 0..95"):
+        gpt()(x)
+
+
+def test_float_token_ids_are_refused():
+    with pytest.raises(TypeError, match="integer tensor"):
+        gpt()(torch.zeros(1, 4))

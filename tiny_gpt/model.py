@@ -26,16 +26,32 @@ class GPTConfig:
     n_head: int = 4           # attention heads per block
     n_embd: int = 128         # width of the residual stream; must divide by n_head
     mlp_ratio: int = 4        # hidden width of the MLP = mlp_ratio * n_embd
-    dropout: float = 0.0      # dropout on attention weights and residual branches
+    dropout: float = 0.0      # dropout p on the embeddings (tok + pos), the attention weights
+                              # and each block's attention and MLP outputs before the residual add
     gradient_checkpointing: bool = False  # recompute each block in backward instead of storing
     checkpoint_impl: str = "torch"  # "torch" (non-reentrant), "torch_reentrant", "manual" (ours)
 
     def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a whole number >= 1, got {value!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.checkpoint_impl not in CHECKPOINT_IMPLS:
             raise ValueError(f"checkpoint_impl={self.checkpoint_impl!r}; use one of "
                              f"{CHECKPOINT_IMPLS}")
+
+
+def check_token_ids(idx, vocab_size):
+    """Token ids must be integers in 0 .. vocab_size - 1 (else the embedding's own IndexError)."""
+    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"token ids must be an integer tensor, got {idx.dtype}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size):
+        raise ValueError(f"token ids must lie in 0..{vocab_size - 1}; got values from "
+                         f"{int(idx.min())} to {int(idx.max())}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -130,6 +146,7 @@ class GPT(nn.Module):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        check_token_ids(idx, self.config.vocab_size)
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
