@@ -1,7 +1,7 @@
 """Lesson 00 -- pretrain the tiny GPT.
 
 Everything later adapts this model, so we build it first: a decoder-only transformer (about
-0.85M parameters: 4 blocks, 4 heads, width 128, 256 positions) over a 96-character alphabet,
+0.84M parameters: 4 blocks, 4 heads, width 128, 256 positions) over a 96-character alphabet,
 trained to predict the next character of an English-like corpus that the project generates from
 a small grammar (``tiny_gpt/data.py``). The objective is the language-modelling loss
 
@@ -20,16 +20,16 @@ Run it: ``python lessons/00_pretrain_tiny_gpt.py`` (about 4-5 minutes on a 2-cor
 model is cached in ``runs/base/``; later lessons load it from there (and train it if missing).
 ``--text FILE`` pretrains on your own UTF-8 text instead (saved separately, in runs/00_pretrain/).
 """
+import json
 import random
-import time
 from dataclasses import replace
 
 import torch
 
 from lessons.common import (base_path, base_recipe, get_base_model, lesson_dir,
-                            matplotlib_pyplot, parse_args, print_table, run_main, save_figure,
-                            write_summary)
-from tiny_gpt import GPTConfig, TASKS, decode, encode, exact_match
+                            matplotlib_pyplot, median_step_seconds, parse_args, print_table,
+                            run_main, save_figure, write_summary)
+from tiny_gpt import TASKS, decode, encode, exact_match
 from tiny_gpt.data import get_batch
 from tiny_gpt.model import GPT
 from tiny_gpt.evaluate import greedy_answers, validation_loss
@@ -60,34 +60,33 @@ def obtain_model(args, out):
     return model, recipe, info["result"]
 
 
-def step_time(model_cfg, train_ids, recipe, device, checkpointing, steps):
-    """Median seconds per forward+backward+AdamW step of a fresh model."""
-    model = GPT(replace(model_cfg, gradient_checkpointing=checkpointing)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    gen = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(steps + 1):
-        x, y = get_batch(train_ids, recipe.batch_size, recipe.seq_len, gen)
-        t0 = time.perf_counter()
-        model(x.to(device), y.to(device))[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[steps // 2]
+def print_pretraining(args, model, recipe, result, train_ids, val_ids):
+    """The run's size, speed and losses; returns the validation loss."""
+    n_batches = recipe.eval_batches
+    val_loss = validation_loss(model, val_ids, recipe.seq_len, n_batches, recipe.batch_size)
+    train_loss = validation_loss(model, train_ids, recipe.seq_len, n_batches, recipe.batch_size)
+    rows = [["parameters", f"{model.num_params():,}"],
+            ["corpus characters (train/val)", f"{len(train_ids):,} / {len(val_ids):,}"],
+            ["optimizer steps", result["steps"]],
+            ["tokens seen", f"{result['tokens']:,}"],
+            ["wall time (s)", round(result["wall_time"], 1)],
+            ["tokens/s", f"{result['tokens'] / result['wall_time']:,.0f}"],
+            ["train loss", round(train_loss, 4)],
+            ["val loss", round(val_loss, 4)]]
+    print_table(f"Pretraining ({args.device})", ["what", "value"], rows)
+    return val_loss
 
 
-def plot_curve(out, args):
-    import json
-    records = [json.loads(l) for l in open(out / "train_log.jsonl")] if (
-        out / "train_log.jsonl").exists() else []
-    if not records:
-        return
-    plt = matplotlib_pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, label="train")
-    ax.set(xlabel="step", ylabel="loss (nats/char)", title="Pretraining the tiny GPT")
-    ax.legend()
-    save_figure(fig, out / "loss_curve.png")
+def print_base_on_tasks(args, model):
+    """Exact match of the base on every task's held-out prompts: {task: accuracy}."""
+    n_test = 20 if args.quick else None  # --quick: a smoke run, not a measurement
+    base_acc = {name: exact_match(model, task.splits()["test"][:n_test], args.device)
+                for name, task in TASKS.items()}
+    print_table("The base model on the fine-tuning tasks (exact match, held-out prompts)",
+                ["task", "what", "example", "base accuracy"],
+                [[n, t.describe, "".join(t.splits(n_train=1)["train"][0]).strip(),
+                  f"{100 * base_acc[n]:.1f}%"] for n, t in TASKS.items()])
+    return base_acc
 
 
 ECHOES = [('Ben says "{w}" and Mia says "', False), ('Anna reads "{w}" and shouts "', True)]
@@ -107,47 +106,31 @@ def copying_skill(model, device, n_words):
     return acc
 
 
-def main(argv=None):
-    args = parse_args(__doc__, argv, add_args)
-    out = lesson_dir(args, NAME)
-    model, recipe, result = obtain_model(args, out)
-    train_ids, val_ids = corpus_ids(recipe)
-    model.eval()
-    n_batches = recipe.eval_batches
-    val_loss = validation_loss(model, val_ids, recipe.seq_len, n_batches, recipe.batch_size)
-    train_loss = validation_loss(model, train_ids, recipe.seq_len, n_batches, recipe.batch_size)
-    rows = [["parameters", f"{model.num_params():,}"],
-            ["corpus characters (train/val)", f"{len(train_ids):,} / {len(val_ids):,}"],
-            ["optimizer steps", result["steps"]],
-            ["tokens seen", f"{result['tokens']:,}"],
-            ["wall time (s)", round(result["wall_time"], 1)],
-            ["tokens/s", f"{result['tokens'] / result['wall_time']:,.0f}"],
-            ["train loss", round(train_loss, 4)],
-            ["val loss", round(val_loss, 4)]]
-    print_table(f"Pretraining ({args.device})", ["what", "value"], rows)
-
-    base_acc = {}
-    n_test = 20 if args.quick else None  # --quick: a smoke run, not a measurement
-    for name, task in TASKS.items():
-        base_acc[name] = exact_match(model, task.splits()["test"][:n_test], args.device)
-    print_table("The base model on the fine-tuning tasks (exact match, held-out prompts)",
-                ["task", "what", "example", "base accuracy"],
-                [[n, t.describe, "".join(t.splits(n_train=1)["train"][0]).strip(),
-                  f"{100 * base_acc[n]:.1f}%"] for n, t in TASKS.items()])
-
+def print_copying_skill(args, model):
     copy_acc = copying_skill(model, args.device, 10 if args.quick else 150)
+    rows = [[f"{fmt.format(w='red cat')}{'RED CAT!' if up else 'red cat'}\"", f"{100 * a:.1f}%"]
+            for (fmt, up), a in copy_acc.items()]
     print_table("The latent skill: copying in the corpus's own echo sentences (greedy, lexicon "
-                "words)", ["sentence the base completes", "words copied right"],
-                [[f"{fmt.format(w='red cat')}{'RED CAT!' if up else 'red cat'}\"", f"{100 * a:.1f}%"]
-                 for (fmt, up), a in copy_acc.items()])
+                "words)", ["sentence the base completes", "words copied right"], rows)
+    return copy_acc
 
-    steps = 1 if args.quick else 5
-    t_plain = step_time(model.config, train_ids, recipe, args.device, False, steps)
-    t_ckpt = step_time(model.config, train_ids, recipe, args.device, True, steps)
+
+def print_checkpointing_cost(args, model_cfg, train_ids, recipe):
+    """Median seconds of one forward+backward+AdamW step of a fresh model with gradient
+    checkpointing off and on, the two taking turns on one pretraining batch."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = get_batch(train_ids, recipe.batch_size, recipe.seq_len, gen)
+    runs = {}
+    for name, checkpointing in (("off", False), ("on", True)):
+        model = GPT(replace(model_cfg, gradient_checkpointing=checkpointing)).to(args.device)
+        runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+    t = median_step_seconds(runs, [(x, y, None)], repeats=1 if args.quick else 5)
     print_table("Gradient checkpointing (one training step)", ["", "ms/step", "ratio"],
-                [["off", round(1e3 * t_plain, 1), 1.0],
-                 ["on", round(1e3 * t_ckpt, 1), round(t_ckpt / t_plain, 3)]])
+                [["off", round(1e3 * t["off"], 1), 1.0],
+                 ["on", round(1e3 * t["on"], 1), round(t["on"] / t["off"], 3)]])
 
+
+def print_samples(args, model):
     print("Samples (temperature 0.8, top-k 10):")
     gen = torch.Generator().manual_seed(args.seed)
     for prompt in ["The ", "Anna says \"", "Who "]:
@@ -155,13 +138,42 @@ def main(argv=None):
         n_new = 20 if args.quick else 120
         text = decode(model.generate(idx, n_new, temperature=0.8, top_k=10, generator=gen)[0])
         print(f"  {text.splitlines()[0]!r}")
-    plot_curve(out, args)
-    write_summary(args, NAME, {"parameters": model.num_params(), "val_loss": val_loss,
-                               "wall_time_s": result["wall_time"],
-                               "tokens_per_s": result["tokens"] / result["wall_time"],
-                               **{f"base_acc_{k}": v for k, v in base_acc.items()},
-                               "copy_acc_says": copy_acc[ECHOES[0]],
-                               "copy_acc_shouts": copy_acc[ECHOES[1]]})
+
+
+def plot_curve(out):
+    log = out / "train_log.jsonl"
+    records = [json.loads(line) for line in open(log)] if log.exists() else []
+    if not records:
+        return
+    plt = matplotlib_pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=0.8, label="train")
+    ax.set(xlabel="step", ylabel="loss (nats/char)", title="Pretraining the tiny GPT")
+    ax.legend()
+    save_figure(fig, out / "loss_curve.png")
+
+
+def summary(model, result, val_loss, base_acc, copy_acc):
+    return {"parameters": model.num_params(), "val_loss": val_loss,
+            "wall_time_s": result["wall_time"],
+            "tokens_per_s": result["tokens"] / result["wall_time"],
+            **{f"base_acc_{k}": v for k, v in base_acc.items()},
+            "copy_acc_says": copy_acc[ECHOES[0]], "copy_acc_shouts": copy_acc[ECHOES[1]]}
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv, add_args)
+    out = lesson_dir(args, NAME)
+    model, recipe, result = obtain_model(args, out)
+    train_ids, val_ids = corpus_ids(recipe)
+    model.eval()
+    val_loss = print_pretraining(args, model, recipe, result, train_ids, val_ids)
+    base_acc = print_base_on_tasks(args, model)
+    copy_acc = print_copying_skill(args, model)
+    print_checkpointing_cost(args, model.config, train_ids, recipe)
+    print_samples(args, model)
+    plot_curve(out)
+    write_summary(args, NAME, summary(model, result, val_loss, base_acc, copy_acc))
     return 0
 
 

@@ -23,21 +23,22 @@ since every weight moves), and put the two side by side.
 """
 import copy
 import statistics
-import time
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, finetune_config, get_base_model, lesson_dir,
-                            matplotlib_pyplot, parse_args, print_table, run_main, save_figure,
+from lessons.common import (DEFAULT_TASK, LORA_ALPHA, LORA_R, LORA_TARGETS, finetune_config,
+                            get_base_model, lesson_dir, matplotlib_pyplot, median_step_seconds,
+                            moving_average, parse_args, print_table, run_main, save_figure,
                             task_splits, write_summary)
 from lora import apply_lora, count_parameters, format_table, parameter_table
 from tiny_gpt import exact_match, sample_batch
 from tiny_gpt.evaluate import greedy_answers
 from tiny_gpt.finetune import finetune
+from tiny_gpt.memory.ledger import measure_step
 from tiny_gpt.train import make_optimizer
 
 NAME = "02_lora_on_q_and_v"
-TARGETS, R, ALPHA = ("q_proj", "v_proj"), 8, 16
+TARGETS, R, ALPHA = LORA_TARGETS, LORA_R, LORA_ALPHA  # the shared recipe's: Q and V, r = 8
 GOALS = {"trainable_fraction": 0.02, "base_acc": 0.10, "lora_acc": 0.90}
 
 
@@ -61,7 +62,8 @@ def show_injection(model):
     apply_lora(model, targets=TARGETS, r=R, alpha=ALPHA)
     print(f"... and after apply_lora(model, targets={TARGETS}, r={R}, alpha={ALPHA}):\n"
           + str(model.blocks[0].attn) + "\n")
-    print("Parameters per module (blocks 1-3 summed; they repeat block 0):")
+    print(f"Parameters per module (blocks 1-{len(model.blocks) - 1} summed; they repeat "
+          "block 0):")
     print(format_table(grouped_rows(model)) + "\n")
     names = [(n, p.requires_grad) for n, p in model.named_parameters()]
     trainable = [n for n, g in names if g]
@@ -73,6 +75,57 @@ def show_injection(model):
     return count_parameters(model)
 
 
+def method_configs(args):
+    """The shared recipe for each: LoRA's lr 1e-2, full fine-tuning's 1e-3, the same steps."""
+    steps = finetune_config(args).max_steps
+    quick = {"eval_every": steps} if args.quick else {}  # --quick: one validation, not five
+    return {k: finetune_config(args, m, **quick) for k, m in (("LoRA", "lora"),
+                                                               ("full FT", "full"))}
+
+
+def train_each(models, splits, cfgs, device):
+    results = {}
+    for name, model in models.items():
+        print(f"fine-tuning: {name}, {cfgs[name].max_steps} steps, lr {cfgs[name].lr}")
+        results[name] = finetune(model, splits, cfgs[name], batch_size=32, device=device,
+                                 with_accuracy=True)
+    return results
+
+
+def step_costs(models, cfgs, batch, device, repeats):
+    """AdamW's state bytes after one real step (moments + step counters, read off the tensors
+    by tiny_gpt/memory/ledger.py) and the median seconds of one training step (the models
+    taking turns on `batch`), on throwaway copies whose optimizers are made the way
+    tiny_gpt.train makes them: over trainable parameters only."""
+    runs = {}
+    for name, model in models.items():
+        model = copy.deepcopy(model).to(device).train()
+        runs[name] = (model, make_optimizer(model, cfgs[name]))
+    state_bytes = {name: measure_step(model, [batch], opt).optimizer
+                   for name, (model, opt) in runs.items()}
+    return state_bytes, median_step_seconds(runs, [batch], repeats)
+
+
+def print_comparison(args, cfgs, counts, acc, base_acc, state_bytes, step_s, results):
+    names = list(cfgs)
+    n_evals = len(results["LoRA"].evals)
+    def row(label, fmt):
+        return [label] + [fmt(k) for k in names]
+    rows = [row(f"test exact match (base: {base_acc:.1%})", lambda k: f"{acc[k]:.1%}"),
+            row("trainable parameters", lambda k: f"{counts[k][0]:,}"),
+            row("  share of the model", lambda k: f"{counts[k][0] / counts[k][1]:.2%}"),
+            row("gradient bytes (fp32)", lambda k: f"{4 * counts[k][0]:,}"),
+            row("AdamW state bytes (measured)", lambda k: f"{state_bytes[k]:,}"),
+            row("median step time (ms, side by side)", lambda k: f"{1e3 * step_s[k]:.1f}"),
+            row(f"wall time of the run (s, incl. {n_evals} validations)",
+                lambda k: f"{results[k].wall_time:.1f}"),
+            row("final train loss (mean of last 50 steps)",
+                lambda k: f"{statistics.fmean(results[k].losses[-50:]):.4f}")]
+    print_table(f"LoRA (Q, V, r = {R}) vs full fine-tuning on '{DEFAULT_TASK}', "
+                f"{cfgs['LoRA'].max_steps} steps each, batch 32, {args.device}", ["", *names],
+                rows)
+
+
 def frozen_change(lora_model, reference):
     """Largest |change| of any frozen weight: a wrapped layer's W0 sits at <path>.base.*"""
     before = dict(reference.named_parameters())
@@ -80,39 +133,13 @@ def frozen_change(lora_model, reference):
                for n, p in lora_model.named_parameters() if not p.requires_grad)
 
 
-def optimizer_state_bytes(model, cfg, batch, device):
-    """Bytes in AdamW's state after one real step on a copy of the model (moments + step
-    counters), made the way tiny_gpt.train makes it: over trainable parameters only."""
-    model = copy.deepcopy(model).to(device).train()
-    opt = make_optimizer(model, cfg)
-    x, y, mask = (t.to(device) for t in batch)
-    model(x, y, mask)[1].backward()
-    opt.step()
-    tensors = [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def median_step_times(models, cfgs, examples, device, steps):
-    """Median seconds of one training step (fwd, bwd, clip, AdamW) per model, the models
-    taking turns so that a busy machine slows them alike."""
-    runs = {}
-    for name, model in models.items():
-        model = copy.deepcopy(model).to(device).train()
-        runs[name] = (model, make_optimizer(model, cfgs[name]), [])
-    gen = torch.Generator().manual_seed(0)
-    for i in range(steps + 1):  # the first step warms up and is dropped
-        x, y, mask = (t.to(device) for t in sample_batch(examples, 32, gen))
-        for model, opt, times in runs.values():
-            start = time.perf_counter()
-            model(x, y, mask)[1].backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:
-                times.append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, (_, _, times) in runs.items()}
+def print_frozen_check(lora_model, reference, trainable):
+    """The base did not move; what AdamW's state should be. Returns the largest change."""
+    base_drift = frozen_change(lora_model, reference)
+    print(f"largest change of any frozen base weight during LoRA training: {base_drift}")
+    print(f"AdamW keeps 2 moments per trainable number: 2 x 4 x {trainable:,} = "
+          f"{8 * trainable:,} bytes, plus a 4-byte step counter per tensor\n")
+    return base_drift
 
 
 def show_samples(models, examples, device):
@@ -124,14 +151,21 @@ def show_samples(models, examples, device):
     print_table("Greedy completions of held-out prompts", ["input", "expected", *models], rows)
 
 
+def print_targets(trainable, total, base_acc, lora_acc):
+    checks = [("trainable share <= 2%", trainable / total,
+               trainable / total <= GOALS["trainable_fraction"]),
+              ("base accuracy <= 10%", base_acc, base_acc <= GOALS["base_acc"]),
+              ("LoRA accuracy >= 90%", lora_acc, lora_acc >= GOALS["lora_acc"])]
+    print_table("Targets", ["target", "measured", "met"],
+                [[t, f"{v:.2%}", "PASS" if ok else "NOT MET"] for t, v, ok in checks])
+
+
 def plot_curves(results, path):
     plt = matplotlib_pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, res in results.items():
         k = max(1, len(res.losses) // 60)  # moving average over ~1/60 of the run
-        smooth = [statistics.fmean(res.losses[max(0, i - k + 1):i + 1])
-                  for i in range(len(res.losses))]
-        ax1.plot(range(1, len(smooth) + 1), smooth, label=name)
+        ax1.plot(range(k, len(res.losses) + 1), moving_average(res.losses, k), label=name)
         ax2.plot([s for s, _ in res.evals], [m["val_acc"] for _, m in res.evals], "o-",
                  label=name)
     ax1.set(xlabel="step", ylabel="train loss (answer tokens)", yscale="log",
@@ -143,34 +177,21 @@ def plot_curves(results, path):
     save_figure(fig, path)
 
 
-def comparison_rows(models, counts, acc, base_acc, state_bytes, step_s, results):
-    n_evals = len(results["LoRA"].evals)
-    def row(label, fmt):
-        return [label] + [fmt(k) for k in models]
-    return [row(f"test exact match (base: {base_acc:.1%})", lambda k: f"{acc[k]:.1%}"),
-            row("trainable parameters", lambda k: f"{counts[k][0]:,}"),
-            row("  share of the model", lambda k: f"{counts[k][0] / counts[k][1]:.2%}"),
-            row("gradient bytes (fp32)", lambda k: f"{4 * counts[k][0]:,}"),
-            row("AdamW state bytes (measured)", lambda k: f"{state_bytes[k]:,}"),
-            row("median step time (ms, side by side)", lambda k: f"{1e3 * step_s[k]:.1f}"),
-            row(f"wall time of the run (s, incl. {n_evals} validations)",
-                lambda k: f"{results[k].wall_time:.1f}"),
-            row("final train loss (mean of last 50 steps)",
-                lambda k: f"{statistics.fmean(results[k].losses[-50:]):.4f}")]
-
-
-def print_targets(trainable, total, base_acc, lora_acc):
-    checks = [("trainable share <= 2%", trainable / total,
-               trainable / total <= GOALS["trainable_fraction"]),
-              ("base accuracy <= 10%", base_acc, base_acc <= GOALS["base_acc"]),
-              ("LoRA accuracy >= 90%", lora_acc, lora_acc >= GOALS["lora_acc"])]
-    print_table("Targets", ["target", "measured", "met"],
-                [[t, f"{v:.2%}", "PASS" if ok else "NOT MET"] for t, v, ok in checks])
+def summary(acc, base_acc, counts, state_bytes, step_s, results, base_drift):
+    trainable, total = counts["LoRA"]
+    return {"lora_test_acc": acc["LoRA"], "full_test_acc": acc["full FT"],
+            "base_test_acc": base_acc, "trainable_fraction": trainable / total,
+            "lora_trainable": trainable, "full_trainable": counts["full FT"][0],
+            "lora_adam_state_bytes": state_bytes["LoRA"],
+            "full_adam_state_bytes": state_bytes["full FT"],
+            "lora_step_ms": 1e3 * step_s["LoRA"], "full_step_ms": 1e3 * step_s["full FT"],
+            "lora_wall_s": results["LoRA"].wall_time, "full_wall_s": results["full FT"].wall_time,
+            "frozen_base_max_change": base_drift}
 
 
 def main(argv=None):
     args = parse_args(__doc__, argv)
-    out, device = lesson_dir(args, NAME), args.device
+    device = args.device
     splits = task_splits(args, DEFAULT_TASK)
     base, _ = get_base_model(args)
     base_acc = exact_match(base, splits["test"], device)
@@ -178,42 +199,19 @@ def main(argv=None):
     reference = copy.deepcopy(base)   # untouched: for the frozen-weights check and samples
     trainable, total = show_injection(base)
     models = {"LoRA": base, "full FT": full}
-
-    steps = finetune_config(args).max_steps
-    quick = {"eval_every": steps} if args.quick else {}  # --quick: one validation, not five
-    cfgs = {k: finetune_config(args, m, **quick) for k, m in (("LoRA", "lora"),
-                                                               ("full FT", "full"))}
-    first_batch = sample_batch(splits["train"], 32, torch.Generator().manual_seed(0))
-    state_bytes = {k: optimizer_state_bytes(m, cfgs[k], first_batch, device)
-                   for k, m in models.items()}
-    results = {}
-    for name, model in models.items():
-        print(f"fine-tuning: {name}, {steps} steps, lr {cfgs[name].lr}")
-        results[name] = finetune(model, splits, cfgs[name], batch_size=32, device=device,
-                                 with_accuracy=True)
-    acc = {k: exact_match(m, splits["test"], device) for k, m in models.items()}
-    step_s = median_step_times(models, cfgs, splits["train"], device, 3 if args.quick else 30)
-
     counts = {"LoRA": (trainable, total), "full FT": count_parameters(full)}
-    print_table(f"LoRA (Q, V, r = {R}) vs full fine-tuning on '{DEFAULT_TASK}', "
-                f"{steps} steps each, batch 32, {device}", ["", *models],
-                comparison_rows(models, counts, acc, base_acc, state_bytes, step_s, results))
-    base_drift = frozen_change(base, reference)
-    print(f"largest change of any frozen base weight during LoRA training: {base_drift}")
-    print(f"AdamW keeps 2 moments per trainable number: 2 x 4 x {trainable:,} = "
-          f"{8 * trainable:,} bytes, plus a 4-byte step counter per tensor\n")
+    cfgs = method_configs(args)
+    results = train_each(models, splits, cfgs, device)
+    acc = {k: exact_match(m, splits["test"], device) for k, m in models.items()}
+    first_batch = sample_batch(splits["train"], 32, torch.Generator().manual_seed(0))
+    state_bytes, step_s = step_costs(models, cfgs, first_batch, device, 3 if args.quick else 30)
+    print_comparison(args, cfgs, counts, acc, base_acc, state_bytes, step_s, results)
+    base_drift = print_frozen_check(base, reference, trainable)
     show_samples({"base": reference, **models}, splits["test"][:6], device)
     print_targets(trainable, total, base_acc, acc["LoRA"])
-    plot_curves(results, out / "loss_curves.png")
-    write_summary(args, NAME, {
-        "lora_test_acc": acc["LoRA"], "full_test_acc": acc["full FT"], "base_test_acc": base_acc,
-        "trainable_fraction": trainable / total, "lora_trainable": trainable,
-        "full_trainable": counts["full FT"][0],
-        "lora_adam_state_bytes": state_bytes["LoRA"],
-        "full_adam_state_bytes": state_bytes["full FT"],
-        "lora_step_ms": 1e3 * step_s["LoRA"], "full_step_ms": 1e3 * step_s["full FT"],
-        "lora_wall_s": results["LoRA"].wall_time, "full_wall_s": results["full FT"].wall_time,
-        "frozen_base_max_change": base_drift})
+    plot_curves(results, lesson_dir(args, NAME) / "loss_curves.png")
+    write_summary(args, NAME, summary(acc, base_acc, counts, state_bytes, step_s, results,
+                                      base_drift))
     return 0
 
 

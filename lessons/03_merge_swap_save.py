@@ -205,14 +205,31 @@ def plot_accuracy(rows, seconds, path):
     save_figure(fig, path)
 
 
+def accuracy_table(rows, tests, steps, cat_diff, svd_err):
+    print_table(f"(c) Test exact match ({len(tests[DEFAULT_TASK])} held-out prompts per task; "
+                f"each adapter trained {steps[DEFAULT_TASK]} steps)",
+                ["active adapters", *(f"on {t}" for t in TASK_NAMES)],
+                [[k, *(f"{100 * v[t]:.1f}%" for t in TASK_NAMES)] for k, v in rows.items()])
+    print(f"max |logits(cat 1, 1) - logits(stacked)| = {cat_diff:.3g}; SVD to rank 8 keeps the "
+          f"sum up to a relative error of {svd_err:.3f} (worst layer)\n")
+
+
+def summary(seconds, merge_diff, saved, cat_diff, rows):
+    stacked = rows["stacked (both active)"]
+    return {"merged_over_base_latency": seconds["LoRA merged"] / seconds["base model"],
+            "unmerged_over_base_latency": seconds["LoRA unmerged"] / seconds["base model"],
+            "merge_max_abs_diff": merge_diff, **saved, "cat_vs_stacked_max_diff": cat_diff,
+            **{f"acc_{t}_with_{t}": rows[f"{t} only"][t] for t in TASK_NAMES},
+            **{f"acc_{t}_stacked": stacked[t] for t in TASK_NAMES}}
+
+
 def main(argv=None):
     args = parse_args(__doc__, argv)
     out, device = lesson_dir(args, NAME), args.device
     splits = {t: task_splits(args, t) for t in TASK_NAMES}
     tests = {t: s["test"] for t, s in splits.items()}
-    base, _ = get_base_model(args)
-    reference = copy.deepcopy(base).eval()  # the untouched base
-    model = base
+    model, _ = get_base_model(args)
+    reference = copy.deepcopy(model).eval()  # the untouched base
     steps = {task: train_adapter(model, task, splits[task], args).steps for task in TASK_NAMES}
     model.eval()
     x = make_batch(tests[DEFAULT_TASK][:32])[0].to(device)
@@ -220,24 +237,11 @@ def main(argv=None):
     merged, seconds, merge_diff = merge_section(model, reference, x, args)
     saved = save_section(model, merged, reference, x, out)
     rows, cat_diff, svd_err = combination_section(model, tests, x, device)
-
     rows.update(non_overlapping_section(reference, splits, tests, args))
-
-    print_table(f"(c) Test exact match ({len(tests[DEFAULT_TASK])} held-out prompts per task; "
-                f"each adapter trained {steps[DEFAULT_TASK]} steps)",
-                ["active adapters", *(f"on {t}" for t in TASK_NAMES)],
-                [[k, *(f"{100 * v[t]:.1f}%" for t in TASK_NAMES)] for k, v in rows.items()])
-    print(f"max |logits(cat 1, 1) - logits(stacked)| = {cat_diff:.3g}; SVD to rank 8 keeps the "
-          f"sum up to a relative error of {svd_err:.3f} (worst layer)\n")
+    accuracy_table(rows, tests, steps, cat_diff, svd_err)
     stacked_samples(model, tests, device)
     plot_accuracy(rows, seconds, out / "adapters.png")
-    stacked = rows["stacked (both active)"]
-    write_summary(args, NAME, {
-        "merged_over_base_latency": seconds["LoRA merged"] / seconds["base model"],
-        "unmerged_over_base_latency": seconds["LoRA unmerged"] / seconds["base model"],
-        "merge_max_abs_diff": merge_diff, **saved, "cat_vs_stacked_max_diff": cat_diff,
-        **{f"acc_{t}_with_{t}": rows[f"{t} only"][t] for t in TASK_NAMES},
-        **{f"acc_{t}_stacked": stacked[t] for t in TASK_NAMES}})
+    write_summary(args, NAME, summary(seconds, merge_diff, saved, cat_diff, rows))
     return 0
 
 

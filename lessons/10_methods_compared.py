@@ -4,7 +4,7 @@ Five ways to teach the same frozen-or-not base the same task, each with the same
 number of optimizer steps, the same batch size and schedule (lessons/common.py's recipe with a
 shorter step budget so that all five fit in one run). What each one trains (C = 128, 4 blocks):
 
-    full FT   W <- W + dW for every weight                       all ~0.85M numbers
+    full FT   W <- W + dW for every weight                       all ~0.84M numbers
     adapters  h -> h + W_up gelu(W_down h) after attention and   2 per block, m = 8:  17,472
               after the MLP (Houlsby et al. 2019, Sec. 2.1)
     prefix    P = 10 learned keys and values per block that      P * 4 * 2 * C:       10,240
@@ -22,7 +22,7 @@ probe: a few candidate peaks, a short run each on the training split, and the lo
 loss wins (the table is printed; pass --no-probe to skip it and use 1e-2).
 
 Costs are measured, not estimated: trainable counts from the parameters; bytes of weights,
-gradients, optimizer state and saved activations from the tensors (tiny_gpt/memory.py) after
+gradients, optimizer state and saved activations from the tensors (tiny_gpt/memory/) after
 one real step; step time as the median of steps interleaved method by method, so that a noisy
 machine slows all of them alike; inference as the median time of one forward pass over a fixed
 batch, again interleaved, relative to the base model. LoRA can then be merged into W (and
@@ -37,25 +37,25 @@ import copy
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, FINETUNE_LR, finetune_config, get_base_model,
-                            lesson_dir, matplotlib_pyplot, parse_args, print_table, run_main,
-                            save_figure, task_splits, write_summary)
-from lora import (apply_lora, count_parameters, dequantized_float_model, merge_lora,
-                  prepare_qlora)
+from lessons.common import (DEFAULT_TASK, FINETUNE_LR, FINETUNE_STEPS, LORA_R, finetune_config,
+                            get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
+                            median_step_seconds, parse_args, print_table, run_main, save_figure,
+                            task_splits, write_summary)
+from lora import count_parameters, dequantized_float_model, merge_lora
 from tiny_gpt import exact_match, make_batch, sample_batch
-from tiny_gpt.methods.adapter_tuning import apply_adapter_tuning
 from tiny_gpt.finetune import finetune
 from tiny_gpt.memory.ledger import measure_step
-from tiny_gpt.memory.step_time import time_step
+from tiny_gpt.methods.adapter_tuning import apply_adapter_tuning
 from tiny_gpt.methods.prefix_tuning import PrefixTuning
-from tiny_gpt.util.timing import round_robin_medians
 from tiny_gpt.train import make_optimizer
+from tiny_gpt.util.timing import round_robin_medians
 
 NAME = "10_methods_compared"
 METHODS = ["full", "adapter", "prefix", "lora", "qlora"]
 LABELS = {"full": "full fine-tuning", "adapter": "adapter tuning", "prefix": "prefix tuning",
-          "lora": "LoRA (r=8, Q,V)", "qlora": "QLoRA (NF4 + LoRA)"}
-R, ALPHA, BOTTLENECK, N_PREFIX = 8, 16, 8, 10
+          "lora": f"LoRA (r={LORA_R}, Q,V)", "qlora": "QLoRA (NF4 + LoRA)"}
+BOTTLENECK, N_PREFIX = 8, 10  # LoRA and QLoRA take lessons/common.py's targets, r and alpha
+BUILD_SEED = 0  # every build of a method starts from the same initialization
 PROBE_LRS = [3e-3, 1e-2, 3e-2]
 MERGEABLE = {"full": "nothing to merge", "adapter": "no: gelu between W_down, W_up",
              "prefix": "no: extra keys/values", "lora": "yes: W + sBA",
@@ -70,8 +70,8 @@ SEED_TABLE = {"full": ("no", "High", "Moderate", "Updates all parameters"),
 
 def add_args(parser):
     parser.add_argument("--steps", type=int, default=600,
-                        help="optimizer steps per method (the shared recipe's 1500 is for one "
-                             "method; five of them share this lesson's time budget)")
+                        help=f"optimizer steps per method (the shared recipe's {FINETUNE_STEPS} "
+                             "is for one method; five of them share this lesson's time budget)")
     parser.add_argument("--probe-steps", type=int, default=150,
                         help="steps of each learning-rate probe run (adapters, prefix)")
     parser.add_argument("--no-probe", action="store_true", help="skip the LR probe, use 1e-2")
@@ -80,17 +80,15 @@ def add_args(parser):
 def build(method, base):
     """A fresh copy of the base, prepared for `method`; only what the method trains has
     requires_grad. Seeded, so every build of a method starts from the same initialization."""
-    torch.manual_seed(0)
+    if method in ("lora", "qlora"):
+        return lora_copy(base, BUILD_SEED, quantized=method == "qlora")
+    torch.manual_seed(BUILD_SEED)
     model = copy.deepcopy(base)
     if method == "full":
         return model.requires_grad_(True)
     if method == "adapter":
         return apply_adapter_tuning(model, bottleneck=BOTTLENECK)
-    if method == "prefix":
-        return PrefixTuning(model, n_prefix=N_PREFIX)
-    if method == "lora":
-        return apply_lora(model, targets=("q_proj", "v_proj"), r=R, alpha=ALPHA)
-    return prepare_qlora(model, targets=("q_proj", "v_proj"), r=R, alpha=ALPHA)
+    return PrefixTuning(model, n_prefix=N_PREFIX)
 
 
 def method_config(args, lr, steps=None, **overrides):
@@ -130,21 +128,33 @@ def training_costs(args, base, splits, lrs, repeats):
     on throwaway builds with steps interleaved across methods."""
     gen = torch.Generator().manual_seed(args.seed)
     batch = [sample_batch(splits["train"], 32, gen)]
-    models = {m: build(m, base).to(args.device) for m in METHODS}
-    opts = {m: make_optimizer(models[m], method_config(args, lrs[m])) for m in METHODS}
-    costs = {m: {"ledger": measure_step(models[m], batch, opts[m]), "times": []} for m in METHODS}
-    for _ in range(repeats):
-        for m in METHODS:
-            costs[m]["times"].append(time_step(models[m], batch, opts[m])["total"])
+    runs = {}
     for m in METHODS:
-        times = sorted(costs[m]["times"])
-        costs[m]["step_ms"] = 1e3 * times[len(times) // 2]
-        costs[m]["trainable"], _ = count_parameters(models[m])
-    return costs
+        model = build(m, base).to(args.device)
+        runs[m] = (model, make_optimizer(model, method_config(args, lrs[m])))
+    ledgers = {m: measure_step(model, batch, opt) for m, (model, opt) in runs.items()}
+    seconds = median_step_seconds(runs, batch, repeats)
+    return {m: {"ledger": ledgers[m], "step_ms": 1e3 * seconds[m],
+                "trainable": count_parameters(runs[m][0])[0]} for m in METHODS}
+
+
+def print_training_costs(args, costs, lrs, base_params):
+    rows = []
+    for m in METHODS:
+        led, c = costs[m]["ledger"], costs[m]
+        rows.append([LABELS[m], f"{c['trainable']:,}", f"{100 * c['trainable'] / base_params:.2f}%",
+                     f"{lrs[m]:g}", f"{led.weights / 1024:,.0f}", f"{led.grads / 1024:,.1f}",
+                     f"{led.optimizer / 1024:,.1f}", f"{led.activations / 1024:,.0f}",
+                     round(c["step_ms"], 1), round(c["step_ms"] / costs["full"]["step_ms"], 2)])
+    print_table(f"Training cost per method (one step: batch 32, {args.device}; KiB)",
+                ["method", "trainable", "% of model", "peak lr", "weights", "grads",
+                 "optimizer", "activations", "step ms", "vs full"], rows)
 
 
 def train_all(args, base, splits, lrs):
     """Fine-tune every method with the same steps and data; returns {method: (model, result)}."""
+    print(f"Fine-tuning each method for {args.steps} steps (shared recipe is {FINETUNE_STEPS} "
+          "for one method; same data, batch and schedule for all):", flush=True)
     trained = {}
     for m in METHODS:
         model = build(m, base)
@@ -178,6 +188,53 @@ def merged_variants(trained, x):
     return {"lora merged": lora_merged, "qlora merged (float)": qlora_float}, gaps
 
 
+def inference_costs(base, trained, x, repeats):
+    """Forward-pass latency of the base, every tuned model and the merged LoRA / QLoRA, each
+    relative to the base's; and how much merging changed the logits."""
+    merged, merge_gaps = merged_variants(trained, x)
+    timed_models = {"base": base, **{m: trained[m][0] for m in METHODS}, **merged}
+    latency = inference_latency(timed_models, x, repeats)
+    overhead = {name: latency[name] / latency["base"] for name in timed_models}
+    after_merge = {"lora": overhead["lora merged"], "qlora": overhead["qlora merged (float)"]}
+    return {"latency": latency, "overhead": overhead, "after_merge": after_merge,
+            "merge_gaps": merge_gaps}
+
+
+def print_results(args, trained, accuracy, inference, x, n_test):
+    latency, overhead = inference["latency"], inference["overhead"]
+    after_merge, merge_gaps = inference["after_merge"], inference["merge_gaps"]
+    rows = [["base (no tuning)", f"{100 * accuracy['base']:.1f}%", "-",
+             round(1e3 * latency["base"], 2), 1.0, "-", "-"]]
+    for m in METHODS:
+        result = trained[m][1]
+        merged_cell = f"{after_merge[m]:.2f}" if m in after_merge else "-"
+        rows.append([LABELS[m], f"{100 * accuracy[m]:.1f}%", round(result.best_score, 4),
+                     round(1e3 * latency[m], 2), round(overhead[m], 2), MERGEABLE[m],
+                     merged_cell])
+    print_table(f"Results after {args.steps} steps: test exact match ({n_test} held-out "
+                f"prompts) and inference (one forward pass, batch {tuple(x.shape)})",
+                ["method", "test acc", "best val loss", "forward ms", "vs base",
+                 "can merge?", "vs base merged"], rows)
+    print(f"merging changes the logits by at most: LoRA {merge_gaps['lora']:.2e}, "
+          f"QLoRA -> float copy {merge_gaps['qlora']:.2e}\n")
+
+
+def print_seed_comparison(costs, accuracy, overhead, base_params):
+    full = costs["full"]
+    rows = []
+    for m in METHODS:
+        rows.append([LABELS[m].split(" (")[0], *SEED_TABLE[m][:3],
+                     f"{100 * costs[m]['trainable'] / base_params:.2f}%",
+                     round(costs[m]["step_ms"] / full["step_ms"], 2),
+                     round(costs[m]["ledger"].total / full["ledger"].total, 2),
+                     round(overhead[m], 2), f"{100 * accuracy[m]:.1f}%"])
+    print_table("The seed's comparison (section 12) beside what we measured",
+                ["method", "seed: param eff.", "seed: compute", "seed: flexibility",
+                 "trainable", "step time / full", "train memory / full", "inference / base",
+                 "test acc"], rows)
+    print("Seed notes: " + "; ".join(f"{LABELS[m]}: {SEED_TABLE[m][3]}" for m in METHODS) + "\n")
+
+
 def plot(costs, accuracy, overhead, base_params, path):
     plt = matplotlib_pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -209,6 +266,21 @@ def plot(costs, accuracy, overhead, base_params, path):
     plt.close(fig)
 
 
+def summary(args, lrs, costs, accuracy, inference):
+    numbers = {"steps": args.steps, "base_acc": accuracy["base"]}
+    for m in METHODS:
+        numbers.update({f"{m}_acc": accuracy[m], f"{m}_trainable": costs[m]["trainable"],
+                        f"{m}_step_ms": costs[m]["step_ms"], f"{m}_lr": lrs[m],
+                        f"{m}_inference_vs_base": inference["overhead"][m],
+                        f"{m}_optimizer_bytes": costs[m]["ledger"].optimizer})
+    after_merge, merge_gaps = inference["after_merge"], inference["merge_gaps"]
+    numbers.update({"lora_merged_inference_vs_base": after_merge["lora"],
+                    "qlora_merged_inference_vs_base": after_merge["qlora"],
+                    "lora_merge_max_logit_change": merge_gaps["lora"],
+                    "qlora_merge_max_logit_change": merge_gaps["qlora"]})
+    return numbers
+
+
 def main(argv=None):
     args = parse_args(__doc__, argv, add_args)
     out = lesson_dir(args, NAME)
@@ -218,76 +290,18 @@ def main(argv=None):
     base_params = base.num_params()
     if args.quick:  # the shared recipe's smoke-run budget
         args.steps = finetune_config(args).max_steps
-    steps = args.steps
     lrs = probe_learning_rates(args, base, splits)
-
     costs = training_costs(args, base, splits, lrs, repeats=3 if args.quick else 15)
-    full_bytes = costs["full"]["ledger"]
-    rows = []
-    for m in METHODS:
-        led, c = costs[m]["ledger"], costs[m]
-        rows.append([LABELS[m], f"{c['trainable']:,}", f"{100 * c['trainable'] / base_params:.2f}%",
-                     f"{lrs[m]:g}", f"{led.weights / 1024:,.0f}", f"{led.grads / 1024:,.1f}",
-                     f"{led.optimizer / 1024:,.1f}", f"{led.activations / 1024:,.0f}",
-                     round(c["step_ms"], 1), round(c["step_ms"] / costs["full"]["step_ms"], 2)])
-    print_table(f"Training cost per method (one step: batch 32, {args.device}; KiB)",
-                ["method", "trainable", "% of model", "peak lr", "weights", "grads",
-                 "optimizer", "activations", "step ms", "vs full"], rows)
-
-    print(f"Fine-tuning each method for {steps} steps (shared recipe is 1500 for one method; "
-          "same data, batch and schedule for all):", flush=True)
+    print_training_costs(args, costs, lrs, base_params)
     trained = train_all(args, base, splits, lrs)
     accuracy = {m: exact_match(trained[m][0], splits["test"], args.device) for m in METHODS}
-    base_acc = exact_match(base, splits["test"], args.device)
-
-    x = make_batch(splits["test"][:64])[0].to(args.device)  # (64, T): answers included
-    merged, merge_gaps = merged_variants(trained, x)
-    timed_models = {"base": base, **{m: trained[m][0] for m in METHODS}, **merged}
-    latency = inference_latency(timed_models, x, repeats=3 if args.quick else 30)
-    overhead = {name: latency[name] / latency["base"] for name in timed_models}
-    after_merge = {"lora": overhead["lora merged"], "qlora": overhead["qlora merged (float)"]}
-    rows = [["base (no tuning)", f"{100 * base_acc:.1f}%", "-",
-             round(1e3 * latency["base"], 2), 1.0, "-", "-"]]
-    for m in METHODS:
-        result = trained[m][1]
-        merged_cell = f"{after_merge[m]:.2f}" if m in after_merge else "-"
-        rows.append([LABELS[m], f"{100 * accuracy[m]:.1f}%", round(result.best_score, 4),
-                     round(1e3 * latency[m], 2), round(overhead[m], 2), MERGEABLE[m],
-                     merged_cell])
-    print_table(f"Results after {steps} steps: test exact match ({len(splits['test'])} held-out "
-                f"prompts) and inference (one forward pass, batch {tuple(x.shape)})",
-                ["method", "test acc", "best val loss", "forward ms", "vs base",
-                 "can merge?", "vs base merged"], rows)
-    print(f"merging changes the logits by at most: LoRA {merge_gaps['lora']:.2e}, "
-          f"QLoRA -> float copy {merge_gaps['qlora']:.2e}\n")
-
-    rows = []
-    for m in METHODS:
-        led = costs[m]["ledger"]
-        train_bytes = led.weights + led.grads + led.optimizer + led.activations
-        rows.append([LABELS[m].split(" (")[0], *SEED_TABLE[m][:3],
-                     f"{100 * costs[m]['trainable'] / base_params:.2f}%",
-                     round(costs[m]["step_ms"] / costs["full"]["step_ms"], 2),
-                     round(train_bytes / full_bytes.total, 2),
-                     round(overhead[m], 2), f"{100 * accuracy[m]:.1f}%"])
-    print_table("The seed's comparison (section 12) beside what we measured",
-                ["method", "seed: param eff.", "seed: compute", "seed: flexibility",
-                 "trainable", "step time / full", "train memory / full", "inference / base",
-                 "test acc"], rows)
-    print("Seed notes: " + "; ".join(f"{LABELS[m]}: {SEED_TABLE[m][3]}" for m in METHODS) + "\n")
-
-    plot(costs, accuracy, overhead, base_params, out / "methods_compared.png")
-    numbers = {"steps": steps, "base_acc": base_acc}
-    for m in METHODS:
-        numbers.update({f"{m}_acc": accuracy[m], f"{m}_trainable": costs[m]["trainable"],
-                        f"{m}_step_ms": costs[m]["step_ms"], f"{m}_lr": lrs[m],
-                        f"{m}_inference_vs_base": overhead[m],
-                        f"{m}_optimizer_bytes": costs[m]["ledger"].optimizer})
-    numbers.update({"lora_merged_inference_vs_base": after_merge["lora"],
-                    "qlora_merged_inference_vs_base": after_merge["qlora"],
-                    "lora_merge_max_logit_change": merge_gaps["lora"],
-                    "qlora_merge_max_logit_change": merge_gaps["qlora"]})
-    write_summary(args, NAME, numbers)
+    accuracy["base"] = exact_match(base, splits["test"], args.device)
+    x = make_batch(splits["test"][:64])[0].to(args.device)  # (<= 64, T): answers included
+    inference = inference_costs(base, trained, x, repeats=3 if args.quick else 30)
+    print_results(args, trained, accuracy, inference, x, len(splits["test"]))
+    print_seed_comparison(costs, accuracy, inference["overhead"], base_params)
+    plot(costs, accuracy, inference["overhead"], base_params, out / "methods_compared.png")
+    write_summary(args, NAME, summary(args, lrs, costs, accuracy, inference))
     return 0
 
 
