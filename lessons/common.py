@@ -10,6 +10,7 @@ import copy
 import json
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,8 +19,8 @@ import torch
 from lora import apply_lora, prepare_qlora
 from tiny_gpt.memory.step_time import time_step
 from tiny_gpt.pretrain import PretrainRecipe, load_base, pretrain, save_base
-from tiny_gpt.tasks import get_task
-from tiny_gpt.train import TrainConfig, pick_device
+from tiny_gpt.tasks import get_task, sample_batch
+from tiny_gpt.train import TrainConfig, pick_device, train
 from tiny_gpt.util.safetensors import atomic_write_bytes
 from tiny_gpt.util.timing import round_robin_phase_medians
 
@@ -176,3 +177,54 @@ def moving_average(values, k: int) -> list:
     t = torch.as_tensor(values, dtype=torch.float64)
     k = max(1, min(k, len(t)))
     return t.unfold(0, k, 1).mean(1).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Short runs of the shared recipe, for the lessons that measure one change at a time (08, 09).
+
+TASK_BATCH = 32  # task examples per optimizer step, as in every lesson
+
+
+def short_config(args, steps: int, eval_every: int, method: str = "lora", **overrides):
+    """The shared recipe cut to `steps` steps (warmup min(50, steps // 3)), validating every
+    `eval_every` steps (0: never), keeping the last weights, no progress line; overrides win."""
+    cfg = dict(max_steps=steps, warmup_steps=min(50, steps // 3), restore_best=False,
+               eval_every=eval_every, progress=False)
+    return finetune_config(args, method, **{**cfg, **overrides})
+
+
+def fit(model, examples, cfg, args, evaluate=None):
+    """tiny_gpt.train on batches of TASK_BATCH examples drawn from `examples`."""
+    return train(model, lambda g: sample_batch(examples, TASK_BATCH, g), cfg, evaluate,
+                 device=args.device)
+
+
+def tail_mean(values, frac: float = 0.1) -> float:
+    """Mean of the last `frac` of the values (at least one): a run's end, with its noise."""
+    tail = values[-max(1, int(len(values) * frac)):]
+    return sum(tail) / len(tail)
+
+
+def plot_loss_curves(ax, curves: dict, k: int = 10) -> None:
+    """{label: training loss per step} -> their k-step moving averages on `ax` (log scale),
+    each mean drawn at the last step it covers, so the curves start at step k. k is cut to the
+    shortest curve; the curves take the colors C0, C1, ... in order."""
+    k = max(1, min([k] + [len(v) for v in curves.values()]))
+    for label, losses in curves.items():
+        avg = moving_average(losses, k)
+        ax.plot(range(len(losses) - len(avg) + 1, len(losses) + 1), avg, lw=1, label=str(label))
+    ax.set(xlabel="step", ylabel=f"training loss ({k}-step mean)", yscale="log")
+    ax.legend(fontsize=7)
+
+
+@contextmanager
+def saved_figure(path: Path, ncols: int = 1, figsize=(6.5, 3.8)):
+    """``with saved_figure(path, ncols) as axes:`` draw on a row of ncols axes (one axis when
+    ncols is 1); on leaving the block the figure is saved to `path` and closed."""
+    plt = matplotlib_pyplot()
+    fig, axes = plt.subplots(1, ncols, figsize=figsize)
+    try:
+        yield axes
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)

@@ -1,5 +1,6 @@
-"""The mechanisms of lesson 08: the dynamic loss scaler, fp16 gradient storage
-(tiny_gpt/loss_scaling.py), fp32 master weights, and same seed => same run."""
+"""The mechanisms of lessons 08_mixed_precision (the dynamic loss scaler, fp16 gradient storage
+in tiny_gpt/memory/loss_scaling.py, fp32 master weights) and 09_stability_and_evaluation (same
+seed => same run)."""
 import pytest
 import torch
 
