@@ -1,30 +1,32 @@
 """Lesson 01 -- a LoRA layer from scratch.
 
 The idea (Hu et al. 2021, "LoRA", Sec. 4.1). Fine-tuning changes a pretrained weight
-W0 (d_out x d_in) by some dW. LoRA bets that dW has low rank and trains it in factored form:
+W0 (out, in) by some dW. LoRA bets that dW has low rank and trains it in factored form. In the
+row notation of lora/function.py, x (N, in) holds N tokens and s = alpha / r:
 
-    dW = B A            A (r, d_in)    B (d_out, r)    r << min(d_in, d_out)
-    W_eff = W0 + (alpha / r) B A                       W0 frozen, only A and B are trained
-    h = W0 x + (alpha / r) B (A x)                     the forward never needs W_eff itself
+    dW = B A            A (r, in)    B (out, r)    r << min(in, out)
+    W_eff = W0 + s B A                             W0 frozen, only A and B are trained
+    y = x W0^T + b + s (x A^T) B^T                 (N, out): the forward never needs W_eff
 
 For the 128 x 128 attention projections of our tiny GPT and r = 8 that is 2 * 8 * 128 = 2,048
 trainable numbers instead of 16,384. B starts at zero and A random (Kaiming-uniform), so
 dW = 0 and the adapted model is *exactly* the base model at step 0; A still gets a gradient
-one step later, because dL/dA = (alpha/r) B^T (dL/dh) x^T is zero only while B is.
+one step later, because dL/dA = s B^T g^T x is zero only while B is.
 
-The backward (lora/function.py derives it with shapes). With g = dL/dh, s = alpha / r, u = A x:
-    dL/dB = s g u^T        dL/dA = s B^T g x^T        dL/dx = W0^T g + s A^T B^T g
+The backward (lora/function.py derives it element by element). With g = dL/dy (N, out) and
+u = x A^T (N, r):
+    dL/dB = s g^T u  (out, r)     dL/dA = s B^T g^T x  (r, in)     dL/dx = g W0 + s g B A  (N, in)
 and nothing for W0. This lesson checks that hand-written backward tensor by tensor against
 autograd and against central finite differences, in float64, and prints OK / max difference.
 
 Why not the seed's forward, F.linear(x, W0 + s B A)? It computes the same numbers, but
-  * it forms the full d_out x d_in matrix W0 + s B A on every forward pass, and
-  * autograd then differentiates through it: its backward builds the full d_out x d_in
+  * it forms the full (out, in) matrix W0 + s B A on every forward pass, and
+  * autograd then differentiates through it: its backward builds the full (out, in)
     gradient dL/dW_eff = g^T x -- a third big matmul, as costly as the forward itself --
     and only then projects it down onto A and B.
 The factored form touches W0 only in the two matmuls the frozen layer needs anyway
 (x W0^T forward, g W0 backward); the rest are skinny products with r columns. The timing below
-measures the difference on one 512 x 512 layer over 8,192 tokens.
+measures the difference on one layer (its title gives the size and the number of tokens).
 
 And why it matters for QLoRA (lesson 06): the factored form only ever *calls* the base layer.
 The base can then be a 4-bit layer that has no float W0 at all -- it dequantizes a block at a
@@ -37,9 +39,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lessons.common import (get_base_model, lesson_dir, matplotlib_pyplot, parse_args,
-                            print_table, run_main, save_figure, task_splits, write_summary)
-from lora import LoRAFunction, LoRALinear, apply_lora, lora_layers
+from lessons.common import (get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
+                            parse_args, print_table, run_main, save_figure, task_splits,
+                            write_summary)
+from lora import LoRAFunction, LoRALinear, lora_layers
 from lora.bench import benchmark_lora_linear
 from tiny_gpt import make_batch
 from tiny_gpt.util.finite_differences import central_differences
@@ -48,10 +51,10 @@ NAME = "01_lora_layer"
 TARGET_RATIO = 1.20   # our LoRALinear, fwd + bwd, at most this many times the frozen layer
 # The loss below is linear in any single entry of x, A or B (the others held fixed), so a
 # central difference has no truncation error at all: what is left is rounding, about
-# 1e-16 * |L| / eps with |L| ~ 10 here, i.e. ~1e-11 for eps = 1e-4. FD_TOL leaves wide room.
+# 1e-16 * |L| / eps with |L| ~ 100 here, i.e. ~1e-10 for eps = 1e-4. FD_TOL leaves wide room.
 FD_EPS = 1e-4         # central-difference step in float64
 FD_TOL = 1e-7
-# ours vs autograd in float64: the same products summed in another order, ~1e-15 apart.
+# ours vs autograd in float64: the same products summed in another order, ~1e-14 apart.
 AUTOGRAD_TOL = 1e-10
 
 
@@ -71,15 +74,13 @@ def shapes_table(d_in=128, d_out=128, r=8, alpha=16):
 
 
 def zero_init_check(args):
-    """Base model vs the same model right after apply_lora: output and first gradients."""
-    model, _ = get_base_model(args)
-    model.eval()
+    """Base model vs a LoRA copy of it (seeded, Q and V, r = 8): output and first gradients."""
+    base, _ = get_base_model(args)
+    base.eval()
     x, y, mask = (t.to(args.device) for t in make_batch(task_splits(args)["test"][:32]))
+    model = lora_copy(base, args.seed)
     with torch.no_grad():
-        before = model(x)[0]
-    apply_lora(model, targets=("q_proj", "v_proj"), r=8, alpha=16)
-    with torch.no_grad():
-        after = model(x)[0]
+        before, after = base(x)[0], model(x)[0]
     max_diff = (after - before).abs().max().item()
     model(x, y, mask)[1].backward()  # the first training step's gradients
     layers = [layer for _, layer in lora_layers(model)]

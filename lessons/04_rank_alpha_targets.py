@@ -41,7 +41,6 @@ a full fine-tune, so that ~16 runs fit in a few minutes; every table title says 
      re-weight directions that W already uses strongly, or amplify ones W barely uses? The
      baseline projects W onto random r-dimensional directions (Table 7's "random").
 """
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -50,9 +49,9 @@ import numpy as np
 import torch
 
 from lessons.common import (DEFAULT_TASK, finetune_config, get_base_model, lesson_dir,
-                            matplotlib_pyplot, parse_args, print_table, run_main, save_figure,
-                            task_splits, write_summary)
-from lora import apply_lora, count_parameters
+                            lora_copy, matplotlib_pyplot, parse_args, print_table, run_main,
+                            save_figure, task_splits, write_summary)
+from lora import count_parameters, lora_scaling
 from lora.analysis import (adapter_factors, amplification_factor, lora_param_count, phi_grid,
                            projected_norm, random_phi, random_projected_norm, rank_for_budget,
                            top_singular_subspaces)
@@ -67,7 +66,7 @@ TARGET_SETS = {"Q": ("q_proj",), "V": ("v_proj",), "Q,V": QV,
                "attn+MLP": ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")}
 BUDGET = ("attn+MLP", 4)   # the budget: all six projections at r = 4 (see the docstring)
 STEPS = 250                # optimizer steps per run (a full fine-tune takes 1,500)
-LAYER = 2                  # the block whose adapters part 4 dissects (of 0..3)
+LAYER = 2                  # the block of part 4b and of the similarity plot (of 0..3)
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class Spec:
 
     @property
     def scaling(self):
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+        return lora_scaling(self.r, self.alpha, self.rslora)
 
 
 def add_args(parser):
@@ -112,9 +111,8 @@ class Runs:
         # A's initial values depend on (seed, r), not on the run order. Not on the seed alone:
         # a rank-64 A would then start with the rank-8 A as its first rows (one random stream)
         # and part 4 would find them similar for that reason only.
-        torch.manual_seed(1000 * spec.seed + spec.r)
-        return apply_lora(copy.deepcopy(self.base), targets=spec.targets, r=spec.r,
-                          alpha=spec.alpha, use_rslora=spec.rslora)
+        return lora_copy(self.base, 1000 * spec.seed + spec.r, targets=spec.targets, r=spec.r,
+                         alpha=spec.alpha, use_rslora=spec.rslora)
 
     def __call__(self, spec):
         # the model depends on (targets, r, s, seed) only: rules that agree on s share a run
@@ -143,8 +141,8 @@ class Runs:
 
 # --- part 1: rank ------------------------------------------------------------------------------
 def rank_sweep(runs, ranks):
-    rows = [[r, 2 * r, runs(Spec(QV, r, 2 * r))["trainable"], runs(Spec(QV, r, 2 * r))["acc"],
-             runs(Spec(QV, r, 2 * r))["val_loss"]] for r in ranks]
+    rows = [[r, 2 * r, res["trainable"], res["acc"], res["val_loss"]]
+            for r in ranks for res in [runs(Spec(QV, r, 2 * r))]]
     print_table(f"1. Rank sweep on Q,V, alpha = 2r (s = 2), {runs.steps} steps per run",
                 ["r", "alpha", "trainable", "test exact match", "val loss"],
                 [[r, a, f"{t:,}", f"{acc:.1%}", round(v, 4)] for r, a, t, acc, v in rows])
@@ -313,17 +311,29 @@ def plot_similarity(grids, pair, path):
     print(f"saved {path}")
 
 
+def headline_numbers(runs, rank_rows, target_rows, scaling_rows, sim_rows, amp_rows):
+    """The summary.json numbers: accuracies of every sweep, mean phi(1,1), amplification."""
+    best = max(rank_rows, key=lambda r: r[3])
+    return {"steps_per_run": runs.steps, "fine_tunes": len(runs.done),
+            **{f"acc_qv_r{r[0]}": r[3] for r in rank_rows}, "best_rank": best[0],
+            **{f"acc_targets_{r[0]}": r[3] for r in target_rows},
+            **{f"acc_{a.replace(' ', '')}_r{r}": acc for a, r, *_, acc, _ in scaling_rows},
+            "phi11_A_small_large_mean": float(np.mean([r[1] for r in sim_rows])),
+            "phi11_A_seeds_mean": float(np.mean([r[3] for r in sim_rows])),
+            "phi11_dW_small_large_mean": float(np.mean([r[5] for r in sim_rows])),
+            "phi11_dW_seeds_mean": float(np.mean([r[7] for r in sim_rows])),
+            **{f"amplification_{p}_r{r}": a for p, r, *_, a, _ in amp_rows}}
+
+
 def main(argv=None):
     args = parse_args(__doc__, argv, add_args)
     out, cfg = lesson_dir(args, NAME), plan(args)
-    base, _ = get_base_model(args)
-    base.eval()
+    base = get_base_model(args)[0].eval()
     runs = Runs(args, base, task_splits(args, DEFAULT_TASK), cfg["steps"])
     t0, cpu0 = time.time(), time.process_time()
     rank_rows = rank_sweep(runs, cfg["ranks"])
     target_rows = target_sweep(runs)
-    lr = finetune_config(args, "lora").lr
-    scaling_rows = scaling_sweep(runs, cfg["scaling_ranks"], lr)
+    scaling_rows = scaling_sweep(runs, cfg["scaling_ranks"], finetune_config(args, "lora").lr)
     rs = cfg["pair"][0]
     sim_rows, grids = similarity_table(runs, cfg["pair"], Spec(QV, rs, 2 * rs, seed=1))
     amp_rows = amplification_table(runs, cfg["pair"])
@@ -331,17 +341,8 @@ def main(argv=None):
           f"{time.process_time() - cpu0:.0f}s CPU (all threads) in all\n")
     plot_sweeps(rank_rows, target_rows, scaling_rows, out / "sweeps.png")
     plot_similarity(grids, cfg["pair"], out / "subspace_similarity.png")
-    best = max(rank_rows, key=lambda r: r[3])
-    write_summary(args, NAME, {
-        "steps_per_run": runs.steps, "fine_tunes": len(runs.done),
-        **{f"acc_qv_r{r[0]}": r[3] for r in rank_rows}, "best_rank": best[0],
-        **{f"acc_targets_{r[0]}": r[3] for r in target_rows},
-        **{f"acc_{a.replace(' ', '')}_r{r}": acc for a, r, *_, acc, _ in scaling_rows},
-        "phi11_A_small_large_mean": float(np.mean([r[1] for r in sim_rows])),
-        "phi11_A_seeds_mean": float(np.mean([r[3] for r in sim_rows])),
-        "phi11_dW_small_large_mean": float(np.mean([r[5] for r in sim_rows])),
-        "phi11_dW_seeds_mean": float(np.mean([r[7] for r in sim_rows])),
-        **{f"amplification_{p}_r{r}": a for p, r, *_, a, _ in amp_rows}})
+    write_summary(args, NAME, headline_numbers(runs, rank_rows, target_rows, scaling_rows,
+                                               sim_rows, amp_rows))
     return 0
 
 

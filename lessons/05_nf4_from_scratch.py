@@ -56,8 +56,8 @@ def derive_levels(offset=NF4_OFFSET):
     """The NF4 levels step by step -> (p, Phi^-1(p), level), each (16,) in level order.
 
     Float32 probabilities and float64 quantiles, as the reference builds them."""
-    p_pos = torch.linspace(offset, 0.5, 9)[:-1].double()  # (8,) 0.968 .. 0.53
-    p_neg = torch.linspace(offset, 0.5, 8)[:-1].double()  # (7,)
+    p_pos = torch.linspace(offset, 0.5, 9)[:-1].double()  # (8,) 0.968 .. 0.558
+    p_neg = torch.linspace(offset, 0.5, 8)[:-1].double()  # (7,) 0.968 .. 0.567
     raw = torch.cat([torch.special.ndtri(p_pos), torch.zeros(1, dtype=torch.float64),
                      -torch.special.ndtri(p_neg)]).float()  # (16,) unsorted
     probs = torch.cat([p_pos, torch.full((1,), 0.5, dtype=torch.float64), 1 - p_neg])
@@ -66,14 +66,28 @@ def derive_levels(offset=NF4_OFFSET):
     return probs[order], raw[order], levels
 
 
-def levels_table(probs, raw, levels):
+def levels_table():
+    """Steps 1-3 next to the published table; -> max |derived - published| and the same for
+    the package's quant.NF4_CODE."""
+    probs, raw, levels = derive_levels()
     published = torch.tensor(PUBLISHED_NF4)
     rows = [[i, "neg" if levels[i] < 0 else ("zero" if levels[i] == 0 else "pos"),
              f"{probs[i]:.6f}", f"{raw[i]:+.6f}", f"{levels[i]:+.8f}", f"{published[i]:+.8f}",
              f"{abs(levels[i] - published[i]):.1e}"] for i in range(16)]
     print_table("Step 1-3: NF4 levels = Phi^-1(p), normalised by the largest (QLoRA appendix)",
                 ["code", "side", "p", "Phi^-1(p)", "ours", "published", "|diff|"], rows)
-    return (levels - published).abs().max().item(), (NF4_CODE - published).abs().max().item()
+    diff_derived = (levels - published).abs().max().item()
+    diff_package = (NF4_CODE - published).abs().max().item()
+    print(f"delta = {NF4_OFFSET} vs ((1 - 1/30) + (1 - 1/32)) / 2 = "
+          f"{((1 - 1 / 30) + (1 - 1 / 32)) / 2:.7f}; max |derived - published| = "
+          f"{diff_derived:.1e}; max |quant.NF4_CODE - published| = {diff_package:.1e}\n")
+    return diff_derived, diff_package
+
+
+def linear_weights(model):
+    """name -> the (out, in) weight of each of the model's linear layers, on the CPU."""
+    return {n.removesuffix(".weight"): p.detach().cpu() for n, p in model.named_parameters()
+            if n.endswith("_proj.weight")}
 
 
 def codes_of(w, quantize, blocksize=64):
@@ -202,8 +216,8 @@ def occupancy_table(gauss, layers):
     pooled = torch.cat([codes_of(w, quantize_nf4) for w in layers.values()])
     model_frac = torch.bincount(pooled, minlength=16).double() / pooled.numel()
     gauss_frac, gauss_h = occupancy(gauss)
-    # NF4 maps its largest level to Phi^-1(delta) = 1.848 sigma; blocks of 64 instead put 1 at
-    # their absmax, ~2.5 sigma on average, which squeezes the data towards the inner levels.
+    # NF4 maps its largest level to Phi^-1(delta) sigma; blocks of 64 instead put 1 at their
+    # absmax (its mean is printed below), which squeezes the data towards the inner levels.
     design = (gauss / NF4_TOP_SIGMA).clamp(-1, 1)
     design_frac = torch.bincount(nearest_level(design, NF4_CODE).reshape(-1).long(),
                                  minlength=16).double() / gauss.numel()
@@ -213,7 +227,7 @@ def occupancy_table(gauss, layers):
     rows.append(["entropy", "(max 4 bits)", f"{h['design']:.3f} bits", f"{gauss_h:.3f} bits",
                  f"{h['model']:.3f} bits"])
     print_table("Occupancy: share of weights stored as each level (uniform = 6.25%)",
-                ["code", "level", "N(0,1)/1.848", "N(0,1), blocks of 64",
+                ["code", "level", f"N(0,1)/{NF4_TOP_SIGMA:.3f}", "N(0,1), blocks of 64",
                  "tiny GPT, blocks of 64"], rows)
     absmax = to_blocks(gauss, 64).abs().amax(1).mean().item()
     others = {f: occupancy(gauss, FORMATS[f])[1] for f in ("FP4", "int4")}
@@ -262,15 +276,8 @@ def plot_errors(table, sweep_rows, per_block, out):
 def main(argv=None):
     args = parse_args(__doc__, argv)
     out = lesson_dir(args, NAME)
-    probs, raw, levels = derive_levels()
-    diff_derived, diff_package = levels_table(probs, raw, levels)
-    print(f"delta = {NF4_OFFSET} vs ((1 - 1/30) + (1 - 1/32)) / 2 = "
-          f"{((1 - 1 / 30) + (1 - 1 / 32)) / 2:.7f}; max |derived - published| = "
-          f"{diff_derived:.1e}; max |quant.NF4_CODE - published| = {diff_package:.1e}\n")
-
-    model, _ = get_base_model(args)
-    layers = {n.removesuffix(".weight"): p.detach().cpu() for n, p in model.named_parameters()
-              if n.endswith("_proj.weight")}  # the 24 linear layers' weights
+    diff_derived, _ = levels_table()
+    layers = linear_weights(get_base_model(args)[0])  # the 24 linear layers of the tiny GPT
     n = 256 if args.quick else 1024
     gauss = torch.randn(n, 1024, generator=torch.Generator().manual_seed(args.seed))
     design_h, gauss_h, model_h, other_h = occupancy_table(gauss, layers)
@@ -279,7 +286,6 @@ def main(argv=None):
     dq = double_quant_table(gauss)
     table, nf4_best, ordered = format_comparison(gauss, layers)
     sweep_rows = blocksize_sweep(gauss, layers)
-
     plot_histogram(layers["blocks.1.mlp.up_proj"], "blocks.1.mlp.up_proj", out)
     plot_errors(table, sweep_rows, per_block, out)
     g = table["N(0,1)"]

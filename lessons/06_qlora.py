@@ -8,12 +8,13 @@ QLoRA (Dettmers et al. 2023, Sec. 3) stores every linear layer of the frozen bas
 The forward dequantizes W one layer at a time, just before its matmul, and throws it away. The
 backward needs dL/dx = dL/dy W (adapters of earlier layers sit upstream), so it dequantizes W
 again; it never needs dL/dW, because W is frozen -- and 4-bit codes have no gradient to take.
-That is quant.DequantMatmul. The base drops from 32 to about 4.13 bits per weight; adapters,
-their gradients and their optimizer states stay as small as in plain LoRA.
+That is quant.DequantMatmul. The base's linear weights drop from 32 to about 4.1 bits each
+(measured below); adapters, their gradients and their optimizer states stay as small as in
+plain LoRA.
 
 Measured below: DequantMatmul's backward (float64 gradcheck; equal to autograd through the
-dense dequantized weight); the 4-bit base's loss and perplexity = exp(loss); QLoRA vs LoRA with
-the same recipe (test accuracy); the bytes of the base; the adapter re-loaded onto a freshly
+dense dequantized weight); the 4-bit base's loss and perplexity = exp(loss); the bytes of the
+base; QLoRA vs LoRA with the same recipe (test accuracy); the adapter re-loaded onto a freshly
 quantized base; deployment; quantize / dequantize / dequant-matmul speed.
 
 Deployment. The adapter was trained against the dequantized weights W_deq, not the original
@@ -26,22 +27,23 @@ import copy
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, base_recipe, finetune_config, get_base_model,
-                            lesson_dir, matplotlib_pyplot, parse_args, print_table, run_main,
-                            save_figure, task_splits, write_summary)
-from lora import (LoRALinear, apply_lora, dequantized_float_model, prepare_qlora, count_parameters, disable_adapters, load_adapter,
-                  lora_layers, merge_lora, save_adapter)
+from lessons.common import (DEFAULT_TASK, LORA_ALPHA, LORA_R, base_recipe, finetune_config,
+                            get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
+                            moving_average, parse_args, print_table, run_main, save_figure,
+                            task_splits, write_summary)
+from lora import (LoRALinear, count_parameters, dequantized_float_model, disable_adapters,
+                  load_adapter, lora_layers, merge_lora, save_adapter)
 from quant import DequantMatmul, Linear4bit, quantize_model, quantize_nf4
 from quant.bench import benchmark_nf4
 from quant.blockwise import unpack_nibbles
 from tiny_gpt import exact_match, make_batch
 from tiny_gpt.evaluate import validation_loss
 from tiny_gpt.finetune import finetune
+from tiny_gpt.memory.ledger import tensor_bytes
 from tiny_gpt.pretrain import corpus_ids
 from tiny_gpt.util.timing import round_robin_medians
 
 NAME = "06_qlora"
-LORA = dict(targets=("q_proj", "v_proj"), r=8, alpha=16)  # the LoRA paper's placement
 ACC_TARGET_POINTS = 3.0  # QLoRA's test accuracy at most this many points below LoRA's
 SPEED_TARGET = 1.15      # dequant-matmul time / float32 matmul time, 4096 x 4096, 2048 tokens
 F64_TOL = 1e-12  # float64, the same products in the same order: equal up to rounding (~1e-16)
@@ -96,11 +98,10 @@ def lm_loss_table(base, args):
 
 
 def finetune_both(base, splits, args):
-    """LoRA and QLoRA with the same targets, rank, initial A, data order and recipe."""
+    """LoRA and QLoRA with the same targets (Q, V), rank, initial A, data order and recipe."""
     runs = {}
-    for method, prepare in [("LoRA", apply_lora), ("QLoRA", prepare_qlora)]:
-        torch.manual_seed(args.seed)  # the same A initialisation for both
-        model = prepare(copy.deepcopy(base), **LORA)
+    for method in ("LoRA", "QLoRA"):
+        model = lora_copy(base, args.seed, quantized=method == "QLoRA")  # the same A for both
         print(f"fine-tuning with {method} ...", flush=True)
         result = finetune(model, splits, finetune_config(args, "lora"), device=args.device)
         runs[method] = {"model": model, "result": result,
@@ -115,8 +116,8 @@ def finetune_both(base, splits, args):
              f"{sum(r['result'].losses[-50:]) / len(r['result'].losses[-50:]):.4f}",
              f"{r['result'].best_score:.4f}", f"{100 * r['acc']:.1f}%",
              f"{r['result'].wall_time:.1f}", f"{1e3 * step[m]:.1f}"] for m, r in runs.items()]
-    print_table(f"LoRA vs QLoRA on '{DEFAULT_TASK}' (Q and V, r={LORA['r']}, alpha="
-                f"{LORA['alpha']}, {runs['LoRA']['result'].steps} steps, same seed and data)",
+    print_table(f"LoRA vs QLoRA on '{DEFAULT_TASK}' (Q and V, r={LORA_R}, alpha="
+                f"{LORA_ALPHA}, {runs['LoRA']['result'].steps} steps, same seed and data)",
                 ["method", "trainable", "train loss (last 50)", "best val loss", "test acc",
                  "wall s", "fwd+bwd ms"], rows)
     # rounded: 0.945 - 0.975 is -0.030000000000000027 in binary floating point
@@ -124,20 +125,15 @@ def finetune_both(base, splits, args):
     ratio = step["QLoRA"] / step["LoRA"]
     print(f"QLoRA - LoRA test accuracy: {gap:+.1f} points (target >= -{ACC_TARGET_POINTS:g}): "
           f"{'PASS' if gap >= -ACC_TARGET_POINTS else 'NOT MET'}\nQLoRA step / LoRA step: "
-          f"{ratio:.2f}x (median fwd+bwd on a batch of 32; every layer dequantizes its weight in "
-          f"forward, and again in backward where an input gradient is needed)\n")
+          f"{ratio:.2f}x (median fwd+bwd on a batch of {len(x)}; every layer dequantizes its "
+          f"weight in forward, and again in backward where an input gradient is needed)\n")
     return runs, gap, ratio
 
 
-def tensor_bytes(tensors):
-    """Bytes of every tensor as each layer holds it. Unlike tiny_gpt.memory.tensor_bytes, which
-    counts a shared storage once (lesson 07), the NF4 code book, shared by all Linear4bit
-    layers here, is counted in every layer, as it would be if each were saved on its own."""
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def bytes_table(base, nf4_model):
-    """Bytes of the base's weights: linear layers alone, and the whole model."""
+    """Bytes of the base's weights: linear layers alone, and the whole model. tensor_bytes
+    counts each storage once; every Linear4bit holds its own copy of the 16-level code book
+    (quant/linear4bit.py), so the code book is counted once per layer."""
     linears = [m for m in base.modules() if isinstance(m, torch.nn.Linear)]
     n_lin = sum(m.weight.numel() for m in linears)
     q4 = [m for m in nf4_model.modules() if isinstance(m, Linear4bit)]
@@ -257,10 +253,10 @@ def plot(runs, lin, whole, out, window=25):
     plt = matplotlib_pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4))
     for (method, run), color in zip(runs.items(), ("tab:blue", "tab:green")):
-        losses, evals = torch.tensor(run["result"].losses), run["result"].evals
-        k = min(window, len(losses))
-        smooth = losses.unfold(0, k, 1).mean(1)  # moving average over k steps
-        ax.plot(range(k, len(losses) + 1), smooth.numpy(), color=color,
+        losses, evals = run["result"].losses, run["result"].evals
+        smooth = moving_average(losses, window)  # entry j: mean of steps j+1 .. j+k
+        k = len(losses) - len(smooth) + 1
+        ax.plot(range(k, len(losses) + 1), smooth, color=color,
                 label=f"{method} train (mean of {k})")
         ax.plot([s for s, _ in evals], [m["val_loss"] for _, m in evals], "o--", ms=4,
                 color=color, label=f"{method} validation")
@@ -280,8 +276,7 @@ def plot(runs, lin, whole, out, window=25):
 def main(argv=None):
     args = parse_args(__doc__, argv)
     out = lesson_dir(args, NAME)
-    base, _ = get_base_model(args)
-    base.eval()
+    base = get_base_model(args)[0].eval()
     grad_ok, grad_diff = dequant_matmul_check(base, args.seed)
     losses, nf4_model = lm_loss_table(base, args)
     lin, whole = bytes_table(base, nf4_model)

@@ -15,47 +15,46 @@ the weights. bf16 autocast: activations saved in 2 bytes (some stay float32: see
 Gradient accumulation: activations of one micro-batch at a time, the same gradient. Gradient
 checkpointing (Chen et al. 2016): activations, at the price of a second forward of each block.
 CPU offload: the accelerator's copy of the frozen weights. Everything is measured from the
-tensors (tiny_gpt/memory.py): activations are the storages autograd saves, each counted once,
-caught with saved_tensors_hooks.
+tensors (tiny_gpt/memory/ledger.py): activations are the storages autograd saves, each counted
+once, caught with saved_tensors_hooks.
 
 What checkpointing costs depends on what backward costs. Full fine-tuning's backward computes a
 weight gradient for every matmul; LoRA's skips them for the frozen base, so the same recomputed
-forward is a larger share of a cheaper step ("The phases of a step"). Recomputing *part* of a
-block is the usual answer, and the table measures it: the MLPs only, the attentions only, 2 or 3
-of the 4 blocks. Under LoRA the MLP saves little (its frozen layers keep no input, only GELU
-does), so checkpointing it alone buys little; fewer whole blocks trade memory for time about
-linearly. Gradient accumulation is the other way to cut activations, by a different cost.
+forward is a larger share of a cheaper step ("The phases of a step"). Recomputing only part of
+the model is the usual answer, measured here: the MLPs only, the attentions only, 2 or 3 of the
+4 blocks. Under LoRA the MLP's frozen layers keep no input (only its GELU does), so the MLPs
+alone cut less than the attentions; whole blocks cut memory in proportion to their number.
 
 The pitfall: torch.utils.checkpoint(use_reentrant=True) when the blocks' input does not require
-grad (frozen embeddings under LoRA) -- the adapters silently get no gradient. The table shows it
-and the fixes (tiny_gpt/checkpointing.py explains why).
+grad (frozen embeddings under LoRA) -- the adapters get no gradient, and only a warning says so.
+The table shows it and the fixes (tiny_gpt/memory/checkpointing.py explains why).
 
-The batch: 16 windows of 256 characters of the pretraining text (the model's full context).
-The task lines are ~25 characters, and padding them to 256 would give the same shapes with
-wasted tokens. Step times are medians of interleaved rounds, so that a shared machine's slow
-spells hit every configuration alike; optimizers run at lr 0 (the same work, but the weights
-stay put, so gradients can be compared across configurations afterwards).
+The batch: 16 windows of 256 characters of the pretraining text, the model's full context (the
+task examples, 20-50 characters, would need padding). Step times are medians of interleaved
+rounds, so that a shared machine's slow spells hit every configuration alike; optimizers run at
+lr 0: the same work, but the weights stay put, so gradients can be compared afterwards.
 
-Run: ``python lessons/07_memory_and_speed.py`` (a few minutes on 2 CPU cores).
+Run: ``python lessons/07_memory_and_speed.py``: under a minute on 2 CPU cores, base cached.
 """
 import copy
 import warnings
 
 import torch
 
-from lessons.common import (base_recipe, get_base_model, lesson_dir, matplotlib_pyplot,
-                            parse_args, print_table, run_main, save_figure, write_summary)
-from lora import apply_lora, lora_layers, prepare_qlora
+from lessons.common import (base_recipe, get_base_model, lesson_dir, lora_copy,
+                            matplotlib_pyplot, parse_args, print_table, run_main, save_figure,
+                            write_summary)
+from lora import lora_layers
 from quant import Linear4bit
-from tiny_gpt.memory.checkpointing import checkpoint_submodules, enable_input_require_grads
 from tiny_gpt.data import get_batch
+from tiny_gpt.memory.checkpointing import checkpoint_submodules, enable_input_require_grads
 from tiny_gpt.memory.ledger import (MB, SavedTensorMeter, measure_step, tensor_bytes,
                                     weight_ledger)
 from tiny_gpt.memory.offload import FrozenBaseOffload
 from tiny_gpt.memory.step_time import time_step
 from tiny_gpt.pretrain import corpus_ids
-from tiny_gpt.util.timing import round_robin_phase_medians
 from tiny_gpt.train import accumulate_gradients
+from tiny_gpt.util.timing import round_robin_phase_medians
 
 NAME = "07_memory_and_speed"
 MAIN_ROWS = ["full FT, AdamW", "full FT, SGD", "LoRA", "LoRA + ckpt", "LoRA + bf16",
@@ -78,13 +77,11 @@ def checkpointed(model, impl):
     return model
 
 
-def lora(base, impl=None, parts=None, quantized=False):
-    """A LoRA (or QLoRA) copy of the base. impl: per-block checkpointing ("torch_reentrant"
-    comes with its fix); parts: submodules to checkpoint instead (selective checkpointing)."""
-    model = copy.deepcopy(base)
-    torch.manual_seed(0)  # the same adapters in every configuration
-    (prepare_qlora if quantized else apply_lora)(model, r=8, alpha=16)
-    checkpointed(model, impl)
+def adapted(base, impl=None, parts=None, quantized=False):
+    """A LoRA (or QLoRA) copy of the base, Q and V at r = 8, seed 0: the same adapters in every
+    configuration. impl: per-block checkpointing ("torch_reentrant" comes with its fix);
+    parts: submodules to checkpoint instead (selective checkpointing)."""
+    model = checkpointed(lora_copy(base, 0, quantized=quantized), impl)
     if impl == "torch_reentrant":
         enable_input_require_grads(model)
     if parts:
@@ -96,23 +93,22 @@ def build_configs(base, batch, micro, cuda):
     """name -> (model, optimizer, precision, micro-batches)."""
     models = {"full FT, AdamW": copy.deepcopy(base), "full FT, SGD": copy.deepcopy(base),
               "full FT + ckpt": checkpointed(copy.deepcopy(base), "torch"),
-              "LoRA": lora(base), "LoRA + ckpt": lora(base, "torch"),
-              "LoRA + ckpt (ours)": lora(base, "manual"),
-              "LoRA + ckpt (reentrant)": lora(base, "torch_reentrant"),
-              "LoRA + ckpt MLP": lora(base, parts="mlp"),
-              "LoRA + ckpt attn": lora(base, parts="attn"),
-              "LoRA + ckpt 2/4": lora(base, parts=["blocks.0", "blocks.2"]),
-              "LoRA + ckpt 3/4": lora(base, parts=["blocks.0", "blocks.1", "blocks.2"]),
-              "LoRA + bf16": lora(base), "LoRA, 4 micro-batches": lora(base),
-              "QLoRA": lora(base, quantized=True),
-              "QLoRA + ckpt": lora(base, "torch", quantized=True)}
+              "LoRA": adapted(base), "LoRA + ckpt": adapted(base, "torch"),
+              "LoRA + ckpt (ours)": adapted(base, "manual"),
+              "LoRA + ckpt (reentrant)": adapted(base, "torch_reentrant"),
+              "LoRA + ckpt MLP": adapted(base, parts="mlp"),
+              "LoRA + ckpt attn": adapted(base, parts="attn"),
+              "LoRA + ckpt 2/4": adapted(base, parts=["blocks.0", "blocks.2"]),
+              "LoRA + ckpt 3/4": adapted(base, parts=["blocks.0", "blocks.1", "blocks.2"]),
+              "LoRA + bf16": adapted(base), "LoRA, 4 micro-batches": adapted(base),
+              "QLoRA": adapted(base, quantized=True),
+              "QLoRA + ckpt": adapted(base, "torch", quantized=True)}
     if cuda:
-        models["LoRA + fp16"] = lora(base)  # memory and time only: no loss scaling needed here
+        models["LoRA + fp16"] = adapted(base)  # memory and time only: no loss scaling needed here
     configs = {}
     for name, model in models.items():
         params = [p for p in model.parameters() if p.requires_grad]
-        # lr 0: the same work per step, but the weights stay put, so every configuration
-        # still holds the same model when gradients are compared after the timing runs
+        # lr 0: the same work per step, but the weights stay put for the gradient comparisons
         opt = (torch.optim.SGD(params, lr=0.0, momentum=0.9) if "SGD" in name
                else torch.optim.AdamW(params, lr=0.0))
         precision = next((p for p in ("bf16", "fp16") if p in name), "fp32")
@@ -134,71 +130,6 @@ def max_diff(a, b):
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
-def one_block_bytes(model, x):
-    """Saved tensors of a single block: what one recompute rebuilds during backward."""
-    h = model.tok_emb(x) + model.pos_emb(torch.arange(x.shape[1], device=x.device))
-    with SavedTensorMeter(model) as meter:
-        model.blocks[0](h)
-    return meter.bytes
-
-
-def pitfall_rows(base, x, y):
-    """Reentrant checkpointing with a frozen embedding, and its fixes: adapter grad norms."""
-    rows = []
-    for label, impl, fix in [("no checkpointing", None, False),
-                             ("reentrant", "torch_reentrant", False),
-                             ("reentrant + input requires grad", "torch_reentrant", True),
-                             ("non-reentrant (torch)", "torch", False),
-                             ("ours (CheckpointFunction)", "manual", False)]:
-        model = checkpointed(lora(base), impl)
-        if fix:
-            enable_input_require_grads(model)
-        for _, layer in lora_layers(model):  # a trained-looking B, so that A gets gradient too
-            torch.nn.init.normal_(layer.lora_B, std=0.02)
-        model.ln_f.requires_grad_(True)  # trained too (as with modules_to_save): no error
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model(x, y)[1].backward()
-        grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
-        norm = sum(0.0 if g is None else g.norm().item() ** 2 for g in grads) ** 0.5
-        rows.append([label, f"{sum(g is None for g in grads)}/{len(grads)}", f"{norm:.4g}",
-                     f"{model.ln_f.weight.grad.norm().item():.4g}", "yes" if caught else "no"])
-    return rows
-
-
-def reentrant_error(base, x, y):
-    """With only the adapters trainable, the reentrant loss has no grad_fn at all."""
-    model = checkpointed(lora(base), "torch_reentrant")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            model(x, y)[1].backward()
-        except RuntimeError as err:
-            return str(err).splitlines()[0]
-    return "no error"
-
-
-def linear_bytes(model):
-    """Bytes of the (quantized or float) linear layers: weights or 4-bit buffers, biases."""
-    mods = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Linear4bit))]
-    return tensor_bytes(t for m in mods for t in [*m.parameters(), *m.buffers()])
-
-
-def offload_rows(run):
-    """CUDA only: frozen block weights in CPU memory, streamed to the GPU one block at a time."""
-    model, opt, _, _ = run.configs["LoRA"]
-    resident = torch.cuda.memory_allocated(run.device)
-    with FrozenBaseOffload(model, run.device) as off:
-        streamed = torch.cuda.memory_allocated(run.device)
-        ledger = measure_step(model, [run.batch], opt, hooks=(off.pack, off.unpack))
-        t = round_robin_phase_medians({"o": lambda: time_step(model, [run.batch], opt)},
-                                      run.repeats)
-    return [["LoRA", f"{resident / MB:.2f}", f"{run.ledgers['LoRA'].device_peak / MB:.2f}",
-             f"{1e3 * run.times['LoRA']:.0f}"],
-            ["LoRA + offload", f"{streamed / MB:.2f}", f"{ledger.device_peak / MB:.2f}",
-             f"{1e3 * t['o']['total']:.0f}"]]
-
-
 class Run:
     """The batch, the configurations, and what one measuring pass found for each of them."""
 
@@ -210,8 +141,7 @@ class Run:
         self.batch = (x, y, None)
         self.micro = [(x[i::4], y[i::4], None) for i in range(4)]  # 4 micro-batches of B/4
         self.configs = build_configs(base, self.batch, self.micro, self.device.type == "cuda")
-        self.ledgers = {n: measure_step(m, mb, o, p)
-                        for n, (m, o, p, mb) in self.configs.items()}
+        self.ledgers = {n: measure_step(m, mb, o, p) for n, (m, o, p, mb) in self.configs.items()}
         self.phases = round_robin_phase_medians(
             {n: (lambda m=m, o=o, p=p, mb=mb: time_step(m, mb, o, p))
              for n, (m, o, p, mb) in self.configs.items()}, self.repeats, warmup)
@@ -248,15 +178,17 @@ def checkpoint_section(run):
     print_table("Gradient checkpointing: what to recompute (activations saved in forward)",
                 ["checkpointed", "activ MiB", "cut", "ms", "extra time", "max|dgrad|"], rows)
     names = ["full FT, AdamW", "full FT + ckpt", "LoRA", "LoRA + ckpt"]
+    phases = ("forward", "backward", "optimizer")
     print_table("The phases of a step (ms, medians): a recompute repeats the blocks' forward",
-                ["config", "forward", "backward", "optimizer", "backward / forward"],
-                [[n, *[f"{1e3 * run.phases[n][k]:.0f}" for k in ("forward", "backward",
-                                                                  "optimizer")],
+                ["config", *phases, "backward / forward"],
+                [[n, *[f"{1e3 * run.phases[n][k]:.0f}" for k in phases],
                   f"{run.phases[n]['backward'] / run.phases[n]['forward']:.2f}"] for n in names])
-    x = run.batch[0].to(run.device)
+    model, x = run.configs["LoRA"][0], run.batch[0].to(run.device)
+    h = model.tok_emb(x) + model.pos_emb(torch.arange(x.shape[1], device=x.device))
+    with SavedTensorMeter(model) as block:  # what one recompute rebuilds during backward
+        model.blocks[0](h)
     print(f"One block's own saved tensors (LoRA), rebuilt one block at a time in backward: "
-          f"{one_block_bytes(run.configs['LoRA'][0], x) / MB:.2f} MiB on top of the "
-          f"checkpointed step's saved activations.\n")
+          f"{block.bytes / MB:.2f} MiB on top of the checkpointed step's saved activations.\n")
 
 
 def accumulation_section(run):
@@ -272,14 +204,46 @@ def accumulation_section(run):
 
 
 def pitfall_section(run):
+    """Reentrant checkpointing with frozen embeddings, and its fixes: adapter grad norms."""
     x, y = (t.to(run.device) for t in run.batch[:2])
+    rows = []
+    for label, impl, fix in [("no checkpointing", None, False),
+                             ("reentrant", "torch_reentrant", False),
+                             ("reentrant + input requires grad", "torch_reentrant", True),
+                             ("non-reentrant (torch)", "torch", False),
+                             ("ours (CheckpointFunction)", "manual", False)]:
+        model = checkpointed(adapted(run.base), impl)
+        if fix:
+            enable_input_require_grads(model)
+        for _, layer in lora_layers(model):  # a trained-looking B, so that A gets gradient too
+            torch.nn.init.normal_(layer.lora_B, std=0.02)
+        model.ln_f.requires_grad_(True)  # trained too (as with modules_to_save): no error
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(x, y)[1].backward()
+        grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+        norm = sum(0.0 if g is None else g.norm().item() ** 2 for g in grads) ** 0.5
+        rows.append([label, f"{sum(g is None for g in grads)}/{len(grads)}", f"{norm:.4g}",
+                     f"{model.ln_f.weight.grad.norm().item():.4g}", "yes" if caught else "no"])
     print_table("The reentrant pitfall: LoRA + a trained ln_f, frozen embeddings",
                 ["checkpointing", "adapter grads None", "adapter grad norm", "ln_f grad norm",
-                 "warning"], pitfall_rows(run.base, x, y))
-    print(f"Reentrant with only the adapters trainable: {reentrant_error(run.base, x, y)}\n")
+                 "warning"], rows)
+    model = checkpointed(adapted(run.base), "torch_reentrant")  # only the adapters trainable
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model(x, y)[1].backward()
+            error = "no error"
+        except RuntimeError as err:  # the loss has no grad_fn at all
+            error = str(err).splitlines()[0]
+    print(f"Reentrant with only the adapters trainable: {error}\n")
 
 
 def qlora_section(run):
+    def linear_bytes(model):  # linear layers, float or 4-bit: weights or buffers, and biases
+        mods = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Linear4bit))]
+        return tensor_bytes(t for m in mods for t in [*m.parameters(), *m.buffers()])
+
     lin32, lin4 = linear_bytes(run.base), linear_bytes(run.configs["QLoRA"][0])
     base32, base4 = weight_ledger(run.base).weights, run.ledgers["QLoRA"].frozen
     print_table("QLoRA's frozen base vs float32", ["part", "fp32 MiB", "NF4 MiB", "ratio"],
@@ -291,13 +255,25 @@ def qlora_section(run):
 
 
 def offload_section(run):
-    if run.device.type == "cuda":
-        print_table("CPU offload of the frozen blocks", ["", "weights on GPU MiB",
-                    "peak GPU MiB", "ms"], offload_rows(run))
-    else:
+    """CUDA only: frozen block weights in CPU memory, streamed to the GPU one block at a time."""
+    if run.device.type != "cuda":
         print("CPU offload: not measured. This run is on the CPU, so the weights would be "
               "'offloaded' into the memory they already live in; it pays when a GPU's memory "
               "is the limit (tests/test_memory.py checks the mechanism on the CPU).\n")
+        return
+    model, opt, _, _ = run.configs["LoRA"]
+    resident = torch.cuda.memory_allocated(run.device)
+    with FrozenBaseOffload(model, run.device) as off:
+        streamed = torch.cuda.memory_allocated(run.device)
+        ledger = measure_step(model, [run.batch], opt, hooks=(off.pack, off.unpack))
+        t = round_robin_phase_medians({"o": lambda: time_step(model, [run.batch], opt)},
+                                      run.repeats)["o"]["total"]
+    print_table("CPU offload of the frozen blocks",
+                ["", "weights on GPU MiB", "peak GPU MiB", "ms"],
+                [["LoRA", f"{resident / MB:.2f}", f"{run.ledgers['LoRA'].device_peak / MB:.2f}",
+                  f"{1e3 * run.times['LoRA']:.0f}"],
+                 ["LoRA + offload", f"{streamed / MB:.2f}", f"{ledger.device_peak / MB:.2f}",
+                  f"{1e3 * t:.0f}"]])
 
 
 def targets_section(run, qlora_linear, qlora_base):

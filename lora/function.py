@@ -1,14 +1,15 @@
 """The LoRA forward pass of a frozen nn.Linear and its hand-derived backward, as one
 torch.autograd.Function.
 
-Shapes (the microsoft/LoRA convention of lora/layer.py), N = number of tokens:
+Shapes (the microsoft/LoRA convention of lora/layer.py), N = number of tokens, x in rows:
 
     x   (N, in)    input                    W0  (out, in)   frozen base weight
     A   (r, in)    lora_A                   b   (out,)      frozen base bias, or None
-    B   (out, r)   lora_B                   s               scaling (alpha / r)
+    B   (out, r)   lora_B                   s               scaling (alpha / r; rsLoRA: / sqrt(r))
     m   (N, in)    dropout mask, each entry 0 or 1/(1-p); None when dropout is off
 
-Forward (Hu et al. 2021, Sec. 4.1: h = W0 x + dW x with dW = s B A, never formed):
+Forward (Hu et al. 2021, Sec. 4.1: h = W0 x + dW x with dW = s B A, never formed; the paper's
+column vectors written here as rows):
 
     x_d = x * m                     (N, in)     dropout acts on the adapter's input only
     u   = x_d A^T                   (N, r)
@@ -23,26 +24,13 @@ Backward. With g = dL/dy (N, out), write y element-wise:
                                                ->  dL/dx = g W0 + (v A) * m               (N, in)
     W0 and b get no gradient: they are frozen, which is the point of LoRA.
 
-What is saved for backward: x_d (that is x itself when dropout is off, no copy), u, the mask,
-and references to the parameters -- not the output y.
+Saved for backward: x_d (x itself when dropout is off, no copy), u, the mask, s B (out, r), and
+W0 and A themselves -- not the output y.
 
-Why the products are ordered as they are. With r = 8 the skinny products (N, in) x (in, r) do
-almost no arithmetic: their cost is one pass over an (N, features) activation in memory. The
-frozen layer alone makes two big matmuls (forward x W0^T, backward g W0), so every extra pass
-shows. Passes here beyond those two:
-  * forward: one read of x for u. The low-rank term s u B^T is written as the *initial value*
-    of y (b + s u B^T), so the big matmul accumulates into it (addmm_ with beta = 1): no separate
-    add pass, and the pass that broadcasts b into y, which addmm(b, x, W0^T) does anyway, does
-    the low-rank product at the same time.
-  * backward, no dropout: g W0 + (v A) = g (W0 + s B A) by associativity, so the rank-r term is
-    folded into a small (out, in) matrix instead of a pass over the (N, in) gradient, and v = s g B
-    comes out of the same pass over g by appending s B as r extra columns: g [W0 + sBA | sB].
-    Forming W0 + sBA here is cheap (out * in * r flops) and, unlike the seed's naive forward
-    F.linear(x, W0 + sBA), no gradient flows through it, so no (out, in) weight gradient is built.
-    Then one read of x for dL/dA and one read of g for dL/dB.
-  * backward, with dropout: the mask sits between the two terms of dL/dx, so they are summed
-    explicitly: g W0, plus (v A) * m.
-lora/bench.py measures the result against the frozen layer alone.
+Why it is fast: the frozen layer alone costs two big matmuls (x W0^T forward, g W0 backward);
+with r = 8 each rank-r product costs about one pass over an activation. The code adds as few
+passes as it can; the comments in forward and backward say where, and lora/bench.py measures
+the result against the frozen layer alone.
 """
 import torch
 
@@ -54,12 +42,13 @@ class LoRAFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, mask=None):
         x_d = x if mask is None else x * mask                  # (N, in)
         sB = lora_B * scaling                                  # (out, r): scale the small factor
-        u = x_d @ lora_A.t()                                   # (N, r)
+        u = x_d @ lora_A.t()                                   # (N, r): one read of x
+        # s u B^T is y's initial value, written in the pass that broadcasts b anyway
         if bias is None:
             y = u @ sB.t()                                     # (N, out)
         else:
             y = torch.addmm(bias, u, sB.t())                   # (N, out) = b + s u B^T
-        y.addmm_(x, weight.t())                                # y += x W0^T, in place
+        y.addmm_(x, weight.t())                                # y += x W0^T, in place: no add pass
         ctx.save_for_backward(x_d, weight, lora_A, sB, u, mask)
         ctx.scaling = scaling
         return y
@@ -73,19 +62,21 @@ class LoRAFunction(torch.autograd.Function):
             grad_x, v = _input_grad_and_v(g, weight, lora_A, sB)
         else:
             v = g @ sB                                         # (N, r) = s g B
-            if need_x:
+            if need_x:  # the mask sits between the two terms, so they are summed explicitly
                 grad_x = torch.addcmul(g @ weight, v @ lora_A, mask)  # (N, in)
         if need_A:
-            grad_A = v.t() @ x_d                               # (r, in)
+            grad_A = v.t() @ x_d                               # (r, in): one read of x
         if need_B:
             # (u^T g)^T rather than g^T u: the same numbers, but this way round MKL reads g
             # row by row; measured several times faster here for r = 8.
-            grad_B = (u.t() @ g).t() * ctx.scaling             # (out, r)
+            grad_B = (u.t() @ g).t() * ctx.scaling             # (out, r): one read of g
         return grad_x, None, None, grad_A, grad_B, None, None
 
 
 def _input_grad_and_v(g, weight, lora_A, sB):
-    """One pass over g for both dL/dx = g (W0 + sBA) and v = s g B (no dropout)."""
+    """One pass over g for both dL/dx = g W0 + v A = g (W0 + sBA) and v = s g B (no dropout):
+    s B rides along as r extra columns, g [W0 + sBA | sB]. Forming W0 + sBA costs out * in * r
+    flops, and no gradient flows through it (unlike the naive F.linear(x, W0 + sBA))."""
     in_features = weight.shape[1]
     fused = torch.cat([weight, sB], dim=1)                 # (out, in + r) = [W0 | sB]
     fused[:, :in_features].addmm_(sB, lora_A)              # [W0 + sBA | sB], in place
