@@ -123,21 +123,21 @@ def format_table(rows, header=("module", "trainable", "total")):
 def merge_lora(model):
     """Fold every LoRALinear's active adapters into its base weight; returns `model`. Every
     layer is checked first, so a layer that cannot merge leaves all of them unmerged."""
-    layers = lora_layers(model)
-    for path, layer in layers:
-        layer.check_can_merge(path)
-    for _, layer in layers:
-        layer.merge()
-    return model
+    return _every_layer_or_none(model, "check_can_merge", "merge")
 
 
 def unmerge_lora(model):
     """Undo merge_lora; returns `model`. Checked first for every layer, as merge_lora is."""
+    return _every_layer_or_none(model, "check_can_unmerge", "unmerge")
+
+
+def _every_layer_or_none(model, check, action):
+    """Run layer.<check>(path) on every LoRALinear, and only if none raised, layer.<action>()."""
     layers = lora_layers(model)
     for path, layer in layers:
-        layer.check_can_unmerge(path)
+        getattr(layer, check)(path)
     for _, layer in layers:
-        layer.unmerge()
+        getattr(layer, action)()
     return model
 
 

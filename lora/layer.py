@@ -202,20 +202,21 @@ class LoRALinear(nn.Module):
     def merge(self):
         """W0 <- W0 + sum of s B A over the active adapters, in W0's dtype."""
         self.check_can_merge()
-        weight = self._float_weight("merge")
-        with torch.no_grad():
-            for name in self.active:
-                weight.add_(self.adapters[name].delta_weight().to(weight.dtype))
+        self._fold(self.active, +1)
         self.merged_adapters = tuple(self.active)
 
     def unmerge(self):
         """W0 <- W0 - the updates merge() added (equal to the original up to rounding)."""
         self.check_can_unmerge()
-        weight = self._float_weight("unmerge")
-        with torch.no_grad():
-            for name in self.merged_adapters:
-                weight.sub_(self.adapters[name].delta_weight().to(weight.dtype))
+        self._fold(self.merged_adapters, -1)
         self.merged_adapters = None
+
+    def _fold(self, names, sign):
+        """W0 <- W0 + sign * (sum of s B A over the adapters `names`)."""
+        weight = self._float_weight("merge" if sign > 0 else "unmerge")
+        with torch.no_grad():
+            for name in names:
+                weight.add_(self.adapters[name].delta_weight().to(weight.dtype), alpha=sign)
 
     def _float_weight(self, action):
         weight = float_weight(self.base)

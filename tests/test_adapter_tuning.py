@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tiny_gpt import GPT, TrainConfig, make_batch
+from tiny_gpt import GPT, TrainConfig
 from tiny_gpt.methods.adapter_tuning import (AdaptedSublayer, BottleneckAdapter, adapter_layers,
                                      adapter_parameters, apply_adapter_tuning)
 from tiny_gpt.finetune import finetune

@@ -4,7 +4,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from tiny_gpt import GPT, VOCAB_SIZE
+from tiny_gpt import VOCAB_SIZE
 from tiny_gpt.evaluate import kl_divergence, logits_of, measure_drift, next_token_loss
 
 # float64 on both sides, the same sums in a different order: agreement to ~1e-15 relative.

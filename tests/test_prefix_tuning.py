@@ -1,9 +1,8 @@
 """Prefix tuning (Li & Liang 2021): what an empty, a zero and a learned prefix really do."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from tiny_gpt import GPT, TrainConfig, exact_match
+from tiny_gpt import TrainConfig, exact_match
 from tiny_gpt.finetune import finetune
 from tiny_gpt.model import CausalSelfAttention
 from tiny_gpt.methods.prefix_tuning import PrefixTuning, text_keys_values
