@@ -20,16 +20,17 @@ Run it: ``python lessons/00_pretrain_tiny_gpt.py`` (about 4-5 minutes on a 2-cor
 model is cached in ``runs/base/``; later lessons load it from there (and train it if missing).
 ``--text FILE`` pretrains on your own UTF-8 text instead (saved separately, in runs/00_pretrain/).
 """
+import argparse
 import json
 import random
 from dataclasses import replace
 
 import torch
 
-from lessons.common import (base_path, base_recipe, get_base_model, lesson_dir,
+from lessons.common import (Checks, base_path, base_recipe, get_base_model, lesson_dir,
                             matplotlib_pyplot, median_step_seconds, parse_args, print_table,
                             run_main, save_figure, write_summary)
-from tiny_gpt import TASKS, decode, encode, exact_match
+from tiny_gpt import TASKS, decode, encode, exact_match, load_text
 from tiny_gpt.data import get_batch
 from tiny_gpt.model import GPT
 from tiny_gpt.evaluate import greedy_answers, validation_loss
@@ -37,11 +38,22 @@ from tiny_gpt.pretrain import corpus_ids, load_base, pretrain, save_base
 from tiny_gpt.tasks import lexicon
 
 NAME = "00_pretrain"
+BASE_ACC_MAX = 0.10
 
 
 def add_args(parser):
     parser.add_argument("--retrain", action="store_true", help="ignore the cached base model")
-    parser.add_argument("--text", help="pretrain on this UTF-8 text file instead")
+    parser.add_argument("--text", type=text_file,
+                        help="pretrain on this UTF-8 text file instead")
+
+
+def text_file(path):
+    """An argparse type: a readable UTF-8 file in the model's alphabet (checked up front)."""
+    try:
+        load_text(path)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return path
 
 
 def obtain_model(args, out):
@@ -161,6 +173,15 @@ def summary(model, result, val_loss, base_acc, copy_acc):
             "copy_acc_says": copy_acc[ECHOES[0]], "copy_acc_shouts": copy_acc[ECHOES[1]]}
 
 
+def judge(args, base_acc):
+    """The lessons teach the contrast: the base must not already do the tasks."""
+    checks = Checks(args)
+    for task, acc in base_acc.items():
+        checks.target(f"the base scores <= {BASE_ACC_MAX:.0%} on '{task}'", acc <= BASE_ACC_MAX,
+                      f"{acc:.1%}")
+    return checks.report()
+
+
 def main(argv=None):
     args = parse_args(__doc__, argv, add_args)
     out = lesson_dir(args, NAME)
@@ -174,7 +195,7 @@ def main(argv=None):
     print_samples(args, model)
     plot_curve(out)
     write_summary(args, NAME, summary(model, result, val_loss, base_acc, copy_acc))
-    return 0
+    return judge(args, base_acc)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import statistics
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, LORA_ALPHA, LORA_R, LORA_TARGETS, finetune_config,
+from lessons.common import (DEFAULT_TASK, LORA_ALPHA, LORA_R, LORA_TARGETS, Checks, finetune_config,
                             get_base_model, lesson_dir, matplotlib_pyplot, median_step_seconds,
                             moving_average, parse_args, print_table, run_main, save_figure,
                             task_splits, write_summary)
@@ -151,13 +151,17 @@ def show_samples(models, examples, device):
     print_table("Greedy completions of held-out prompts", ["input", "expected", *models], rows)
 
 
-def print_targets(trainable, total, base_acc, lora_acc):
-    checks = [("trainable share <= 2%", trainable / total,
-               trainable / total <= GOALS["trainable_fraction"]),
-              ("base accuracy <= 10%", base_acc, base_acc <= GOALS["base_acc"]),
-              ("LoRA accuracy >= 90%", lora_acc, lora_acc >= GOALS["lora_acc"])]
-    print_table("Targets", ["target", "measured", "met"],
-                [[t, f"{v:.2%}", "PASS" if ok else "NOT MET"] for t, v, ok in checks])
+def judge(checks, trainable, total, base_acc, lora_acc, base_drift):
+    share = trainable / total
+    checks.must(f"trainable share <= {GOALS['trainable_fraction']:.0%}",
+                share <= GOALS["trainable_fraction"], f"{share:.2%}")
+    checks.must("every frozen base weight unchanged by training", base_drift == 0,
+                f"max change {base_drift:g}")
+    checks.target(f"base accuracy <= {GOALS['base_acc']:.0%}", base_acc <= GOALS["base_acc"],
+                  f"{base_acc:.1%}")
+    checks.target(f"LoRA accuracy >= {GOALS['lora_acc']:.0%}", lora_acc >= GOALS["lora_acc"],
+                  f"{lora_acc:.1%}")
+    return checks.report("Targets")
 
 
 def plot_curves(results, path):
@@ -208,11 +212,10 @@ def main(argv=None):
     print_comparison(args, cfgs, counts, acc, base_acc, state_bytes, step_s, results)
     base_drift = print_frozen_check(base, reference, trainable)
     show_samples({"base": reference, **models}, splits["test"][:6], device)
-    print_targets(trainable, total, base_acc, acc["LoRA"])
     plot_curves(results, lesson_dir(args, NAME) / "loss_curves.png")
     write_summary(args, NAME, summary(acc, base_acc, counts, state_bytes, step_s, results,
                                       base_drift))
-    return 0
+    return judge(Checks(args), trainable, total, base_acc, acc["LoRA"], base_drift)
 
 
 if __name__ == "__main__":

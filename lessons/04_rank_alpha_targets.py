@@ -48,9 +48,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lessons.common import (DEFAULT_TASK, finetune_config, get_base_model, lesson_dir,
-                            lora_copy, matplotlib_pyplot, parse_args, print_table, run_main,
-                            save_figure, task_splits, write_summary)
+from lessons.common import (DEFAULT_TASK, finetune_config, get_base_model, lesson_dir, lora_copy,
+                            matplotlib_pyplot, parse_args, print_table, run_main, save_figure,
+                            task_splits, whole_number, write_summary)
 from lora import count_parameters, lora_scaling
 from lora.analysis import (adapter_factors, amplification_factor, lora_param_count, phi_grid,
                            projected_norm, random_phi, random_projected_norm, rank_for_budget,
@@ -84,7 +84,8 @@ class Spec:
 
 
 def add_args(parser):
-    parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per run")
+    parser.add_argument("--steps", type=whole_number(1), default=STEPS,
+                        help="optimizer steps per run")
 
 
 def plan(args):

@@ -27,7 +27,7 @@ import copy
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, LORA_ALPHA, LORA_R, base_recipe, finetune_config,
+from lessons.common import (DEFAULT_TASK, LORA_ALPHA, LORA_R, Checks, base_recipe, finetune_config,
                             get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
                             moving_average, parse_args, print_table, run_main, save_figure,
                             task_splits, write_summary)
@@ -123,9 +123,8 @@ def finetune_both(base, splits, args):
     # rounded: 0.945 - 0.975 is -0.030000000000000027 in binary floating point
     gap = round(100 * (runs["QLoRA"]["acc"] - runs["LoRA"]["acc"]), 9)
     ratio = step["QLoRA"] / step["LoRA"]
-    print(f"QLoRA - LoRA test accuracy: {gap:+.1f} points (target >= -{ACC_TARGET_POINTS:g}): "
-          f"{'PASS' if gap >= -ACC_TARGET_POINTS else 'NOT MET'}\nQLoRA step / LoRA step: "
-          f"{ratio:.2f}x (median fwd+bwd on a batch of {len(x)}; every layer dequantizes its "
+    print(f"QLoRA - LoRA test accuracy: {gap:+.1f} points (one seed each)\nQLoRA step / LoRA "
+          f"step: {ratio:.2f}x (median fwd+bwd on a batch of {len(x)}; every layer dequantizes its "
           f"weight in forward, and again in backward where an input gradient is needed)\n")
     return runs, gap, ratio
 
@@ -214,7 +213,7 @@ def deployment_table(base, qlora_model, directory, x, splits, args):
     # the fp32 row's distance is |W0 - W_deq|: the base's own NF4 error, in the same units
     err_ratio = results[MERGES["requant"]]["dist"] / results[MERGES["fp32"]]["dist"]
     print(f"float merge equals the QLoRA model: max |diff| / max |logit| = {rel:.1e} "
-          f"(tolerance {F32_REL_TOL:g}): {'OK' if rel <= F32_REL_TOL else 'FAIL'}\n"
+          f"(tolerance {F32_REL_TOL:g})\n"
           f"re-quantizing changes {100 * changed:.1f}% of the adapted layers' 4-bit codes; its "
           f"rounding error is {err_ratio:.2f}x the base's own NF4 error |W_deq - W0|\n")
     return results, rel, changed, err_ratio
@@ -235,13 +234,11 @@ def speed_table(args):
         r = benchmark_nf4(256, 256, tokens=128, repeats=3) if args.quick else benchmark_nf4()
     finally:
         torch.set_num_threads(before)
-    verdict = ("not judged at --quick size" if args.quick else
-               "PASS" if r["ratio"] <= SPEED_TARGET else "NOT MET")
     rows = [["quantize float32 -> NF4 + dq", f"{r['quantize_MB_per_s']:.4g} MB/s", ""],
             ["dequantize NF4 -> float32", f"{r['dequantize_MB_per_s']:.4g} MB/s", ""],
             ["float32 matmul x W^T", f"{1e3 * r['matmul_s']:.2f} ms", ""],
             ["DequantMatmul (4-bit W)", f"{1e3 * r['dequant_matmul_s']:.2f} ms", ""],
-            ["ratio", f"{r['ratio']:.3f}x", f"<= {SPEED_TARGET}: {verdict}"]]
+            ["ratio", f"{r['ratio']:.3f}x", f"<= {SPEED_TARGET} (see Checks)"]]
     print_table(f"NF4 speed on CPU: W {r['shape'][0]} x {r['shape'][1]}, {r['tokens']} tokens, "
                 f"{r['threads']} threads, medians of alternating runs (MB of float32 weight)",
                 ["operation", "measured", "target"], rows)
@@ -273,6 +270,37 @@ def plot(runs, lin, whole, out, window=25):
     save_figure(fig, out / "qlora_loss_and_bytes.png")
 
 
+def judge(args, grad_ok, grad_diff, same, merge_rel, gap, speed_ratio):
+    checks = Checks(args)
+    checks.must("DequantMatmul: gradcheck, and the dense path's values and gradients", grad_ok,
+                f"max |diff| {grad_diff:.1e}")
+    checks.must("QLoRA adapter reloaded on a fresh 4-bit base: identical outputs", same)
+    checks.must(f"float merge equals the QLoRA model (relative {F32_REL_TOL:g})",
+                merge_rel <= F32_REL_TOL, f"{merge_rel:.1e}")
+    checks.shown(f"QLoRA within {ACC_TARGET_POINTS:g} points of LoRA", gap >= -ACC_TARGET_POINTS,
+                 f"{gap:+.1f} points", why="one seed; run-to-run spread is several points")
+    checks.shown(f"dequant-matmul <= {SPEED_TARGET}x the float32 matmul",
+                 speed_ratio <= SPEED_TARGET, f"{speed_ratio:.3f}x")
+    return checks.report()
+
+
+def summary(runs, gap, losses, lin, grad_ok, grad_diff, same, merge_rel, deploy, changed,
+            err_ratio, step_ratio, speed):
+    return {
+        "lora_acc": runs["LoRA"]["acc"], "qlora_acc": runs["QLoRA"]["acc"],
+        "qlora_minus_lora_points": gap, "val_loss_fp32": losses["fp32"],
+        "val_loss_nf4": losses["NF4"], "val_loss_nf4_dq": losses["NF4 + double quant"],
+        "linear_bytes_fp32": lin["fp32"], "linear_bytes_nf4": lin["NF4"],
+        "dequant_matmul_grad_ok": grad_ok, "dequant_matmul_max_diff": grad_diff,
+        "adapter_reload_identical": same, "float_merge_rel_diff": merge_rel,
+        "requant_merge_acc": deploy[MERGES["requant"]]["acc"],
+        "fp32_merge_acc": deploy[MERGES["fp32"]]["acc"],
+        "requant_codes_changed": changed, "requant_err_vs_base_err": err_ratio,
+        "qlora_step_ratio": step_ratio, "dequant_matmul_ratio": speed["ratio"],
+        "quantize_MB_per_s": speed["quantize_MB_per_s"],
+        "dequantize_MB_per_s": speed["dequantize_MB_per_s"]}
+
+
 def main(argv=None):
     args = parse_args(__doc__, argv)
     out = lesson_dir(args, NAME)
@@ -289,20 +317,9 @@ def main(argv=None):
                                                              splits, args)
     speed = speed_table(args)
     plot(runs, lin, whole, out)
-    write_summary(args, NAME, {
-        "lora_acc": runs["LoRA"]["acc"], "qlora_acc": runs["QLoRA"]["acc"],
-        "qlora_minus_lora_points": gap, "val_loss_fp32": losses["fp32"],
-        "val_loss_nf4": losses["NF4"], "val_loss_nf4_dq": losses["NF4 + double quant"],
-        "linear_bytes_fp32": lin["fp32"], "linear_bytes_nf4": lin["NF4"],
-        "dequant_matmul_grad_ok": grad_ok, "dequant_matmul_max_diff": grad_diff,
-        "adapter_reload_identical": same, "float_merge_rel_diff": merge_rel,
-        "requant_merge_acc": deploy[MERGES["requant"]]["acc"],
-        "fp32_merge_acc": deploy[MERGES["fp32"]]["acc"],
-        "requant_codes_changed": changed, "requant_err_vs_base_err": err_ratio,
-        "qlora_step_ratio": step_ratio, "dequant_matmul_ratio": speed["ratio"],
-        "quantize_MB_per_s": speed["quantize_MB_per_s"],
-        "dequantize_MB_per_s": speed["dequantize_MB_per_s"]})
-    return 0
+    write_summary(args, NAME, summary(runs, gap, losses, lin, grad_ok, grad_diff, same,
+                                      merge_rel, deploy, changed, err_ratio, step_ratio, speed))
+    return judge(args, grad_ok, grad_diff, same, merge_rel, gap, speed["ratio"])
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lessons.common import (DEFAULT_TASK, TASK_BATCH, fit, get_base_model, lesson_dir,
+from lessons.common import (DEFAULT_TASK, TASK_BATCH, Checks, fit, get_base_model, lesson_dir,
                             lora_copy, parse_args, plot_loss_curves, print_table, run_main,
                             saved_figure, short_config, tail_mean, task_splits, write_summary)
 from tiny_gpt import sample_batch
@@ -243,6 +243,15 @@ def summarize(args, fp16_rows, scaler_rows, cuda_same, master_rows):
         "cuda_scalers_agree": cuda_same})
 
 
+def judge(args, cuda_same, master_rows):
+    checks = Checks(args)
+    if cuda_same is not None:
+        checks.must("our DynamicLossScaler = torch.amp.GradScaler (scale history)", cuda_same)
+    checks.must("an fp32 master weight moves on every entry", master_rows[0][1] == "100.0%",
+                master_rows[0][1])
+    return checks.report()
+
+
 def main(argv=None):
     args = parse_args(__doc__, argv)
     args.budget = QUICK if args.quick else Budget()
@@ -257,7 +266,7 @@ def main(argv=None):
     cuda_same = cuda_fp16(args, base, splits)
     master_rows = master_weights(args, base)
     summarize(args, fp16_rows, scaler_rows, cuda_same, master_rows)
-    return 0
+    return judge(args, cuda_same, master_rows)
 
 
 if __name__ == "__main__":

@@ -36,16 +36,17 @@ from dataclasses import dataclass
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, FINETUNE_LR, base_recipe, fit, get_base_model,
-                            lesson_dir, lora_copy, parse_args, plot_loss_curves, print_table,
-                            run_main, saved_figure, short_config, tail_mean, task_splits,
-                            write_summary)
+from lessons.common import (DEFAULT_TASK, FINETUNE_LR, Checks, base_recipe, fit, get_base_model,
+                            lesson_dir, lora_copy, parse_args, plot_loss_curves, positive_number,
+                            print_table, run_main, saved_figure, short_config, tail_mean,
+                            task_splits, write_summary)
 from lora import disable_adapters
 from tiny_gpt import exact_match
 from tiny_gpt.evaluate import logits_of, measure_drift, task_loss
 from tiny_gpt.pretrain import corpus_ids
 
 NAME = "09_stability_and_evaluation"
+KL_TOL = 1e-6  # float32 logits of the same function computed two ways
 
 
 @dataclass
@@ -310,7 +311,7 @@ def plot_small_set(out, gap_curves, stop_res):
 
 
 def add_args(parser):
-    parser.add_argument("--high-lr", type=float, default=Budget.high_lr,
+    parser.add_argument("--high-lr", type=positive_number, default=Budget.high_lr,
                         help="the too-high learning rate of part (a)")
 
 
@@ -329,6 +330,18 @@ def summarize(args, div_rows, sched_rows, gap_rows, stop, tracks, repro_rows, be
         "acc_lora": tracks["lora"][1], "acc_full": tracks["full"][1],
         "same_seed_max_diff": repro_rows[0][1], "other_seed_max_diff": repro_rows[1][1],
         "best_lr": best_lr})
+
+
+def judge(args, repro_rows, tracks):
+    checks = Checks(args)
+    (_, same_diff, same_weights), (_, other_diff, _) = repro_rows  # rows of table (f)
+    checks.must("same seed: the same loss curve and adapter weights",
+                same_diff == 0 and same_weights == "yes", f"max |diff| {same_diff:g}")
+    checks.must("another seed: another curve", other_diff > 0, f"max |diff| {other_diff:.3g}")
+    kl0 = tracks["lora"][0][0][1]["kl"]
+    checks.must(f"KL(base || LoRA) at step 0, B = 0: zero ({KL_TOL:g})", abs(kl0) <= KL_TOL,
+                f"{kl0:.1e}")
+    return checks.report()
 
 
 def main(argv=None):
@@ -352,7 +365,7 @@ def main(argv=None):
     repro_rows = reproducibility(args, base, splits, out)
     best_lr = task_sensitivity(args, base)
     summarize(args, div_rows, sched_rows, gap_rows, stop, tracks, repro_rows, best_lr)
-    return 0
+    return judge(args, repro_rows, tracks)
 
 
 if __name__ == "__main__":

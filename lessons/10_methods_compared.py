@@ -37,10 +37,10 @@ import copy
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, FINETUNE_LR, FINETUNE_STEPS, LORA_R, finetune_config,
-                            get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
-                            median_step_seconds, parse_args, print_table, run_main, save_figure,
-                            task_splits, write_summary)
+from lessons.common import (DEFAULT_TASK, FINETUNE_LR, FINETUNE_STEPS, LORA_R, Checks,
+                            finetune_config, get_base_model, lesson_dir, lora_copy,
+                            matplotlib_pyplot, median_step_seconds, parse_args, print_table,
+                            run_main, save_figure, task_splits, whole_number, write_summary)
 from lora import count_parameters, dequantized_float_model, merge_lora
 from tiny_gpt import exact_match, make_batch, sample_batch
 from tiny_gpt.finetune import finetune
@@ -51,6 +51,7 @@ from tiny_gpt.train import make_optimizer
 from tiny_gpt.util.timing import round_robin_medians
 
 NAME = "10_methods_compared"
+MERGE_TOL = 1e-4  # float32 logits of order 10: merging only reorders the sums
 METHODS = ["full", "adapter", "prefix", "lora", "qlora"]
 LABELS = {"full": "full fine-tuning", "adapter": "adapter tuning", "prefix": "prefix tuning",
           "lora": f"LoRA (r={LORA_R}, Q,V)", "qlora": "QLoRA (NF4 + LoRA)"}
@@ -69,10 +70,10 @@ SEED_TABLE = {"full": ("no", "High", "Moderate", "Updates all parameters"),
 
 
 def add_args(parser):
-    parser.add_argument("--steps", type=int, default=600,
+    parser.add_argument("--steps", type=whole_number(1), default=600,
                         help=f"optimizer steps per method (the shared recipe's {FINETUNE_STEPS} "
                              "is for one method; five of them share this lesson's time budget)")
-    parser.add_argument("--probe-steps", type=int, default=150,
+    parser.add_argument("--probe-steps", type=whole_number(1), default=150,
                         help="steps of each learning-rate probe run (adapters, prefix)")
     parser.add_argument("--no-probe", action="store_true", help="skip the LR probe, use 1e-2")
 
@@ -281,6 +282,14 @@ def summary(args, lrs, costs, accuracy, inference):
     return numbers
 
 
+def judge(args, merge_gaps):
+    checks = Checks(args)
+    for method, gap in merge_gaps.items():
+        checks.must(f"{method}: merging changes no logit by more than {MERGE_TOL:g}",
+                    gap <= MERGE_TOL, f"{gap:.1e}")
+    return checks.report()
+
+
 def main(argv=None):
     args = parse_args(__doc__, argv, add_args)
     out = lesson_dir(args, NAME)
@@ -302,7 +311,7 @@ def main(argv=None):
     print_seed_comparison(costs, accuracy, inference["overhead"], base_params)
     plot(costs, accuracy, inference["overhead"], base_params, out / "methods_compared.png")
     write_summary(args, NAME, summary(args, lrs, costs, accuracy, inference))
-    return 0
+    return judge(args, inference["merge_gaps"])
 
 
 if __name__ == "__main__":

@@ -32,19 +32,50 @@ QUICK_RECIPE = replace(BASE_RECIPE, corpus_chars=50_000, steps=10, warmup_steps=
 
 
 def parse_args(description: str, argv=None, add_args=None) -> argparse.Namespace:
-    """--quick, --device, --seed, --runs for every lesson; add_args(parser) adds its own."""
+    """--quick, --device, --seed, --runs for every lesson; add_args(parser) adds its own. A bad
+    flag is a usage error (exit status 2) before anything runs."""
     parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run of a few seconds (tiny budgets, numbers meaningless)")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, ...")
-    parser.add_argument("--seed", type=int, default=0, help="seed for everything random")
+    parser.add_argument("--seed", type=whole_number(0), default=0,
+                        help="seed for everything random")
     parser.add_argument("--runs", default=str(RUNS), help="folder for outputs and the base cache")
     if add_args:
         add_args(parser)
     args = parser.parse_args(argv)
-    args.device = pick_device(args.device)
+    try:
+        args.device = pick_device(args.device)
+    except ValueError as e:
+        parser.error(f"--device: {e}")
+    if Path(args.runs).exists() and not Path(args.runs).is_dir():
+        parser.error(f"--runs {args.runs} is a file; give a folder")
     torch.manual_seed(args.seed)
     return args
+
+
+def whole_number(low: int):
+    """An argparse type: a whole number >= low."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below the smallest allowed, {low}")
+        return value
+    return parse
+
+
+def positive_number(text):
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be finite and > 0")
+    return value
 
 
 def lesson_dir(args, name: str) -> Path:
@@ -117,8 +148,56 @@ def matplotlib_pyplot():
 
 
 def run_main(main):
-    """Entry point used at the bottom of every lesson file."""
+    """Entry point used at the bottom of every lesson file: main()'s return is the exit status
+    (non-zero when one of the lesson's own checks failed)."""
     sys.exit(main())
+
+
+class Checks:
+    """A lesson's own verdicts, printed as one table, and its exit status.
+
+    must(what, ok, measured)         a property of the code that holds in every run, --quick
+                                     too (a gradient against autograd, a table against the
+                                     published one, a frozen weight unchanged): judged always
+    target(what, ok, measured)       a quality target of a default run (an accuracy, a share
+                                     of memory); --quick's tiny budgets make such numbers
+                                     meaningless, so there it is shown but not judged
+    shown(what, ok, measured, why)   shown with its verdict, never judged, for the reason
+                                     given: a timing (timings move 2.5x between machines of one
+                                     kind, and a busy machine says nothing about the code), or
+                                     a comparison that one run cannot resolve
+    main() ends with ``return checks.report()``: 1 if anything judged failed, else 0."""
+
+    def __init__(self, args):
+        self.quick, self.rows = args.quick, []
+
+    def must(self, what, ok, measured=""):
+        return self._add(what, ok, measured, None)
+
+    def target(self, what, ok, measured=""):
+        return self._add(what, ok, measured, "--quick" if self.quick else None)
+
+    def shown(self, what, ok, measured="", why="timing"):
+        return self._add(what, ok, measured, why)
+
+    def _add(self, what, ok, measured, not_judged_because):
+        self.rows.append((what, str(measured), bool(ok), not_judged_because))
+        return bool(ok)
+
+    def failed(self):
+        return [what for what, _, ok, why in self.rows if why is None and not ok]
+
+    def report(self, title="Checks") -> int:
+        """Print the table; return the exit status (1 if a judged check failed)."""
+        def verdict(ok, why):
+            if why is None:
+                return "PASS" if ok else "FAIL"
+            return f"{'met' if ok else 'not met'} (not judged: {why})"
+        print_table(title, ["check", "measured", "verdict"],
+                    [[what, measured, verdict(ok, why)] for what, measured, ok, why in self.rows])
+        if self.failed():
+            print(f"FAILED: {'; '.join(self.failed())}", flush=True)
+        return 1 if self.failed() else 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,19 @@ def test_lesson_quick_run(path, runs_dir):
     assert json.loads(summaries[0].read_text())["numbers"]
 
 
+def test_a_lesson_whose_own_check_fails_exits_non_zero(runs_dir, monkeypatch, capsys):
+    """Lesson 01's gradient check, given a tolerance nothing can meet, must fail the lesson --
+    in main()'s return and so in the process's exit status (run_main)."""
+    lesson = load_lesson(next(p for p in LESSONS if p.name.startswith("01_")))
+    monkeypatch.setattr(lesson, "AUTOGRAD_TOL", -1.0)
+    assert lesson.main(["--quick", "--device", "cpu", "--runs", str(runs_dir)]) == 1
+    assert "FAILED: hand-derived backward" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        lesson.run_main(lambda: lesson.main(["--quick", "--device", "cpu", "--runs",
+                                             str(runs_dir)]))
+    assert stop.value.code == 1
+
+
 def test_lessons_are_numbered_from_00_without_gaps():
     numbers = [int(p.name[:2]) for p in LESSONS]
     assert numbers == list(range(len(numbers)))
@@ -92,3 +105,21 @@ def test_run_all_refuses_a_runs_path_that_is_a_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_all.main(["--runs", str(tmp_path / "f")])
     assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["--device", "nonsense"], "unknown device"), (["--seed", "-1"], "below the smallest"),
+    (["--text", "/no/such/file.txt"], "no such text file"), (["--bogus"], "unrecognized")])
+def test_a_lesson_given_a_bad_flag_prints_a_usage_error_and_exits_2(argv, phrase, capsys):
+    lesson = load_lesson(LESSONS[0])  # lesson 00 has the most flags
+    with pytest.raises(SystemExit) as stop:
+        lesson.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and phrase in err and "Traceback" not in err
+
+
+def test_a_lesson_refuses_a_runs_path_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(SystemExit) as stop:
+        load_lesson(LESSONS[0]).main(["--runs", str(tmp_path / "f")])
+    assert stop.value.code == 2 and "is a file" in capsys.readouterr().err
