@@ -51,7 +51,10 @@ STEPS = 600          # per adapter: shorter than the shared 1,500-step recipe, t
 # merged vs unmerged logits, relative to the largest |logit|: float32 keeps 24 bits (6e-8), and
 # summing 128 products in another order moves the result by ~1e-6 of its size.
 F32_REL_TOL = 1e-5
-CAT_TOL = 1e-4  # "cat" 1, 1 vs stacked: the same sums in another order, logits of order 10
+# 'cat' 1, 1 vs the stack: one rank-16 product through the fused path against two rank-8 ones
+# through plain autograd -- the same sums in another order, carried through every block of two
+# conflicting adapters (measured ~1e-5 of the largest |logit|): a looser bound than a merge's.
+CAT_REL_TOL = 1e-4
 
 
 def train_adapter(model, name, splits, args, targets=("q_proj", "v_proj"), r=8):
@@ -149,11 +152,12 @@ def combination_section(model, tests, x, device):
     svd_err = combine_adapters(model, w, "svd_r8", method="linear", r=8)
     set_active_adapters(model, "cat_1_1")
     cat_diff = (model(x)[0] - stacked_logits).abs().max().item()
+    cat_rel = cat_diff / stacked_logits.abs().max().item()
     for label, name in (("cat 1, 1 (= stacked)", "cat_1_1"), ("cat 0.5, 0.5", "cat_half"),
                         ("1, 1 cut to rank 8 (SVD)", "svd_r8")):
         set_active_adapters(model, name)
         rows[label] = accuracies(model, tests, device)
-    return rows, cat_diff, max(svd_err.values())
+    return rows, cat_diff, cat_rel, max(svd_err.values())
 
 
 def non_overlapping_section(reference, splits, tests, args):
@@ -217,14 +221,14 @@ def summary(seconds, merge_diff, saved, cat_diff, rows):
             **{f"acc_{t}_stacked": stacked[t] for t in TASK_NAMES}}
 
 
-def judge(args, merge_rel, saved, cat_diff, seconds):
+def judge(args, merge_rel, saved, cat_rel, seconds):
     checks = Checks(args)
     checks.must(f"merged = unmerged (relative {F32_REL_TOL:g})", merge_rel <= F32_REL_TOL,
                 f"{merge_rel:.1e}")
     checks.must("adapter reloaded on a fresh base: bit-identical logits",
                 saved["reload_bit_identical"])
-    checks.must(f"'cat' 1, 1 = the stacked adapters ({CAT_TOL:g})", cat_diff <= CAT_TOL,
-                f"{cat_diff:.1e}")
+    checks.must(f"'cat' 1, 1 = the stacked adapters (relative {CAT_REL_TOL:g})",
+                cat_rel <= CAT_REL_TOL, f"{cat_rel:.1e}")
     ratio = seconds["LoRA merged"] / seconds["base model"]
     checks.shown("merged forward within 5% of the base model's", ratio <= 1.05, f"{ratio:.3f}x")
     return checks.report()
@@ -243,13 +247,13 @@ def main(argv=None):
 
     merged, seconds, merge_diff, merge_rel = merge_section(model, reference, x, args)
     saved = save_section(model, merged, reference, x, out)
-    rows, cat_diff, svd_err = combination_section(model, tests, x, device)
+    rows, cat_diff, cat_rel, svd_err = combination_section(model, tests, x, device)
     rows.update(non_overlapping_section(reference, splits, tests, args))
     accuracy_table(rows, tests, steps, cat_diff, svd_err)
     stacked_samples(model, tests, device)
     plot_accuracy(rows, seconds, out / "adapters.png")
     write_summary(args, NAME, summary(seconds, merge_diff, saved, cat_diff, rows))
-    return judge(args, merge_rel, saved, cat_diff, seconds)
+    return judge(args, merge_rel, saved, cat_rel, seconds)
 
 
 if __name__ == "__main__":
