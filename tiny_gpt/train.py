@@ -191,14 +191,14 @@ def accumulate_gradients(model, micro_batches, device, precision="fp32", scaler=
     """Forward/backward over micro-batches [(x, y, mask), ...] so that the summed gradient
     equals that of one batch holding all of them. Returns (mean token loss, token count)."""
     total_tokens = count_loss_tokens(micro_batches)
-    loss_sum = 0.0
+    mean_loss = 0.0
     for batch in micro_batches:
         x, y, mask = to_device(batch, device)
         with autocast_context(device, precision):
             loss = micro_batch_loss(model, x, y, mask, total_tokens)
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        loss_sum += loss.item() * total_tokens
-    return loss_sum / total_tokens, total_tokens
+        mean_loss += loss.item()  # the S_i / N add up to the big batch's mean token loss
+    return mean_loss, total_tokens
 
 
 def train(model, get_batch: Callable, cfg: TrainConfig, evaluate: Optional[Callable] = None,
