@@ -28,25 +28,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tiny_gpt.util.checks import is_number, is_whole_number
 from tiny_gpt.util.modules import is_linear_like
 from tiny_gpt.util.torch_compat import autocast_enabled
 
 from .function import LoRAFunction
 
 
-def _is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_lora_args(r, alpha, dropout, in_features, out_features):
     """Raise ValueError unless 0 < r <= min(in, out), alpha is finite and > 0, and
     0 <= dropout < 1 (each a number, not a string or a bool)."""
-    if isinstance(r, bool) or not isinstance(r, int) or not 0 < r <= min(in_features, out_features):
+    if not (is_whole_number(r, 1) and r <= min(in_features, out_features)):
         raise ValueError(f"r must be an integer with 1 <= r <= min(in_features, out_features) = "
                          f"{min(in_features, out_features)}, got {r!r}")
-    if not (_is_number(alpha) and 0 < alpha < math.inf):
+    if not (is_number(alpha) and 0 < alpha < math.inf):
         raise ValueError(f"alpha must be > 0 and finite (a number), got {alpha!r}")
-    if not (_is_number(dropout) and 0.0 <= dropout < 1.0):
+    if not (is_number(dropout) and 0.0 <= dropout < 1.0):
         raise ValueError(f"dropout must be in [0, 1) (a number), got {dropout!r}")
 
 

@@ -23,6 +23,7 @@ import torch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import masked_cross_entropy
 from .util.progress import Progress
+from .util.checks import is_number, is_whole_number
 from .util.safetensors import check_writable
 from .util.torch_compat import autocast, cuda_grad_scaler
 
@@ -58,31 +59,25 @@ CHOICES = {"schedule": ("cosine", "constant"), "optimizer": ("adamw", "sgd"),
            "precision": ("fp32", "bf16", "fp16")}
 
 
-def _whole(value, low):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
 def _real(value, low, high=math.inf, low_open=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        return False
-    return (value > low if low_open else value >= low) and value <= high
+    return is_number(value) and (value > low if low_open else value >= low) and value <= high
 
 
 def check_config(cfg) -> None:
     """Refuse a TrainConfig that would train wrongly or not at all, naming the field."""
-    rules = [("max_steps", _whole(cfg.max_steps, 1), "a whole number >= 1"),
+    rules = [("max_steps", is_whole_number(cfg.max_steps, 1), "a whole number >= 1"),
              ("lr", _real(cfg.lr, 0, low_open=True) and math.isfinite(cfg.lr), "finite and > 0"),
              ("min_lr_ratio", _real(cfg.min_lr_ratio, 0, 1), "in [0, 1]"),
-             ("warmup_steps", _whole(cfg.warmup_steps, 0), "a whole number >= 0"),
+             ("warmup_steps", is_whole_number(cfg.warmup_steps, 0), "a whole number >= 0"),
              ("weight_decay", _real(cfg.weight_decay, 0, 1e6), "finite and >= 0"),
              ("betas", isinstance(cfg.betas, (tuple, list)) and len(cfg.betas) == 2
               and all(_real(b, 0, 1) and b < 1 for b in cfg.betas), "two numbers in [0, 1)"),
              ("grad_clip", _real(cfg.grad_clip, 0, 1e30), "finite and >= 0 (0: no clipping)"),
-             ("grad_accum", _whole(cfg.grad_accum, 1), "a whole number >= 1"),
-             ("eval_every", _whole(cfg.eval_every, 0), "a whole number >= 0 (0: never)"),
-             ("patience", cfg.patience is None or _whole(cfg.patience, 1), "None or >= 1"),
-             ("ckpt_every", _whole(cfg.ckpt_every, 0), "a whole number >= 0"),
-             ("seed", _whole(cfg.seed, 0), "a whole number >= 0")]
+             ("grad_accum", is_whole_number(cfg.grad_accum, 1), "a whole number >= 1"),
+             ("eval_every", is_whole_number(cfg.eval_every, 0), "a whole number >= 0 (0: never)"),
+             ("patience", cfg.patience is None or is_whole_number(cfg.patience, 1), "None or >= 1"),
+             ("ckpt_every", is_whole_number(cfg.ckpt_every, 0), "a whole number >= 0"),
+             ("seed", is_whole_number(cfg.seed, 0), "a whole number >= 0")]
     rules += [(name, getattr(cfg, name) in allowed, "one of " + ", ".join(map(repr, allowed)))
               for name, allowed in CHOICES.items()]
     for name, ok, allowed in rules:

@@ -1,8 +1,5 @@
 """The seed's "CPU offload": the frozen block weights live in CPU memory and visit the
-accelerator one block at a time, in forward and again in backward.
-
-It saves device memory only where there is a separate device (CUDA); on a CPU-only machine it
-still runs, which is how the tests check the mechanism.
+accelerator one block at a time, in forward and again in backward (FrozenBaseOffload says how).
 """
 import torch
 
