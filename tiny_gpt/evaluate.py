@@ -36,18 +36,30 @@ from .tasks import Example, make_batch
 # --- tasks: exact match of greedy answers, answer loss ------------------------------------
 @torch.no_grad()
 def greedy_answers(model, prompts: List[str], max_new_tokens: int, device="cpu") -> List[str]:
-    """Greedy completions, cut at the first newline. Prompts of equal length are decoded as one
-    batch (left padding would shift the learned positions, so it is avoided)."""
-    by_len = {}
-    for i, p in enumerate(prompts):
-        by_len.setdefault(len(p), []).append(i)
-    answers = [None] * len(prompts)
-    for idxs in by_len.values():
-        x = torch.tensor([encode(prompts[i]) for i in idxs], device=device)
-        out = model.generate(x, max_new_tokens)[:, x.shape[1]:]
-        for i, row in zip(idxs, out.tolist()):
-            answers[i] = decode(row).split("\n")[0]
-    return answers
+    """Greedy completions, cut at the first newline, all prompts in one batch.
+
+    Prompts of different lengths share one right-padded buffer (B, T): row i holds its prompt
+    and the tokens generated so far in positions 0 .. L_i - 1, padding after. Attention is
+    causal, so the logits at position L_i - 1 see nothing to their right: the padding changes
+    no row's prediction, and no position moves (left padding would shift the learned position
+    embeddings). Each step reads every row's next token at its own L_i - 1 and writes it at L_i.
+    """
+    lengths = torch.tensor([len(p) for p in prompts], device=device)            # (B,)
+    width = int(lengths.max()) + max_new_tokens
+    if width > model.config.block_size:
+        raise ValueError(f"a prompt of {int(lengths.max())} characters plus {max_new_tokens} new "
+                         f"tokens exceeds the model's block size {model.config.block_size}")
+    buffer = torch.zeros((len(prompts), width), dtype=torch.long, device=device)  # (B, T)
+    for row, prompt in enumerate(prompts):
+        buffer[row, :len(prompt)] = torch.tensor(encode(prompt))
+    rows = torch.arange(len(prompts), device=device)
+    for _ in range(max_new_tokens):
+        logits, _ = model(buffer[:, :int(lengths.max())])                         # (B, T, V)
+        buffer[rows, lengths] = logits[rows, lengths - 1].argmax(dim=-1)
+        lengths = lengths + 1
+    starts = [len(p) for p in prompts]
+    return [decode(buffer[row, start:start + max_new_tokens].tolist()).split("\n")[0]
+            for row, start in enumerate(starts)]
 
 
 def exact_match(model, examples: List[Example], device="cpu") -> float:
