@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lora import apply_lora, prepare_qlora
+from tiny_gpt.evaluate import exact_match
 from tiny_gpt.memory.step_time import time_step
 from tiny_gpt.pretrain import PretrainRecipe, load_base, pretrain, save_base
 from tiny_gpt.tasks import get_task, sample_batch
@@ -164,8 +165,9 @@ class Checks:
                                      meaningless, so there it is shown but not judged
     shown(what, ok, measured, why)   shown with its verdict, never judged, for the reason
                                      given: a timing (timings move 2.5x between machines of one
-                                     kind, and a busy machine says nothing about the code), or
-                                     a comparison that one run cannot resolve
+                                     kind, and a busy machine says nothing about the code)
+    verdict(what, verdict)           a target read from seeds (lessons/seeds.py): judged as a
+                                     target where its interval decides, else 'cannot tell'
     main() ends with ``return checks.report()``: 1 if anything judged failed, else 0."""
 
     def __init__(self, args):
@@ -180,8 +182,16 @@ class Checks:
     def shown(self, what, ok, measured="", why="timing"):
         return self._add(what, ok, measured, why)
 
+    def verdict(self, what, verdict):
+        """A target read from seeds (lessons/seeds.py): judged where the interval decides,
+        shown as 'cannot tell' where it does not."""
+        if verdict.holds is None:
+            return self._add(what, None, verdict.text, "the interval cannot tell")
+        return self.target(what, verdict.holds, verdict.text)
+
     def _add(self, what, ok, measured, not_judged_because):
-        self.rows.append((what, str(measured), bool(ok), not_judged_because))
+        self.rows.append((what, str(measured), ok if ok is None else bool(ok),
+                          not_judged_because))
         return bool(ok)
 
     def failed(self):
@@ -190,6 +200,8 @@ class Checks:
     def report(self, title="Checks") -> int:
         """Print the table; return the exit status (1 if a judged check failed)."""
         def verdict(ok, why):
+            if ok is None:
+                return f"cannot tell (not judged: {why})"
             if why is None:
                 return "PASS" if ok else "FAIL"
             return f"{'met' if ok else 'not met'} (not judged: {why})"
@@ -204,7 +216,7 @@ class Checks:
 # The fine-tuning recipe every lesson shares, so that their numbers can be compared.
 
 DEFAULT_TASK = "upper"   # the task the lessons tune on; "swap" is the second, for lesson 03
-FINETUNE_STEPS = 1500    # optimizer steps of a default fine-tuning run
+FINETUNE_STEPS = 500     # optimizer steps of a default fine-tuning run (--seeds of them)
 FINETUNE_LR = {"lora": 1e-2, "full": 1e-3}  # peak learning rates (tiny models take large ones)
 
 
@@ -217,9 +229,10 @@ def finetune_config(args, method: str = "lora", **overrides):
     return TrainConfig(**cfg)
 
 
-def task_splits(args, task_name: str = DEFAULT_TASK):
-    """train / val / test examples; --quick keeps 16 of each so evaluation is instant."""
-    splits = get_task(task_name).splits(seed=args.seed)
+def task_splits(args, task_name: str = DEFAULT_TASK, seed=None):
+    """train / val / test examples drawn with `seed` (default --seed); --quick keeps 16 of
+    each so evaluation is instant."""
+    splits = get_task(task_name).splits(seed=args.seed if seed is None else seed)
     if args.quick:
         splits = {k: v[:16] for k, v in splits.items()}
     return splits
@@ -276,6 +289,16 @@ def fit(model, examples, cfg, args, evaluate=None):
     """tiny_gpt.train on batches of TASK_BATCH examples drawn from `examples`."""
     return train(model, lambda g: sample_batch(examples, TASK_BATCH, g), cfg, evaluate,
                  device=args.device)
+
+
+def tuned_accuracy(args, model, cfg, seed: int, task_name: str = DEFAULT_TASK,
+                   evaluate=None):
+    """Train `model` with `cfg` on the task's examples drawn with `seed` (the config's seed is
+    set to it, so the batch order follows too), then score it on that seed's test prompts.
+    Returns (test exact match, TrainResult): one seed's measurement of one recipe."""
+    splits = task_splits(args, task_name, seed)
+    result = fit(model, splits["train"], replace(cfg, seed=seed), args, evaluate)
+    return exact_match(model, splits["test"], args.device), result
 
 
 def tail_mean(values, frac: float = 0.1) -> float:
