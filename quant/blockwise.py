@@ -150,14 +150,29 @@ def pair_table(code, dtype=torch.float32):
     return torch.stack([levels[byte >> 4], levels[byte & 15]], dim=1)  # (256, 2)
 
 
-def dequantize_blocks(packed, scales, code, blocksize, dtype=torch.float32):
+def dequantize_blocks(packed, scales, code, blocksize, dtype=torch.float32, table=None):
     """Packed codes and per-block scales -> (n_blocks, blocksize) values in `dtype`.
 
-    Two memory passes: one gather through the pair table (bytes -> float32 pairs), one
-    broadcast multiply by the scales that writes the result (in place for float32).
+    Chunk by chunk of whole blocks, CHUNK_ELEMENTS values at a time:
+        1. the chunk's bytes as int32 (the gather's index type; a chunk's worth, not the
+           whole weight's: 4 bytes per byte of codes would be more than a bf16 weight);
+        2. one gather through the (256, 2) float32 pair table: every byte becomes its two
+           levels, already in element order;
+        3. one multiply by the block scales, in float32, written straight into the output in
+           `dtype` -- so a bf16 weight is rounded once, from the exact float32 product, and
+           never exists in float32 at full size.
+    `table` is pair_table(code) when the caller keeps one (Linear4bit does, per device);
+    otherwise it is built here.
     """
-    table = pair_table(code)
-    values = torch.nn.functional.embedding(packed.int(), table)  # (n_bytes, 2): one gather
-    values = values.view(-1, blocksize)  # (n_blocks, blocksize)
-    out = values if dtype == torch.float32 else torch.empty_like(values, dtype=dtype)
-    return torch.mul(values, scales.float()[:, None], out=out)
+    if table is None:
+        table = pair_table(code)
+    n_blocks = scales.numel()
+    out = torch.empty((n_blocks, blocksize), dtype=dtype, device=packed.device)
+    scales = scales.float()
+    step = max(1, CHUNK_ELEMENTS // blocksize)  # blocks per chunk
+    for start in range(0, n_blocks, step):
+        stop = min(start + step, n_blocks)
+        chunk_bytes = packed[start * blocksize // 2: stop * blocksize // 2]
+        values = torch.nn.functional.embedding(chunk_bytes.int(), table)  # (bytes, 2) float32
+        torch.mul(values.view(-1, blocksize), scales[start:stop, None], out=out[start:stop])
+    return out

@@ -17,6 +17,7 @@ For N(0, 1) weights with blocks of 64 the centred scales are small next to the s
 dequantized scale is off by about 0.2% on average and under 1% at worst (tests check this).
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -53,14 +54,16 @@ class DoubleQuantScales:
     absmax: torch.Tensor  # (n_groups,) float32, absmax of the centred scales per group
     offset: torch.Tensor  # () float32, the mean that was subtracted
     count: int            # number of real scales (the rest of `codes` is padding)
+    levels: Optional[torch.Tensor] = None  # DYNAMIC_MAP on the codes' device, if kept there
 
     @property
     def nbytes(self):
         return self.codes.numel() + 4 * self.absmax.numel() + 4
 
     def dequantize(self):
-        """-> (count,) float32 scales."""
-        levels = DYNAMIC_MAP.to(self.absmax.device)
+        """-> (count,) float32 scales. Pass `levels` (DYNAMIC_MAP already on the device) to
+        avoid a host-to-device copy of the map on every call on a GPU."""
+        levels = self.levels if self.levels is not None else DYNAMIC_MAP.to(self.absmax.device)
         centred = levels[self.codes.long()].view(-1, SCALE_BLOCKSIZE)  # (n_groups, 256)
         centred = centred * self.absmax[:, None]
         return centred.view(-1)[: self.count] + self.offset

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from tiny_gpt.util.modules import replace_module, select_paths
 
+from .blockwise import pair_table
+from .double_quant import DYNAMIC_MAP, DoubleQuantScales
 from .nf4 import quantize_nf4
 from .qtensor import Quantized4bit
 
@@ -68,10 +70,17 @@ class Linear4bit(nn.Module):
         self.out_features, self.in_features = qweight.shape
         self.compute_dtype = compute_dtype
         state = qweight.to_state_dict()
-        self._layout = {key: state.pop(key) for key in ("shape", "blocksize", "dtype")}
+        for key in ("shape", "blocksize", "dtype"):  # kept as Python values, not tensors:
+            state.pop(key)                           # reading them back would sync the host
+        self._shape, self._blocksize, self._dtype = qweight.shape, qweight.blocksize, qweight.dtype
         state["code"] = state["code"].clone()  # our own: a load_state_dict must touch no other
         for name, tensor in state.items():
             self.register_buffer(name, tensor)
+        # Tables derived from the code books, built once here and moved with the module by
+        # .to(device); not saved, since they follow from what is.
+        self.register_buffer("pair_levels", pair_table(self.code), persistent=False)
+        if qweight.double_quant:
+            self.register_buffer("scale_levels", DYNAMIC_MAP.clone(), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=bias.requires_grad)
 
@@ -84,9 +93,14 @@ class Linear4bit(nn.Module):
 
     @property
     def weight(self) -> Quantized4bit:
-        """The 4-bit weight, rebuilt around this module's buffers (no copy)."""
-        buffers = dict(self.named_buffers(recurse=False))
-        return Quantized4bit.from_state_dict({**self._layout, **buffers})
+        """The 4-bit weight, rebuilt around this module's buffers (no copy, no host sync)."""
+        scales8 = None
+        if hasattr(self, "scale_codes"):
+            n_blocks = -(-self._shape.numel() // self._blocksize)  # ceil division
+            scales8 = DoubleQuantScales(self.scale_codes, self.scale_absmax, self.scale_offset,
+                                        n_blocks, self.scale_levels)
+        return Quantized4bit(self.codes, self.code, self._shape, self._dtype, self._blocksize,
+                             getattr(self, "absmax", None), scales8, self.pair_levels)
 
     def dequantized_weight(self, dtype=None):
         """(out, in) float weight in `dtype` (default: compute dtype), as forward uses it."""

@@ -30,6 +30,7 @@ class Quantized4bit:
     blocksize: int                      # values per scale
     absmax: Optional[torch.Tensor] = None           # (n_blocks,) float32, plain scales
     scales8: Optional[DoubleQuantScales] = None     # or: the scales in 8 bits
+    table: Optional[torch.Tensor] = None            # pair_table(code), if the owner keeps one
 
     @property
     def numel(self):
@@ -60,7 +61,7 @@ class Quantized4bit:
     def dequantize(self, dtype=None):
         """-> tensor of `shape` in `dtype` (default: the original dtype)."""
         blocks = dequantize_blocks(self.codes, self.block_scales(), self.code, self.blocksize,
-                                   dtype or self.dtype)  # (n_blocks, blocksize)
+                                   dtype or self.dtype, self.table)  # (n_blocks, blocksize)
         return blocks.view(-1)[: self.numel].view(self.shape)
 
     def to_state_dict(self):

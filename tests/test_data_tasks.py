@@ -66,3 +66,33 @@ def test_loss_mask_covers_answer_tokens_only():
         targets = decode(y[row][mask[row].bool()].tolist())
         assert targets == answer  # exactly the answer, newline included, no prompt, no padding
         assert decode(x[row, :len(prompt)].tolist()) == prompt
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_every_task_holds_out_at_least_150_words_and_tests_every_one(name):
+    from tiny_gpt.tasks import lexicon
+    splits = TASKS[name].splits()
+    test_words = {w for p, _ in splits["test"] for w in p.split('"')[1].split()}
+    assert len(test_words) >= 150
+    assert len(test_words) == round(0.15 * len(lexicon()))  # all of the held-out words appear
+    assert len(splits["test"]) >= 150 and len(set(splits["test"])) == len(splits["test"])
+
+
+def test_pseudo_words_are_new_lower_case_words_and_fixed():
+    from tiny_gpt.tasks import corpus_words, lexicon
+    words = lexicon()
+    assert len(words) == len(set(words)) == 1100
+    assert words[:len(corpus_words())] == corpus_words()
+    assert all(w.isalpha() and w.islower() and 3 <= len(w) <= 8 for w in words)
+    assert lexicon() == words  # the same list every call: the word split never moves
+
+
+def test_a_split_size_the_words_cannot_make_is_refused():
+    most = TASKS["reverse"].distinct_inputs(165)  # one word per input: 165 test inputs at most
+    assert len(TASKS["reverse"].splits(n_test=most)["test"]) == most
+    with pytest.raises(ValueError, match=r"n_test must be a whole number from 1 to 165"):
+        TASKS["reverse"].splits(n_test=most + 1)
+    with pytest.raises(ValueError, match="n_train"):
+        TASKS["upper"].splits(n_train=0)
+    with pytest.raises(ValueError, match="n_val"):
+        TASKS["upper"].splits(n_val=2.5)

@@ -81,9 +81,12 @@ def test_module_holds_no_float_weight():
     assert isinstance(layer.weight, Quantized4bit) and not isinstance(layer.weight, torch.Tensor)
     assert layer.codes.dtype == torch.uint8 and layer.codes.numel() == 96 * 40 // 2
     n_blocks = 96 * 40 // 64
-    for name, buffer in layer.named_buffers():
+    for name, buffer in layer.state_dict().items():
         if buffer.is_floating_point():  # code book (16) and scales: at most one per block
             assert buffer.numel() <= max(16, n_blocks), name
+    # the cached look-up tables have a fixed size, whatever the weight, and are never saved
+    assert layer.pair_levels.shape == (256, 2) and layer.scale_levels.shape == (256,)
+    assert {"pair_levels", "scale_levels"}.isdisjoint(layer.state_dict())
     assert (layer.in_features, layer.out_features) == (96, 40)
     assert "in_features=96" in repr(layer) and "blocksize=64" in repr(layer)
 
@@ -179,3 +182,20 @@ def test_loading_one_layer_leaves_every_other_code_book_and_nf4_code_alone():
     assert torch.equal(NF4_CODE, before)
     assert torch.equal(b.code, before)
     assert torch.equal(quantize_nf4(torch.randn(64)).code, before)
+
+
+def test_forward_and_backward_build_no_table(monkeypatch):
+    # the pair table and the scales' 8-bit map are built once, at construction, and moved
+    # with the module: a forward that rebuilt them (or copied the map to the device) would
+    # hit these
+    import quant.blockwise as blockwise
+    import quant.double_quant as double_quant
+    layer = Linear4bit.from_linear(make_linear(), double_quant=True)
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a look-up table was built during forward or backward")
+    monkeypatch.setattr(blockwise, "pair_table", refuse)
+    monkeypatch.setattr(double_quant, "DYNAMIC_MAP", None)  # .to() on it would fail
+    layer(x).sum().backward()
+    assert x.grad is not None

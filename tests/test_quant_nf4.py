@@ -232,3 +232,27 @@ def test_each_quantized_weight_owns_its_code_book():
     q1, q2 = quantize_nf4(torch.randn(64)), quantize_nf4(torch.randn(64))
     assert q1.code.data_ptr() != NF4_CODE.data_ptr() != q2.code.data_ptr()
     assert torch.equal(q1.code, NF4_CODE)
+
+
+def allocations_during(fn):
+    """Bytes of every allocation that torch's profiler sees while fn() runs, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sorted((e.self_cpu_memory_usage for e in prof.events()
+                   if e.name != "[memory]" and e.self_cpu_memory_usage > 0), reverse=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dequantize_allocates_its_output_and_chunk_sized_temporaries_only(dtype):
+    from quant.blockwise import CHUNK_ELEMENTS
+    w = torch.randn(8 * CHUNK_ELEMENTS // 1024, 1024)  # 8 chunks
+    q = quantize_nf4(w)
+    out_bytes = w.numel() * torch.empty((), dtype=dtype).element_size()
+    sizes = allocations_during(lambda: q.dequantize(dtype))
+    # the output once, at full size; every temporary (the int32 bytes, the float32 pairs) is
+    # one chunk's: 4 bytes per value at most, never the whole weight's 4 or 8 bytes per value
+    assert sizes[0] == out_bytes
+    assert all(size <= 4 * CHUNK_ELEMENTS for size in sizes[1:]), sizes[:4]
+    # and the values are those of the float32 path, rounded once
+    assert torch.equal(q.dequantize(dtype), q.dequantize(torch.float32).to(dtype))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .memory.checkpointing import IMPLS as CHECKPOINT_IMPLS, run_checkpointed
 from .util.checks import is_number, is_whole_number
+from .util.torch_compat import is_compiling
 
 
 @dataclass
@@ -47,9 +48,15 @@ class GPTConfig:
 
 
 def check_token_ids(idx, vocab_size):
-    """Token ids must be integers in 0 .. vocab_size - 1 (else the embedding's own IndexError)."""
+    """Token ids must be integers in 0 .. vocab_size - 1 (else the embedding's own IndexError).
+
+    The range is read on CPU only: reading it from a GPU tensor would make the host wait for
+    the device on every forward, and there the embedding's own device-side check reports a bad
+    id anyway; nor under torch.compile, where reading a value breaks the graph."""
     if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"token ids must be an integer tensor, got {idx.dtype}")
+    if idx.device.type != "cpu" or is_compiling():
+        return
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= vocab_size):
         raise ValueError(f"token ids must lie in 0..{vocab_size - 1}; got values from "
                          f"{int(idx.min())} to {int(idx.max())}")

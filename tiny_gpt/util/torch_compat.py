@@ -56,3 +56,12 @@ def cuda_grad_scaler(**kwargs):
     if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
         return torch.amp.GradScaler("cuda", **kwargs)
     return torch.cuda.amp.GradScaler(**kwargs)
+
+
+def is_compiling() -> bool:
+    """Is torch.compile tracing this code right now? (torch.compiler.is_compiling arrived in
+    torch 2.3; torch 2.1 and 2.2 spell it torch._dynamo.is_compiling.)"""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()

@@ -1,0 +1,25 @@
+"""torch.compile traces the GPT, LoRA and QLoRA forward in one graph: nothing in the hot path
+reads a tensor's value back to Python (which would break the graph, and sync a GPU)."""
+import copy
+
+import pytest
+import torch
+
+from lora import apply_lora, prepare_qlora
+from tiny_gpt import GPT, GPTConfig
+
+dynamo = pytest.importorskip("torch._dynamo")
+
+
+@pytest.mark.parametrize("variant", ["base", "lora", "qlora"])
+def test_forward_has_no_graph_break(variant):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
+    if variant == "lora":
+        model = apply_lora(copy.deepcopy(model), targets=("q_proj", "v_proj"), r=4)
+    elif variant == "qlora":
+        model = prepare_qlora(copy.deepcopy(model), targets=("q_proj", "v_proj"), r=4)
+    dynamo.reset()
+    explained = dynamo.explain(model)(torch.randint(0, 96, (2, 16)))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
