@@ -35,7 +35,7 @@ from tiny_gpt.data import get_batch
 from tiny_gpt.model import GPT
 from tiny_gpt.evaluate import greedy_answers, validation_loss
 from tiny_gpt.pretrain import corpus_ids, load_base, pretrain, save_base
-from tiny_gpt.tasks import lexicon
+from tiny_gpt.tasks import corpus_words, lexicon
 
 NAME = "00_pretrain"
 BASE_ACC_MAX = 0.10
@@ -92,39 +92,45 @@ def print_pretraining(args, model, recipe, result, train_ids, val_ids):
 def print_base_on_tasks(args, model):
     """Exact match of the base on every task's held-out prompts: {task: accuracy}."""
     n_test = 20 if args.quick else None  # --quick: a smoke run, not a measurement
-    base_acc = {name: exact_match(model, task.splits()["test"][:n_test], args.device)
-                for name, task in TASKS.items()}
+    tests = {name: task.splits()["test"][:n_test] for name, task in TASKS.items()}
+    base_acc = {name: exact_match(model, tests[name], args.device) for name in TASKS}
     print_table("The base model on the fine-tuning tasks (exact match, held-out prompts)",
-                ["task", "what", "example", "base accuracy"],
+                ["task", "what", "example", "test prompts", "base accuracy"],
                 [[n, t.describe, "".join(t.splits(n_train=1)["train"][0]).strip(),
-                  f"{100 * base_acc[n]:.1f}%"] for n, t in TASKS.items()])
+                  len(tests[n]), f"{100 * base_acc[n]:.1f}%"] for n, t in TASKS.items()])
     return base_acc
 
 
 ECHOES = [('Ben says "{w}" and Mia says "', False), ('Anna reads "{w}" and shouts "', True)]
 
 
-def copying_skill(model, device, n_words):
-    """Fraction of lexicon words (one or two) that the base repeats exactly, for each echo
+def copying_skill(model, device, words, n_items):
+    """Fraction of items (one or two of `words`) that the base repeats exactly, for each echo
     sentence of the corpus: the skill the tasks will redirect."""
     rng = random.Random(0)
-    words = lexicon()
-    items = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 2))) for _ in range(n_words)]
+    items = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 2))) for _ in range(n_items)]
     acc = {}
     for fmt, upper in ECHOES:
         expected = [(w.upper() + "!" if upper else w) + '"' for w in items]
         got = greedy_answers(model, [fmt.format(w=w) for w in items], 24, device)
-        acc[(fmt, upper)] = sum(g.startswith(e) for g, e in zip(got, expected)) / n_words
+        acc[(fmt, upper)] = sum(g.startswith(e) for g, e in zip(got, expected)) / n_items
     return acc
 
 
 def print_copying_skill(args, model):
-    copy_acc = copying_skill(model, args.device, 10 if args.quick else 150)
-    rows = [[f"{fmt.format(w='red cat')}{'RED CAT!' if up else 'red cat'}\"", f"{100 * a:.1f}%"]
-            for (fmt, up), a in copy_acc.items()]
-    print_table("The latent skill: copying in the corpus's own echo sentences (greedy, lexicon "
-                "words)", ["sentence the base completes", "words copied right"], rows)
-    return copy_acc
+    """Copying corpus words and the tasks' pseudo-words (tiny_gpt/tasks.py), which the base
+    never saw: {kind: {echo: accuracy}}."""
+    n_items = 10 if args.quick else 150
+    kinds = {"corpus words": corpus_words(), "pseudo-words": lexicon()[len(corpus_words()):]}
+    copy_acc = {kind: copying_skill(model, args.device, words, n_items)
+                for kind, words in kinds.items()}
+    rows = [[f"{fmt.format(w='red cat')}{'RED CAT!' if up else 'red cat'}\""]
+            + [f"{100 * copy_acc[kind][(fmt, up)]:.1f}%" for kind in kinds]
+            for fmt, up in ECHOES]
+    print_table(f"The latent skill: copying in the corpus's own echo sentences (greedy, "
+                f"n={n_items} items of one or two words)",
+                ["sentence the base completes", *(f"{k} copied right" for k in kinds)], rows)
+    return copy_acc["corpus words"]
 
 
 def print_checkpointing_cost(args, model_cfg, train_ids, recipe):

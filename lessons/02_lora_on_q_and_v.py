@@ -17,19 +17,24 @@ two moments per *trainable* number, so the optimizer state shrinks with the trai
 
 The task ("upper"): `upper "cat dog" -> "CAT DOG"`. The base model has seen capitals in its
 corpus but was never asked to produce them on cue; it scores near zero. We tune LoRA with the
-shared recipe (lessons/common.py: 1,500 AdamW steps of 32 examples, lr 1e-2) and then do full
+shared recipe (lessons/common.py: 500 AdamW steps of 32 examples, lr 1e-2) and then do full
 fine-tuning of a fresh copy of the same base with the same data, steps and schedule (lr 1e-3,
-since every weight moves), and put the two side by side.
+since every weight moves), and put the two side by side -- once per seed (``--seeds``, 3 by
+default), since one run is one draw of lora_A's initialization, of the batch order and of the
+test prompts. Which of the two scores higher is read from the paired interval of the seeds
+(lessons/seeds.py); so is whether either one overfits, from its validation loss.
 """
 import copy
 import statistics
+from dataclasses import replace
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, LORA_ALPHA, LORA_R, LORA_TARGETS, Checks, finetune_config,
-                            get_base_model, lesson_dir, matplotlib_pyplot, median_step_seconds,
-                            moving_average, parse_args, print_table, run_main, save_figure,
-                            task_splits, write_summary)
+from lessons.common import (DEFAULT_TASK, LORA_ALPHA, LORA_R, LORA_TARGETS, TASK_BATCH, Checks,
+                            finetune_config, get_base_model, lesson_dir, lora_copy,
+                            median_step_seconds, moving_average, parse_args, print_table,
+                            run_main, saved_figure, task_splits, write_summary)
+from lessons.seeds import Spread, add_seeds_flag, compare, errorbars, seeds_of
 from lora import apply_lora, count_parameters, format_table, parameter_table
 from tiny_gpt import exact_match, sample_batch
 from tiny_gpt.evaluate import greedy_answers
@@ -77,19 +82,40 @@ def show_injection(model):
 
 def method_configs(args):
     """The shared recipe for each: LoRA's lr 1e-2, full fine-tuning's 1e-3, the same steps."""
-    steps = finetune_config(args).max_steps
-    quick = {"eval_every": steps} if args.quick else {}  # --quick: one validation, not five
-    return {k: finetune_config(args, m, **quick) for k, m in (("LoRA", "lora"),
-                                                               ("full FT", "full"))}
+    return {k: finetune_config(args, m, progress=False) for k, m in (("LoRA", "lora"),
+                                                                       ("full FT", "full"))}
 
 
-def train_each(models, splits, cfgs, device):
-    results = {}
+def train_seed(base, args, cfgs, seed):
+    """One seed: LoRA on a fresh copy of the base and full fine-tuning of another, on that
+    seed's splits and batch order. Returns ({name: model}, {name: TrainResult}, {name: test
+    accuracy})."""
+    splits = task_splits(args, DEFAULT_TASK, seed)
+    models = {"LoRA": lora_copy(base, seed), "full FT": copy.deepcopy(base)}
+    results, acc = {}, {}
     for name, model in models.items():
-        print(f"fine-tuning: {name}, {cfgs[name].max_steps} steps, lr {cfgs[name].lr}")
-        results[name] = finetune(model, splits, cfgs[name], batch_size=32, device=device,
-                                 with_accuracy=True)
-    return results
+        print(f"seed {seed}: fine-tuning {name}, {cfgs[name].max_steps} steps, "
+              f"lr {cfgs[name].lr}", flush=True)
+        results[name] = finetune(model, splits, replace(cfgs[name], seed=seed),
+                                 batch_size=TASK_BATCH, device=args.device)
+        acc[name] = exact_match(model, splits["test"], args.device)
+    return models, results, acc
+
+
+def train_seeds(base, args, cfgs):
+    """Every seed's runs: (the last seed's models, {name: [TrainResult per seed]},
+    {name: Spread of test accuracy}, {name: Spread of best / last validation loss})."""
+    results, acc = {k: [] for k in cfgs}, {k: [] for k in cfgs}
+    for seed in seeds_of(args):
+        models, seed_results, seed_acc = train_seed(base, args, cfgs, seed)
+        for name in cfgs:
+            results[name].append(seed_results[name])
+            acc[name].append(seed_acc[name])
+    val = {name: {"best": Spread(tuple(min(m["val_loss"] for _, m in r.evals)
+                                       for r in results[name])),
+                  "last": Spread(tuple(r.evals[-1][1]["val_loss"] for r in results[name]))}
+           for name in cfgs}
+    return models, results, {k: Spread(tuple(v)) for k, v in acc.items()}, val
 
 
 def step_costs(models, cfgs, batch, device, repeats):
@@ -106,24 +132,46 @@ def step_costs(models, cfgs, batch, device, repeats):
     return state_bytes, median_step_seconds(runs, [batch], repeats)
 
 
-def print_comparison(args, cfgs, counts, acc, base_acc, state_bytes, step_s, results):
+def print_comparison(args, cfgs, counts, acc, base_acc, n_test, state_bytes, step_s, results,
+                     val):
     names = list(cfgs)
-    n_evals = len(results["LoRA"].evals)
     def row(label, fmt):
         return [label] + [fmt(k) for k in names]
-    rows = [row(f"test exact match (base: {base_acc:.1%})", lambda k: f"{acc[k]:.1%}"),
+    def mean_of(k, value):
+        return Spread(tuple(value(r) for r in results[k]))
+    rows = [row(f"test exact match, n={n_test} per seed (base: {base_acc:.1%})",
+                lambda k: acc[k].percent()),
+            row("validation loss, best", lambda k: val[k]["best"].show(fmt="{:.4f}")),
+            row("validation loss, last", lambda k: val[k]["last"].show(fmt="{:.4f}")),
+            row("final train loss (mean of last 50 steps)",
+                lambda k: mean_of(k, lambda r: statistics.fmean(r.losses[-50:]))
+                .show(fmt="{:.4f}")),
             row("trainable parameters", lambda k: f"{counts[k][0]:,}"),
             row("  share of the model", lambda k: f"{counts[k][0] / counts[k][1]:.2%}"),
             row("gradient bytes (fp32)", lambda k: f"{4 * counts[k][0]:,}"),
             row("AdamW state bytes (measured)", lambda k: f"{state_bytes[k]:,}"),
             row("median step time (ms, side by side)", lambda k: f"{1e3 * step_s[k]:.1f}"),
-            row(f"wall time of the run (s, incl. {n_evals} validations)",
-                lambda k: f"{results[k].wall_time:.1f}"),
-            row("final train loss (mean of last 50 steps)",
-                lambda k: f"{statistics.fmean(results[k].losses[-50:]):.4f}")]
+            row("wall time of one run (s, incl. validations)",
+                lambda k: mean_of(k, lambda r: r.wall_time).show()),
+            ]
     print_table(f"LoRA (Q, V, r = {R}) vs full fine-tuning on '{DEFAULT_TASK}', "
-                f"{cfgs['LoRA'].max_steps} steps each, batch 32, {args.device}", ["", *names],
-                rows)
+                f"{cfgs['LoRA'].max_steps} steps each, batch {TASK_BATCH}, {args.device}; "
+                "mean [min, max] over seeds", ["", *names], rows)
+
+
+def verdicts(acc, val):
+    """What the seeds allow us to say: which method scores higher, and whether either one's
+    validation loss ended measurably above its best (overfitting within the run)."""
+    lines = [compare(acc["LoRA"], acc["full FT"], "LoRA", "full fine-tuning").text]
+    for name, v in val.items():
+        rose = compare(v["last"], v["best"], "last", "best", scale=1.0, unit="",
+                       fmt="{:+.4f}")
+        said = ("its validation loss ended above its best: it began to overfit"
+                if rose.holds else "no rise of its validation loss is measurable")
+        lines.append(f"{name}: {said} (last - best: {rose.text.split(': ', 1)[1]})")
+    print("Verdicts from the seeds (paired 95% t-intervals, lessons/seeds.py):")
+    print("\n".join(f"  {line}" for line in lines) + "\n")
+    return lines
 
 
 def frozen_change(lora_model, reference):
@@ -159,60 +207,68 @@ def judge(checks, trainable, total, base_acc, lora_acc, base_drift):
                 f"max change {base_drift:g}")
     checks.target(f"base accuracy <= {GOALS['base_acc']:.0%}", base_acc <= GOALS["base_acc"],
                   f"{base_acc:.1%}")
-    checks.target(f"LoRA accuracy >= {GOALS['lora_acc']:.0%}", lora_acc >= GOALS["lora_acc"],
-                  f"{lora_acc:.1%}")
+    checks.target(f"LoRA accuracy >= {GOALS['lora_acc']:.0%} (mean of the seeds)",
+                  lora_acc.mean >= GOALS["lora_acc"], lora_acc.percent())
     return checks.report("Targets")
 
 
-def plot_curves(results, path):
-    plt = matplotlib_pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for name, res in results.items():
-        k = max(1, len(res.losses) // 60)  # moving average over ~1/60 of the run
-        ax1.plot(range(k, len(res.losses) + 1), moving_average(res.losses, k), label=name)
-        ax2.plot([s for s, _ in res.evals], [m["val_acc"] for _, m in res.evals], "o-",
-                 label=name)
-    ax1.set(xlabel="step", ylabel="train loss (answer tokens)", yscale="log",
-            title="Fine-tuning loss")
-    ax2.set(xlabel="step", ylabel="validation exact match", ylim=(-0.02, 1.02),
-            title="Validation accuracy")
-    ax1.legend()
-    ax2.legend()
-    save_figure(fig, path)
+def plot_curves(results, acc, path):
+    """Every seed's training loss and validation loss, one color per method, and the test
+    accuracy with its min-max whiskers."""
+    with saved_figure(path, ncols=3, figsize=(13, 3.6)) as (ax1, ax2, ax3):
+        for color, (name, runs) in zip(("C0", "C1"), results.items()):
+            for i, res in enumerate(runs):
+                k = max(1, len(res.losses) // 60)  # moving average over ~1/60 of the run
+                label = name if i == 0 else None
+                ax1.plot(range(k, len(res.losses) + 1), moving_average(res.losses, k),
+                         color=color, lw=1, label=label)
+                ax2.plot([s for s, _ in res.evals], [m["val_loss"] for _, m in res.evals],
+                         "o-", color=color, ms=3, lw=1, label=label)
+        ax1.set(xlabel="step", ylabel="train loss (answer tokens)", yscale="log",
+                title="Fine-tuning loss, every seed")
+        ax2.set(xlabel="step", ylabel="validation loss", yscale="log",
+                title="Validation loss, every seed")
+        errorbars(ax3, list(acc), list(acc.values()), color=["C0", "C1"])
+        ax3.set(ylabel="test exact match (%)", ylim=(0, 102),
+                title="Test accuracy: mean, min-max, seeds")
+        ax1.legend()
+        ax2.legend()
 
 
 def summary(acc, base_acc, counts, state_bytes, step_s, results, base_drift):
     trainable, total = counts["LoRA"]
-    return {"lora_test_acc": acc["LoRA"], "full_test_acc": acc["full FT"],
-            "base_test_acc": base_acc, "trainable_fraction": trainable / total,
+    wall = {k: statistics.fmean(r.wall_time for r in runs) for k, runs in results.items()}
+    return {"lora_test_acc": acc["LoRA"].mean, "lora_test_acc_lo": acc["LoRA"].lo,
+            "lora_test_acc_hi": acc["LoRA"].hi, "full_test_acc": acc["full FT"].mean,
+            "full_test_acc_lo": acc["full FT"].lo, "full_test_acc_hi": acc["full FT"].hi,
+            "seeds": acc["LoRA"].n, "base_test_acc": base_acc,
+            "trainable_fraction": trainable / total,
             "lora_trainable": trainable, "full_trainable": counts["full FT"][0],
             "lora_adam_state_bytes": state_bytes["LoRA"],
             "full_adam_state_bytes": state_bytes["full FT"],
             "lora_step_ms": 1e3 * step_s["LoRA"], "full_step_ms": 1e3 * step_s["full FT"],
-            "lora_wall_s": results["LoRA"].wall_time, "full_wall_s": results["full FT"].wall_time,
+            "lora_wall_s": wall["LoRA"], "full_wall_s": wall["full FT"],
             "frozen_base_max_change": base_drift}
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv)
-    device = args.device
-    splits = task_splits(args, DEFAULT_TASK)
+    args = parse_args(__doc__, argv, add_seeds_flag)
+    test = task_splits(args, DEFAULT_TASK)["test"]
     base, _ = get_base_model(args)
-    base_acc = exact_match(base, splits["test"], device)
-    full = copy.deepcopy(base)        # full fine-tuning starts from the same base
-    reference = copy.deepcopy(base)   # untouched: for the frozen-weights check and samples
-    trainable, total = show_injection(base)
-    models = {"LoRA": base, "full FT": full}
-    counts = {"LoRA": (trainable, total), "full FT": count_parameters(full)}
+    base_acc = exact_match(base, test, args.device)
+    trainable, total = show_injection(copy.deepcopy(base))
     cfgs = method_configs(args)
-    results = train_each(models, splits, cfgs, device)
-    acc = {k: exact_match(m, splits["test"], device) for k, m in models.items()}
-    first_batch = sample_batch(splits["train"], 32, torch.Generator().manual_seed(0))
-    state_bytes, step_s = step_costs(models, cfgs, first_batch, device, 3 if args.quick else 30)
-    print_comparison(args, cfgs, counts, acc, base_acc, state_bytes, step_s, results)
-    base_drift = print_frozen_check(base, reference, trainable)
-    show_samples({"base": reference, **models}, splits["test"][:6], device)
-    plot_curves(results, lesson_dir(args, NAME) / "loss_curves.png")
+    models, results, acc, val = train_seeds(base, args, cfgs)
+    counts = {"LoRA": (trainable, total), "full FT": count_parameters(models["full FT"])}
+    first_batch = sample_batch(test, TASK_BATCH, torch.Generator().manual_seed(0))
+    state_bytes, step_s = step_costs(models, cfgs, first_batch, args.device,
+                                     3 if args.quick else 30)
+    print_comparison(args, cfgs, counts, acc, base_acc, len(test), state_bytes, step_s,
+                     results, val)
+    verdicts(acc, val)
+    base_drift = print_frozen_check(models["LoRA"], base, trainable)
+    show_samples({"base": base, **models}, test[:6], args.device)
+    plot_curves(results, acc, lesson_dir(args, NAME) / "loss_curves.png")
     write_summary(args, NAME, summary(acc, base_acc, counts, state_bytes, step_s, results,
                                       base_drift))
     return judge(Checks(args), trainable, total, base_acc, acc["LoRA"], base_drift)

@@ -109,11 +109,12 @@ class Interval:
     hi: Optional[float]
     n: int
 
-    def show(self, scale: float = 1.0, unit: str = "") -> str:
+    def show(self, scale: float = 1.0, unit: str = "", fmt: str = "{:+.1f}") -> str:
+        m = fmt.format(scale * self.mean)
         if self.lo is None:
-            return f"{scale * self.mean:+.1f}{unit} (n=1, no interval)"
-        return (f"{scale * self.mean:+.1f}{unit}, 95% CI [{scale * self.lo:+.1f}, "
-                f"{scale * self.hi:+.1f}] n={self.n}")
+            return f"{m}{unit} (n=1, no interval)"
+        lo, hi = fmt.format(scale * self.lo), fmt.format(scale * self.hi)
+        return f"{m}{unit}, 95% CI [{lo}, {hi}] n={self.n}"
 
 
 def paired_interval(a: Spread, b: Spread) -> Interval:
@@ -137,16 +138,17 @@ class Verdict:
 
 
 def compare(a: Spread, b: Spread, name_a: str, name_b: str, scale: float = 100.0,
-            unit: str = " points") -> Verdict:
+            unit: str = " points", fmt: str = "{:+.1f}") -> Verdict:
     """Is a higher than b? True: the interval of a - b lies above 0; False: below 0 (b is
     higher); None: it contains 0, so no difference is measurable at this budget."""
     ci = paired_interval(a, b)
+    shown = ci.show(scale, unit, fmt)
     if ci.lo is not None and ci.lo > 0:
-        return Verdict(True, f"{name_a} higher than {name_b}: {ci.show(scale, unit)}")
+        return Verdict(True, f"{name_a} higher than {name_b}: {shown}")
     if ci.hi is not None and ci.hi < 0:
-        return Verdict(False, f"{name_a} lower than {name_b}: {ci.show(scale, unit)}")
+        return Verdict(False, f"{name_a} lower than {name_b}: {shown}")
     return Verdict(None, f"no difference measurable between {name_a} and {name_b} at this "
-                         f"budget: {ci.show(scale, unit)}")
+                         f"budget: {shown}")
 
 
 def within(a: Spread, b: Spread, margin: float, name_a: str, name_b: str,
