@@ -8,6 +8,7 @@ merge / unmerge, several named adapters, adapters on disk in the PEFT layout, an
     io.py        adapters and merged models on disk (safetensors, PEFT's key names)
     analysis.py  the LoRA paper's Sec. 7: subspace similarity and amplification
     qlora.py     QLoRA: quant's 4-bit base with LoRA on top, and its float deployment copy
+    stack_check.py  a few steps of QLoRA next to its float twin, before a long run
     bench.py     benchmark_lora_linear: a LoRA layer's cost against the frozen one
 """
 from .function import LoRAFunction
@@ -17,6 +18,7 @@ from .inject import (apply_lora, count_parameters, disable_adapters, format_tabl
 from .multi import (add_adapter, combine_adapters, delete_adapter, set_active_adapters,
                     train_only_adapter)
 from .qlora import dequantized_float_model, prepare_qlora
+from .stack_check import StackReport, check_qlora_stack
 from .io import (base_fingerprint, load_adapter, load_model_weights, save_adapter,
                  save_merged_model)
 
@@ -26,5 +28,5 @@ __all__ = [
     "merge_lora", "parameter_table", "unmerge_lora", "add_adapter", "combine_adapters",
     "delete_adapter", "set_active_adapters", "train_only_adapter", "base_fingerprint",
     "load_adapter", "load_model_weights", "save_adapter", "save_merged_model", "prepare_qlora",
-    "dequantized_float_model",
+    "dequantized_float_model", "StackReport", "check_qlora_stack",
 ]
