@@ -2,7 +2,8 @@
 
 Five ways to teach the same frozen-or-not base the same task, each with the same data, the same
 number of optimizer steps, the same batch size and schedule (lessons/common.py's recipe with a
-shorter step budget so that all five fit in one run). What each one trains (C = 128, 4 blocks):
+shorter step budget so that all five, on every seed, fit in one run). What each one trains
+(C = 128, 4 blocks):
 
     full FT   W <- W + dW for every weight                       all ~0.84M numbers
     adapters  h -> h + W_up gelu(W_down h) after attention and   2 per block, m = 8:  17,472
@@ -21,6 +22,15 @@ adapters as LoRA, so it gets LoRA's. Adapters and the prefix are new here, so ea
 probe: a few candidate peaks, a short run each on the training split, and the lowest validation
 loss wins (the table is printed; pass --no-probe to skip it and use 1e-2).
 
+Seeds. Every method is trained once per seed (--seeds, default 3): the seed draws the method's
+initialization, the order of the batches and the test prompts, and all five methods share it, so
+they are compared seed by seed. Accuracies are printed as mean [min, max] n=seeds, and the ranking
+goes only as far as the paired 95% intervals allow (lessons/seeds.py): where an interval holds
+zero, the table says no difference is measurable at this budget. The budget is the same for every
+method, so each is shown where it stands after these steps, not where it would converge; a
+method that learns slowly (the prefix, which every position must learn to read) pays for that in
+this table.
+
 Costs are measured, not estimated: trainable counts from the parameters; bytes of weights,
 gradients, optimizer state and saved activations from the tensors (tiny_gpt/memory/) after
 one real step; step time as the median of steps interleaved method by method, so that a noisy
@@ -30,17 +40,19 @@ QLoRA's into a float copy of the dequantized base) and timed again; adapters and
 cannot: an adapter has a nonlinearity between its two matrices, and a prefix is extra keys and
 values that every attention layer must read.
 
-Run: ``python lessons/10_methods_compared.py`` (a few minutes on 2 cores; ``--steps`` changes the
-budget), ``--quick`` for a smoke run of a few seconds.
+Run: ``python lessons/10_methods_compared.py`` (about five minutes on 2 cores; ``--steps`` and
+``--seeds`` change the budget), ``--quick`` for a smoke run of a few seconds.
 """
 import copy
 
 import torch
 
 from lessons.common import (DEFAULT_TASK, FINETUNE_LR, FINETUNE_STEPS, LORA_R, Checks,
-                            finetune_config, get_base_model, lesson_dir, lora_copy,
-                            matplotlib_pyplot, median_step_seconds, parse_args, print_table,
-                            run_main, save_figure, task_splits, whole_number, write_summary)
+                            get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
+                            median_step_seconds, parse_args, print_table, run_main, save_figure,
+                            short_config, tail_mean, task_splits, tuned_accuracy, whole_number,
+                            write_summary)
+from lessons.seeds import Spread, add_seeds_flag, errorbars, over_seeds, rank, seeds_of
 from lora import count_parameters, dequantized_float_model, merge_lora
 from tiny_gpt import exact_match, make_batch, sample_batch
 from tiny_gpt.finetune import finetune
@@ -56,8 +68,14 @@ METHODS = ["full", "adapter", "prefix", "lora", "qlora"]
 LABELS = {"full": "full fine-tuning", "adapter": "adapter tuning", "prefix": "prefix tuning",
           "lora": f"LoRA (r={LORA_R}, Q,V)", "qlora": "QLoRA (NF4 + LoRA)"}
 BOTTLENECK, N_PREFIX = 8, 10  # LoRA and QLoRA take lessons/common.py's targets, r and alpha
-BUILD_SEED = 0  # every build of a method starts from the same initialization
-PROBE_LRS = [3e-3, 1e-2, 3e-2]
+# 5 methods x 3 seeds x 160 steps, each seed's 5 test evaluations, and the probe keep the default
+# run near five minutes on 2 cores; a budget short of convergence, where full fine-tuning, LoRA
+# and QLoRA are not all at 100% and differences between methods could still show
+STEPS, PROBE_STEPS = 160, 60
+QUICK_STEPS = 2  # --quick: 2 seeds x 5 methods, each 2 steps (under 20 s; numbers meaningless)
+# A grid ending at 3e-2 left the prefix's best peak on its edge, and the prefix far below the
+# other methods at the same budget; 3e-3 never won for either method
+PROBE_LRS = [1e-2, 3e-2, 1e-1, 3e-1]
 MERGEABLE = {"full": "nothing to merge", "adapter": "no: gelu between W_down, W_up",
              "prefix": "no: extra keys/values", "lora": "yes: W + sBA",
              "qlora": "yes, into a float copy"}
@@ -70,20 +88,23 @@ SEED_TABLE = {"full": ("no", "High", "Moderate", "Updates all parameters"),
 
 
 def add_args(parser):
-    parser.add_argument("--steps", type=whole_number(1), default=600,
-                        help=f"optimizer steps per method (the shared recipe's {FINETUNE_STEPS} "
-                             "is for one method; five of them share this lesson's time budget)")
-    parser.add_argument("--probe-steps", type=whole_number(1), default=150,
+    parser.add_argument("--steps", type=whole_number(1), default=STEPS,
+                        help=f"optimizer steps per method and seed (the shared recipe's "
+                             f"{FINETUNE_STEPS} is for one method; five of them, on every seed, "
+                             "share this lesson's time budget)")
+    parser.add_argument("--probe-steps", type=whole_number(1), default=PROBE_STEPS,
                         help="steps of each learning-rate probe run (adapters, prefix)")
     parser.add_argument("--no-probe", action="store_true", help="skip the LR probe, use 1e-2")
+    add_seeds_flag(parser)
 
 
-def build(method, base):
+def build(method, base, seed):
     """A fresh copy of the base, prepared for `method`; only what the method trains has
-    requires_grad. Seeded, so every build of a method starts from the same initialization."""
+    requires_grad. Its initialization is drawn with `seed` (LoRA and QLoRA with one seed start
+    from the same A)."""
     if method in ("lora", "qlora"):
-        return lora_copy(base, BUILD_SEED, quantized=method == "qlora")
-    torch.manual_seed(BUILD_SEED)
+        return lora_copy(base, seed, quantized=method == "qlora")
+    torch.manual_seed(seed)
     model = copy.deepcopy(base)
     if method == "full":
         return model.requires_grad_(True)
@@ -92,13 +113,10 @@ def build(method, base):
     return PrefixTuning(model, n_prefix=N_PREFIX)
 
 
-def method_config(args, lr, steps=None, **overrides):
+def method_config(args, lr, steps=None, eval_every=0):
     """The shared recipe (schedule, warmup, clipping, batch 32) with this method's peak lr and
-    this lesson's step budget."""
-    steps = steps or args.steps
-    settings = dict(lr=lr, max_steps=steps, warmup_steps=min(50, steps // 3),
-                    eval_every=max(1, steps // 5), progress=False)
-    return finetune_config(args, **{**settings, **overrides})
+    this lesson's step budget, keeping the last weights (no validation picks a step)."""
+    return short_config(args, steps or args.steps, eval_every, lr=lr)
 
 
 def probe_learning_rates(args, base, splits):
@@ -113,13 +131,14 @@ def probe_learning_rates(args, base, splits):
     for method in ("adapter", "prefix"):
         losses = {}
         for lr in PROBE_LRS:
-            cfg = method_config(args, lr, steps, eval_every=steps, restore_best=False)
-            result = finetune(build(method, base), splits, cfg, device=args.device)
+            cfg = method_config(args, lr, steps, eval_every=steps)
+            result = finetune(build(method, base, args.seed), splits, cfg, device=args.device)
             losses[lr] = result.evals[-1][1]["val_loss"]
         lrs[method] = min(losses, key=losses.get)
         rows.append([LABELS[method]] + [round(losses[lr], 4) for lr in PROBE_LRS]
                     + [f"{lrs[method]:g}"])
-    print_table(f"Learning-rate probe: validation answer loss after {steps} steps",
+    print_table(f"Learning-rate probe: validation answer loss after {steps} steps (seed "
+                f"{args.seed}; the chosen lr is used on every seed)",
                 ["method"] + [f"lr {lr:g}" for lr in PROBE_LRS] + ["chosen"], rows)
     return lrs
 
@@ -131,7 +150,7 @@ def training_costs(args, base, splits, lrs, repeats):
     batch = [sample_batch(splits["train"], 32, gen)]
     runs = {}
     for m in METHODS:
-        model = build(m, base).to(args.device)
+        model = build(m, base, args.seed).to(args.device)
         runs[m] = (model, make_optimizer(model, method_config(args, lrs[m])))
     ledgers = {m: measure_step(model, batch, opt) for m, (model, opt) in runs.items()}
     seconds = median_step_seconds(runs, batch, repeats)
@@ -152,19 +171,27 @@ def print_training_costs(args, costs, lrs, base_params):
                  "optimizer", "activations", "step ms", "vs full"], rows)
 
 
-def train_all(args, base, splits, lrs):
-    """Fine-tune every method with the same steps and data; returns {method: (model, result)}."""
-    print(f"Fine-tuning each method for {args.steps} steps (shared recipe is {FINETUNE_STEPS} "
-          "for one method; same data, batch and schedule for all):", flush=True)
-    trained = {}
-    for m in METHODS:
-        model = build(m, base)
-        cfg = method_config(args, lrs[m])
-        result = finetune(model, splits, cfg, device=args.device)
-        print(f"  {LABELS[m]:<20} {result.steps} steps in {result.wall_time:.1f} s, best val "
-              f"loss {result.best_score:.4f} at step {result.best_step}", flush=True)
-        trained[m] = (model, result)
-    return trained
+def train_over_seeds(args, base, lrs):
+    """Fine-tune every method on every seed with the same steps, data and schedule, each scored
+    on that seed's test prompts. Returns ({name: Spread}: '<method>' test exact match and
+    '<method> loss' the end of its training loss; the first seed's models, {method: model})."""
+    seeds = seeds_of(args)
+    print(f"Fine-tuning each method for {args.steps} steps on seeds {seeds} (shared recipe is "
+          f"{FINETUNE_STEPS} for one method; same data, batch and schedule for all):", flush=True)
+    models = {}
+
+    def measure(seed):
+        numbers = {}
+        for m in METHODS:
+            model = build(m, base, seed)
+            numbers[m], result = tuned_accuracy(args, model, method_config(args, lrs[m]), seed)
+            numbers[f"{m} loss"] = tail_mean(result.losses)
+            models.setdefault(m, model)  # the first seed's, for the inference and merge checks
+        print(f"  seed {seed}: " + ", ".join(f"{m} {100 * numbers[m]:.1f}%" for m in METHODS),
+              flush=True)
+        return numbers
+
+    return over_seeds(seeds, measure), models
 
 
 @torch.no_grad()
@@ -180,9 +207,9 @@ def inference_latency(models: dict, x, repeats):
 def merged_variants(trained, x):
     """LoRA merged into W, QLoRA merged into a float copy of its dequantized base, and the
     largest logit change that merging caused (float32 rounding only, if merging is exact)."""
-    lora = trained["lora"][0]
+    lora = trained["lora"]
     lora_merged = merge_lora(copy.deepcopy(lora))
-    qlora = trained["qlora"][0]
+    qlora = trained["qlora"]
     qlora_float = dequantized_float_model(qlora)
     gaps = {"lora": (lora_merged(x)[0] - lora(x)[0]).abs().max().item(),
             "qlora": (qlora_float(x)[0] - qlora(x)[0]).abs().max().item()}
@@ -193,7 +220,7 @@ def inference_costs(base, trained, x, repeats):
     """Forward-pass latency of the base, every tuned model and the merged LoRA / QLoRA, each
     relative to the base's; and how much merging changed the logits."""
     merged, merge_gaps = merged_variants(trained, x)
-    timed_models = {"base": base, **{m: trained[m][0] for m in METHODS}, **merged}
+    timed_models = {"base": base, **{m: trained[m] for m in METHODS}, **merged}
     latency = inference_latency(timed_models, x, repeats)
     overhead = {name: latency[name] / latency["base"] for name in timed_models}
     after_merge = {"lora": overhead["lora merged"], "qlora": overhead["qlora merged (float)"]}
@@ -201,23 +228,32 @@ def inference_costs(base, trained, x, repeats):
             "merge_gaps": merge_gaps}
 
 
-def print_results(args, trained, accuracy, inference, x, n_test):
+def print_results(args, accuracy, inference, x, n_test):
     latency, overhead = inference["latency"], inference["overhead"]
     after_merge, merge_gaps = inference["after_merge"], inference["merge_gaps"]
-    rows = [["base (no tuning)", f"{100 * accuracy['base']:.1f}%", "-",
+    rows = [["base (no tuning)", accuracy["base"].percent(), "-",
              round(1e3 * latency["base"], 2), 1.0, "-", "-"]]
     for m in METHODS:
-        result = trained[m][1]
         merged_cell = f"{after_merge[m]:.2f}" if m in after_merge else "-"
-        rows.append([LABELS[m], f"{100 * accuracy[m]:.1f}%", round(result.best_score, 4),
+        rows.append([LABELS[m], accuracy[m].percent(), accuracy[f"{m} loss"].show(1, "{:.4f}"),
                      round(1e3 * latency[m], 2), round(overhead[m], 2), MERGEABLE[m],
                      merged_cell])
-    print_table(f"Results after {args.steps} steps: test exact match ({n_test} held-out "
-                f"prompts) and inference (one forward pass, batch {tuple(x.shape)})",
-                ["method", "test acc", "best val loss", "forward ms", "vs base",
-                 "can merge?", "vs base merged"], rows)
+    print_table(f"Results after {args.steps} steps: test exact match (mean [min, max] over n "
+                f"seeds, each on its own {n_test} held-out prompts) and inference (seed "
+                f"{args.seed}'s models, one forward pass, batch {tuple(x.shape)})",
+                ["method", f"test acc (n={n_test} prompts)", "train loss (last 10%)",
+                 "forward ms", "vs base", "can merge?", "vs base merged"], rows)
     print(f"merging changes the logits by at most: LoRA {merge_gaps['lora']:.2e}, "
           f"QLoRA -> float copy {merge_gaps['qlora']:.2e}\n")
+
+
+def print_ranking(accuracy, n_test):
+    """The best method by mean test accuracy against each other one, paired by seed: a method
+    is ranked below the best only where the interval of the difference excludes zero."""
+    lines = rank({LABELS[m]: accuracy[m] for m in METHODS})
+    print(f"Ranking by test exact match (n={n_test} prompts per seed; paired by seed, 95% "
+          "t-interval of the difference):\n  " + "\n  ".join(lines) + "\n")
+    return lines
 
 
 def print_seed_comparison(costs, accuracy, overhead, base_params):
@@ -228,11 +264,11 @@ def print_seed_comparison(costs, accuracy, overhead, base_params):
                      f"{100 * costs[m]['trainable'] / base_params:.2f}%",
                      round(costs[m]["step_ms"] / full["step_ms"], 2),
                      round(costs[m]["ledger"].total / full["ledger"].total, 2),
-                     round(overhead[m], 2), f"{100 * accuracy[m]:.1f}%"])
+                     round(overhead[m], 2), accuracy[m].percent()])
     print_table("The seed's comparison (section 12) beside what we measured",
                 ["method", "seed: param eff.", "seed: compute", "seed: flexibility",
                  "trainable", "step time / full", "train memory / full", "inference / base",
-                 "test acc"], rows)
+                 "test acc (mean [min, max] n=random seeds)"], rows)
     print("Seed notes: " + "; ".join(f"{LABELS[m]}: {SEED_TABLE[m][3]}" for m in METHODS) + "\n")
 
 
@@ -240,12 +276,10 @@ def plot(costs, accuracy, overhead, base_params, path):
     plt = matplotlib_pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     ax = axes[0]
-    for k, m in enumerate(METHODS):
-        point = (costs[m]["trainable"], 100 * accuracy[m])
-        ax.scatter(*point, s=40)
-        ax.annotate(m, point, textcoords="offset points", xytext=(5, 10 - 7 * k), fontsize=8)
-    ax.set(xscale="log", xlabel="trainable parameters", ylabel="test exact match (%)",
-           title=f"Accuracy vs trainable parameters (base: {base_params:,})")
+    errorbars(ax, [f"{m}\n{costs[m]['trainable']:,}" for m in METHODS],
+              [accuracy[m] for m in METHODS], color=[f"C{k}" for k in range(len(METHODS))])
+    ax.set(ylabel="test exact match (%)", xlabel="method and its trainable parameters",
+           title=f"Accuracy over {accuracy['full'].n} seeds (base: {base_params:,} parameters)")
     ax = axes[1]
     bottom = [0.0] * len(METHODS)
     for kind in ["frozen", "trainable", "grads", "optimizer"]:
@@ -268,9 +302,10 @@ def plot(costs, accuracy, overhead, base_params, path):
 
 
 def summary(args, lrs, costs, accuracy, inference):
-    numbers = {"steps": args.steps, "base_acc": accuracy["base"]}
+    numbers = {"steps": args.steps, "seeds": accuracy["full"].n, "base_acc": accuracy["base"].mean}
     for m in METHODS:
-        numbers.update({f"{m}_acc": accuracy[m], f"{m}_trainable": costs[m]["trainable"],
+        numbers.update({f"{m}_acc": accuracy[m].mean, f"{m}_acc_lo": accuracy[m].lo,
+                        f"{m}_acc_hi": accuracy[m].hi, f"{m}_trainable": costs[m]["trainable"],
                         f"{m}_step_ms": costs[m]["step_ms"], f"{m}_lr": lrs[m],
                         f"{m}_inference_vs_base": inference["overhead"][m],
                         f"{m}_optimizer_bytes": costs[m]["ledger"].optimizer})
@@ -295,19 +330,19 @@ def main(argv=None):
     out = lesson_dir(args, NAME)
     base, _ = get_base_model(args)
     base.requires_grad_(False).eval()
-    splits = task_splits(args, DEFAULT_TASK)
+    splits = task_splits(args, DEFAULT_TASK)  # the first seed's: probe, costs, inference
     base_params = base.num_params()
-    if args.quick:  # the shared recipe's smoke-run budget
-        args.steps = finetune_config(args).max_steps
+    if args.quick:  # a smoke run: two seeds of every method, each a couple of steps
+        args.steps = QUICK_STEPS
     lrs = probe_learning_rates(args, base, splits)
-    costs = training_costs(args, base, splits, lrs, repeats=3 if args.quick else 15)
+    costs = training_costs(args, base, splits, lrs, repeats=3 if args.quick else 10)
     print_training_costs(args, costs, lrs, base_params)
-    trained = train_all(args, base, splits, lrs)
-    accuracy = {m: exact_match(trained[m][0], splits["test"], args.device) for m in METHODS}
-    accuracy["base"] = exact_match(base, splits["test"], args.device)
+    accuracy, trained = train_over_seeds(args, base, lrs)
+    accuracy["base"] = Spread((exact_match(base, splits["test"], args.device),))  # one seed
     x = make_batch(splits["test"][:64])[0].to(args.device)  # (<= 64, T): answers included
-    inference = inference_costs(base, trained, x, repeats=3 if args.quick else 30)
-    print_results(args, trained, accuracy, inference, x, len(splits["test"]))
+    inference = inference_costs(base, trained, x, repeats=3 if args.quick else 15)
+    print_results(args, accuracy, inference, x, len(splits["test"]))
+    print_ranking(accuracy, len(splits["test"]))
     print_seed_comparison(costs, accuracy, inference["overhead"], base_params)
     plot(costs, accuracy, inference["overhead"], base_params, out / "methods_compared.png")
     write_summary(args, NAME, summary(args, lrs, costs, accuracy, inference))
