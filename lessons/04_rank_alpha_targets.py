@@ -1,20 +1,27 @@
 """Lesson 04 -- rank, alpha and target modules: the LoRA paper's analyses in miniature.
 
-Four questions from Hu et al. 2021, Sec. 7, each answered with fine-tunes measured in this run
-(all on the "upper" task, with the shared recipe's lr but fewer steps per run than the 1,500 of
-a full fine-tune, so that ~16 runs fit in a few minutes; every table title says how many).
+Four questions from Hu et al. 2021, Sec. 7, each answered with fine-tunes measured in this run,
+all on the "upper" task with the shared recipe's lr, but far fewer steps per run than a full
+fine-tune (FINETUNE_STEPS), so that every setting can be run once per seed (``--seeds``,
+default 3) within a few minutes; every table title says the budget. A setting's accuracy is
+shown as mean [min, max] over the seeds, and a ranking is only printed as far as the paired
+95% intervals of lessons/seeds.py allow: "no difference measurable" is an answer too. The
+budget is short on purpose: a long one brings most settings near 100% on this task, where no
+difference can show.
 
-1. Rank (Sec. 7.2, Table 6). r in {1, 2, 4, 8, 16, 64} on W_q, W_v with alpha = 2r, the seed's
-   rule of thumb, so the scale s = alpha / r = 2 is the same for every rank. Rank r costs
+1. Rank (Sec. 7.2, Table 6). r in {1, 8, 64} on W_q, W_v with alpha = 2r, the seed's rule of
+   thumb, so the scale s = alpha / r = 2 is the same for every rank. Rank r costs
    r (in + out) = 256 r numbers per 128 x 128 projection. A fixed s does not make the steps
    equal: part 3 measures that under this rule the first step of dW grows like sqrt(r), so on
-   a short budget a larger rank also learns faster, not only holds more.
+   a short budget a larger rank also learns faster, not only holds more. The paper finds r = 1
+   on Q,V already as good as r = 8; the run says whether that holds here.
 
 2. Targets at an equal budget (Sec. 7.1, Table 5). Spend the same number of trainable
-   parameters on Q; V; Q,V; Q,K,V,O; or all six projections (attention + MLP). The MLP's up /
+   parameters on Q; Q,V; Q,K,V,O; or all six projections (attention + MLP). The MLP's up /
    down projections are 128 -> 512 -> 128, so rank r there costs 640 r: a block's six
    projections cost 4 * 256 r + 2 * 640 r = 2,304 r. With 4 x 2,304 x 4 = 36,864 parameters
-   every set gets an integer rank and exactly that count: r = 36, 36, 18, 9, 4.
+   every set gets an integer rank and exactly that count: r = 36, 18, 9, 4. The paper finds
+   Q,V better than a single matrix at an equal count.
 
 3. Scaling. The update is dW = s B A. Three rules for s as r grows:
        alpha fixed        s = alpha / r       (LoRA paper, Sec. 4.1)
@@ -27,10 +34,11 @@ a full fine-tune, so that ~16 runs fit in a few minutes; every table title says 
    random walk, ||dW_1||_F ~ s lr sqrt(r out / 3). Then alpha / r makes the step *shrink* like
    1/sqrt(r) (a big rank learns slower), alpha = 2r makes it *grow* like sqrt(r), and alpha /
    sqrt(r) keeps it constant -- the "rank stabilization". The table measures ||dW_1|| for each.
-   The rules are set to agree at r = 4 (alpha = 8 fixed, alpha = 4 for rsLoRA: s = 2 there),
-   so that r = 4 is one shared run and the rules part as r grows.
+   The rules are set to agree at r = 8 (alpha = 16 fixed, alpha = 2 sqrt(8) for rsLoRA: s = 2
+   there), so that r = 8 is one shared run (part 1's) and the rules part at r = 64.
 
-4. What the update looks like (Sec. 7.2-7.3), from the r = 8 and r = 64 adapters of part 1:
+4. What the update looks like (Sec. 7.2-7.3), from the r = 8 and r = 64 adapters of part 1
+   (the first seed's; and the second seed's r = 8):
    - subspace similarity phi(A_8, A_64, i, j) = ||U_i^T U_j||_F^2 / min(i, j), U the right-
      singular vectors of A (see lora/analysis.py): do the top directions of a rank-8 and a
      rank-64 adapter agree? (Fig. 3; and two rank-8 runs with different seeds, Fig. 4).
@@ -49,34 +57,39 @@ import numpy as np
 import torch
 
 from lessons.common import (DEFAULT_TASK, finetune_config, get_base_model, lesson_dir, lora_copy,
-                            matplotlib_pyplot, parse_args, print_table, run_main, save_figure,
-                            task_splits, whole_number, write_summary)
+                            matplotlib_pyplot, parse_args, print_table, run_main, saved_figure,
+                            short_config, task_splits, tuned_accuracy, whole_number,
+                            write_summary)
+from lessons.seeds import (add_seeds_flag, compare, errorbars, over_seeds, rank, seeds_of,
+                           within)
 from lora import count_parameters, lora_scaling
 from lora.analysis import (adapter_factors, amplification_factor, lora_param_count, phi_grid,
                            projected_norm, random_phi, random_projected_norm, rank_for_budget,
                            top_singular_subspaces)
-from tiny_gpt import exact_match, masked_cross_entropy, sample_batch
+from tiny_gpt import masked_cross_entropy, sample_batch
 from tiny_gpt.evaluate import task_loss
-from tiny_gpt.finetune import finetune
 
 NAME = "04_rank_alpha_targets"
 QV = ("q_proj", "v_proj")
-TARGET_SETS = {"Q": ("q_proj",), "V": ("v_proj",), "Q,V": QV,
+TARGET_SETS = {"Q": ("q_proj",), "Q,V": QV,
                "Q,K,V,O": ("q_proj", "k_proj", "v_proj", "o_proj"),
                "attn+MLP": ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")}
 BUDGET = ("attn+MLP", 4)   # the budget: all six projections at r = 4 (see the docstring)
-STEPS = 250                # optimizer steps per run (a full fine-tune takes 1,500)
+STEPS = 80                 # optimizer steps per run: short enough that settings can differ
+R_MID = 8                  # the paper's rank, and where the scaling rules of part 3 agree
+RANKS = (1, R_MID, 64)     # part 1: a very small rank, the paper's, a large one
+PAIR = (R_MID, RANKS[-1])  # part 4: the adapters compared
+AS_WELL = 0.02             # "does as well": within 2 points of exact match (4 of 200 prompts)
 LAYER = 2                  # the block of part 4b and of the similarity plot (of 0..3)
 
 
 @dataclass(frozen=True)
 class Spec:
-    """One fine-tuning run; equal specs are trained once and shared between the sections."""
+    """One fine-tuning recipe; equal specs are trained once per seed and shared by the parts."""
     targets: tuple
     r: int
     alpha: float
     rslora: bool = False
-    seed: int = 0
 
     @property
     def scaling(self):
@@ -86,14 +99,7 @@ class Spec:
 def add_args(parser):
     parser.add_argument("--steps", type=whole_number(1), default=STEPS,
                         help="optimizer steps per run")
-
-
-def plan(args):
-    """The sweeps' settings: full, or tiny ones for --quick (numbers meaningless)."""
-    if args.quick:
-        return dict(steps=3, ranks=(2, 8), pair=(2, 8), scaling_ranks=(2, 8))
-    return dict(steps=args.steps, ranks=(1, 2, 4, 8, 16, 64), pair=(8, 64),
-                scaling_ranks=(4, 16, 64))
+    add_seeds_flag(parser)
 
 
 def label(targets):
@@ -102,101 +108,162 @@ def label(targets):
 
 
 class Runs:
-    """Fine-tunes a fresh copy of the base for each distinct Spec and keeps its numbers."""
+    """Fine-tunes a fresh copy of the base for each distinct (Spec, seed) and keeps its numbers;
+    runs(spec) gives the spec's numbers over the lesson's seeds, as Spreads."""
 
-    def __init__(self, args, base, splits, steps):
-        self.args, self.base, self.splits, self.steps = args, base, splits, steps
+    def __init__(self, args, base, steps):
+        self.args, self.base, self.steps, self.seeds = args, base, steps, seeds_of(args)
+        self.test_n = len(task_splits(args, DEFAULT_TASK)["test"])
         self.done = {}
 
-    def adapted(self, spec):
-        # A's initial values depend on (seed, r), not on the run order. Not on the seed alone:
-        # a rank-64 A would then start with the rank-8 A as its first rows (one random stream)
-        # and part 4 would find them similar for that reason only.
-        return lora_copy(self.base, 1000 * spec.seed + spec.r, targets=spec.targets, r=spec.r,
+    def budget_text(self):
+        """How every run of the sweeps was measured, for the table titles."""
+        return (f"{self.steps} steps per run, {len(self.seeds)} seeds, n={self.test_n} test "
+                "prompts")
+
+    def adapted(self, spec, seed):
+        # A's initial values depend on (seed, r), not on the seed alone: a rank-64 A would then
+        # start with the rank-8 A as its first rows (one random stream) and part 4 would find
+        # them similar for that reason only.
+        return lora_copy(self.base, 1000 * seed + spec.r, targets=spec.targets, r=spec.r,
                          alpha=spec.alpha, use_rslora=spec.rslora)
 
     def __call__(self, spec):
+        """{"acc": Spread, "val_loss": Spread} of `spec` over the seeds."""
+        return over_seeds(self.seeds, lambda seed: {k: self.one(spec, seed)[k]
+                                                    for k in ("acc", "val_loss")})
+
+    def one(self, spec, seed):
         # the model depends on (targets, r, s, seed) only: rules that agree on s share a run
-        key = (spec.targets, spec.r, spec.scaling, spec.seed)
+        key = (spec.targets, spec.r, spec.scaling, seed)
         if key not in self.done:
-            self.done[key] = self.train(spec)
+            self.done[key] = self.train(spec, seed)
         return self.done[key]
 
-    def train(self, spec):
-        model = self.adapted(spec)
-        cfg = finetune_config(self.args, "lora", max_steps=self.steps, seed=spec.seed,
-                              warmup_steps=min(50, self.steps // 3), progress=False,
-                              eval_every=max(1, self.steps // 4))
-        res = finetune(model, self.splits, cfg, device=self.args.device)
-        model.eval()  # finetune restored the weights of the best validation loss
-        row = dict(trainable=count_parameters(model)[0],
-                   val_loss=task_loss(model, self.splits["val"]),
-                   acc=exact_match(model, self.splits["test"], self.args.device),
+    def train(self, spec, seed):
+        model = self.adapted(spec, seed)
+        cfg = short_config(self.args, self.steps, 0)  # warmup, cosine; the last weights
+        acc, res = tuned_accuracy(self.args, model, cfg, seed)
+        model.eval()
+        row = dict(trainable=count_parameters(model)[0], acc=acc,
+                   val_loss=task_loss(model, task_splits(self.args, DEFAULT_TASK, seed)["val"]),
                    factors=adapter_factors(model.cpu()))
         print(f"  trained {label(spec.targets)} r={spec.r} alpha={spec.alpha:g}"
-              f"{' rslora' if spec.rslora else ''} seed={spec.seed}: val loss "
-              f"{row['val_loss']:.3f}, test acc {row['acc']:.1%} ({res.wall_time:.1f}s)",
-              flush=True)
+              f"{' rslora' if spec.rslora else ''} seed={seed}: val loss "
+              f"{row['val_loss']:.3f}, test acc {acc:.1%} ({res.wall_time:.1f}s)", flush=True)
         return row
+
+
+def spread_cells(res):
+    """A run's two numbers over the seeds, as table cells."""
+    return [res["acc"].percent(), res["val_loss"].show(fmt="{:.3f}")]
+
+
+def print_ranking(accs):
+    """What the seeds allow to be said about the order of the settings (lessons/seeds.py)."""
+    for line in rank(accs):
+        print(f"  {line}")
+    print()
 
 
 # --- part 1: rank ------------------------------------------------------------------------------
 def rank_sweep(runs, ranks):
-    rows = [[r, 2 * r, res["trainable"], res["acc"], res["val_loss"]]
-            for r in ranks for res in [runs(Spec(QV, r, 2 * r))]]
-    print_table(f"1. Rank sweep on Q,V, alpha = 2r (s = 2), {runs.steps} steps per run",
+    res = {r: runs(Spec(QV, r, 2 * r)) for r in ranks}
+    print_table(f"1. Rank sweep on Q,V, alpha = 2r (s = 2); {runs.budget_text()}",
                 ["r", "alpha", "trainable", "test exact match", "val loss"],
-                [[r, a, f"{t:,}", f"{acc:.1%}", round(v, 4)] for r, a, t, acc, v in rows])
-    return rows
+                [[r, 2 * r, f"{runs.one(Spec(QV, r, 2 * r), runs.seeds[0])['trainable']:,}",
+                  *spread_cells(res[r])] for r in ranks])
+    print_ranking({f"r={r}": res[r]["acc"] for r in ranks})
+    return res
 
 
 # --- part 2: targets at an equal budget --------------------------------------------------------
 def target_sweep(runs):
     budget = lora_param_count(runs.base, TARGET_SETS[BUDGET[0]], BUDGET[1])
-    rows = []
+    rows, res = [], {}
     for name, targets in TARGET_SETS.items():
         r = rank_for_budget(runs.base, targets, budget)
-        res = runs(Spec(targets, r, 2 * r))
-        rows.append([name, r, res["trainable"], res["acc"], res["val_loss"]])
-    print_table(f"2. Where to put {budget:,} trainable parameters (alpha = 2r), "
-                f"{runs.steps} steps per run", ["targets", "r", "trainable", "vs budget",
-                                                "test exact match", "val loss"],
-                [[n, r, f"{t:,}", f"{t / budget - 1:+.1%}", f"{a:.1%}", round(v, 4)]
-                 for n, r, t, a, v in rows])
-    return rows
+        res[name] = runs(Spec(targets, r, 2 * r))
+        trainable = runs.one(Spec(targets, r, 2 * r), runs.seeds[0])["trainable"]
+        rows.append([name, r, f"{trainable:,}", f"{trainable / budget - 1:+.1%}",
+                     *spread_cells(res[name])])
+    print_table(f"2. Where to put {budget:,} trainable parameters (alpha = 2r); "
+                f"{runs.budget_text()}",
+                ["targets", "r", "trainable", "vs budget", "test exact match", "val loss"], rows)
+    print_ranking({name: res[name]["acc"] for name in res})
+    return res, budget
 
 
 # --- part 3: scaling ---------------------------------------------------------------------------
-def scaling_specs(r, r0):
-    """The three scaling rules at rank r, tuned to agree (s = 2) at rank r0."""
-    return {"alpha fixed": Spec(QV, r, 2 * r0), "alpha = 2r": Spec(QV, r, 2 * r),
-            "rsLoRA": Spec(QV, r, 2 * math.sqrt(r0), rslora=True)}
+def scaling_specs(r):
+    """The three scaling rules at rank r, tuned to agree (s = 2) at rank R_MID."""
+    return {"alpha fixed": Spec(QV, r, 2 * R_MID), "alpha = 2r": Spec(QV, r, 2 * r),
+            "rsLoRA": Spec(QV, r, 2 * math.sqrt(R_MID), rslora=True)}
 
 
 def first_step_norm(runs, spec, lr):
     """Mean ||dW||_F / lr over the adapted layers after one AdamW step from B = 0."""
-    model = runs.adapted(spec).to(runs.args.device).train()
-    x, y, mask = (t.to(runs.args.device) for t in
-                  sample_batch(runs.splits["train"], 32, torch.Generator().manual_seed(0)))
+    args = runs.args
+    model = runs.adapted(spec, args.seed).to(args.device).train()
+    x, y, mask = (t.to(args.device) for t in
+                  sample_batch(task_splits(args)["train"], 32, torch.Generator().manual_seed(0)))
     masked_cross_entropy(model(x)[0], y, mask).backward()
     torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr).step()
     norms = [dw.norm().item() for _, dw, _ in adapter_factors(model.cpu()).values()]
     return sum(norms) / len(norms) / lr
 
 
-def scaling_sweep(runs, ranks, lr):
-    rows = []
-    for r in ranks:
-        for rule, spec in scaling_specs(r, ranks[0]).items():
-            res = runs(spec)
+def scaling_sweep(runs, large, lr):
+    """The rules at r = R_MID (one shared run) and at r = `large`, where they part."""
+    rows, res = [], {}
+    for r in (R_MID, large):
+        for rule, spec in scaling_specs(r).items():
+            res[rule, r] = runs(spec)
             predicted = spec.scaling * math.sqrt(r * 128 / 3)  # s sqrt(r out / 3), out = 128
-            rows.append([rule, r, spec.alpha, spec.scaling, first_step_norm(runs, spec, lr),
-                         predicted, res["acc"], res["val_loss"]])
-    print_table(f"3. Scaling rules on Q,V ({runs.steps} steps per run); ||dW_1||: after one "
-                "AdamW step, / lr", ["rule", "r", "alpha", "s", "||dW_1||", "s*sqrt(r*out/3)",
-                                     "test exact match", "val loss"],
-                [[a, r, round(al, 3), round(s, 4), round(n, 2), round(p, 2), f"{acc:.1%}",
-                  round(v, 4)] for a, r, al, s, n, p, acc, v in rows])
+            rows.append([rule, r, round(spec.alpha, 3), round(spec.scaling, 4),
+                         round(first_step_norm(runs, spec, lr), 2), round(predicted, 2),
+                         *spread_cells(res[rule, r])])
+    print_table(f"3. Scaling rules on Q,V; ||dW_1||: after one AdamW step, / lr; "
+                f"{runs.budget_text()}", ["rule", "r", "alpha", "s", "||dW_1||",
+                                          "s*sqrt(r*out/3)", "test exact match", "val loss"],
+                rows)
+    print_ranking({f"{rule}, r={large}": res[rule, large]["acc"] for rule in scaling_specs(large)})
+    return res
+
+
+# --- the papers' findings, and what this run says about them -----------------------------------
+def as_well(small, mid, name_s, name_m):
+    """The paper's "a small rank does as well": within AS_WELL of r = R_MID."""
+    close = within(small, mid, AS_WELL, name_s, name_m)
+    if close.holds:
+        return "reproduced", close.text
+    order = compare(small, mid, name_s, name_m)
+    if order.holds is None:
+        return "cannot tell", f"{close.text}; {order.text}"
+    return ("reproduced (and more)" if order.holds else "not reproduced"), order.text
+
+
+def beats(a, b, name_a, name_b):
+    """The paper's "a is better than b"."""
+    v = compare(a, b, name_a, name_b)
+    return {True: "reproduced", False: "contradicted", None: "not reproduced at this budget "
+            "(no difference measurable)"}[v.holds], v.text
+
+
+def findings(rank_res, target_res, scaling_res, small, large):
+    rows = [("LoRA Table 6: on Q,V a very small rank does as well as r=8 (within "
+             f"{100 * AS_WELL:g} points)", *as_well(rank_res[small]["acc"], rank_res[R_MID]["acc"],
+                                                    f"r={small}", f"r={R_MID}")),
+            ("LoRA Table 5: Q,V better than Q alone at an equal parameter count",
+             *beats(target_res["Q,V"]["acc"], target_res["Q"]["acc"], "Q,V", "Q")),
+            (f"rsLoRA: at a large rank (r={large}) alpha / sqrt(r) better than alpha / r",
+             *beats(scaling_res["rsLoRA", large]["acc"], scaling_res["alpha fixed", large]["acc"],
+                    "rsLoRA", "alpha fixed"))]
+    print("The papers' findings, judged from this run's seeds (paired 95% t-intervals of test "
+          "exact match):")
+    for claim, outcome, text in rows:
+        print(f"  {claim}:\n    {outcome} -- {text}")
+    print()
     return rows
 
 
@@ -210,12 +277,12 @@ def phi_summary(m_small, m_large, m_seed, rs, rl):
                          g_seed[-1, -1].item()]
 
 
-def similarity_table(runs, pair, seed_spec):
+def similarity_table(runs, pair):
     """phi between the small- and large-rank adapters (and two seeds) in every block, on A
     (as the paper) and on the input directions of dW = s B A (ordered by what B makes of them)."""
-    (rs, rl) = pair
-    small, large = (runs(Spec(QV, r, 2 * r))["factors"] for r in pair)
-    seed = runs(seed_spec)["factors"]
+    (rs, rl), (s0, s1) = pair, (runs.args.seed, runs.args.seed + 1)
+    small, large = (runs.one(Spec(QV, r, 2 * r), s0)["factors"] for r in pair)
+    seed = runs.one(Spec(QV, rs, 2 * rs), s1)["factors"]  # trained here if --seeds 1
     rows, grids = [], {}
     for path in small:
         by_a, nums_a = phi_summary(small[path][0], large[path][0], seed[path][0], rs, rl)
@@ -223,9 +290,10 @@ def similarity_table(runs, pair, seed_spec):
         grids[path] = by_a + by_dw
         rows.append([path.removeprefix("blocks."), *nums_a, *nums_dw])
     n = small[path][0].shape[1]
-    print(f"4a. Subspace similarity phi in every block, {runs.steps} steps per run. Random "
-          f"subspaces of R^{n} give phi(1,1) = {random_phi(n, 1, 1):.3f}, phi({rs},{rl}) = "
-          f"{random_phi(n, rs, rl):.3f}, phi({rs},{rs}) = {random_phi(n, rs, rs):.3f}.\n")
+    print(f"4a. Subspace similarity phi in every block: seed {s0}'s adapters (and seed {s1}'s "
+          f"r={rs}), {runs.steps} steps per run. Random subspaces of R^{n} give phi(1,1) = "
+          f"{random_phi(n, 1, 1):.3f}, phi({rs},{rl}) = {random_phi(n, rs, rl):.3f}, "
+          f"phi({rs},{rs}) = {random_phi(n, rs, rs):.3f}.\n")
     print_table("phi of A's right-singular vectors (the paper's Fig. 3-4)",
                 ["layer", f"r{rs} vs r{rl}: phi(1,1)", f"phi({rs},{rl})", "2 seeds: phi(1,1)",
                  f"phi({rs},{rs})"], [[r[0]] + [round(v, 3) for v in r[1:5]] for r in rows])
@@ -237,56 +305,50 @@ def similarity_table(runs, pair, seed_spec):
     return rows, grids
 
 
+def amplification(runs, r, proj, seed):
+    """Block LAYER's ||dW||, ||W||, ||U'WV|| along dW's, W's and random directions, the
+    amplification factor and ||dW|| over the random-direction norm, for one seed's run."""
+    _, dw, w = runs.one(Spec(QV, r, 2 * r), seed)["factors"][f"blocks.{LAYER}.attn.{proj}"]
+    uw, vw = top_singular_subspaces(w, r)
+    along_rand = random_projected_norm(w, r)
+    return dict(dw=dw.norm().item(), w=w.norm().item(),
+                along_dw=projected_norm(w, *top_singular_subspaces(dw, r)),
+                along_w=projected_norm(w, uw, vw), along_rand=along_rand,
+                amp=amplification_factor(dw, w, r), vs_rand=dw.norm().item() / along_rand)
+
+
 def amplification_table(runs, pair):
-    rows = []
+    rows, amps = [], {}
     for r in pair:
-        factors = runs(Spec(QV, r, 2 * r))["factors"]
         for proj in QV:
-            _, dw, w = factors[f"blocks.{LAYER}.attn.{proj}"]
-            u, v = top_singular_subspaces(dw, r)
-            uw, vw = top_singular_subspaces(w, r)
-            along_dw, along_rand = projected_norm(w, u, v), random_projected_norm(w, r)
-            rows.append([proj, r, dw.norm().item(), w.norm().item(), along_dw,
-                         projected_norm(w, uw, vw), along_rand, amplification_factor(dw, w, r),
-                         dw.norm().item() / along_rand])
+            sp = over_seeds(runs.seeds, lambda seed: amplification(runs, r, proj, seed))
+            amps[proj, r] = sp["amp"]
+            # ||W|| and W's own and random directions are the base's: the same for every seed
+            rows.append([proj, r, round(sp["w"].mean, 3), sp["dw"].show(fmt="{:.2f}"),
+                         sp["along_dw"].show(fmt="{:.2f}"), round(sp["along_w"].mean, 3),
+                         round(sp["along_rand"].mean, 3), sp["amp"].show(fmt="{:.2f}"),
+                         sp["vs_rand"].show(fmt="{:.2f}")])
     print_table(f"4b. What dW amplifies (block {LAYER}; U, V: top-r singular directions of "
-                "dW, of W, or random)", ["W", "r", "||dW||", "||W||", "||U'WV|| dW dirs",
-                                         "W dirs", "random dirs", "amplification",
-                                         "vs random dirs"],
-                [[p, r] + [round(x, 3) for x in rest] for p, r, *rest in rows])
-    return rows
+                f"dW, of W, or random); {runs.budget_text()}",
+                ["W", "r", "||W||", "||dW||", "||U'WV|| dW dirs", "W dirs", "random dirs",
+                 "amplification", "vs random dirs"], rows)
+    return amps
 
 
 # --- plots -------------------------------------------------------------------------------------
-def rank_ticks(ax, ranks):
-    """Label a log-scale rank axis with the ranks themselves."""
-    ax.set_xticks(sorted(set(ranks)), [str(r) for r in sorted(set(ranks))])
-    ax.minorticks_off()
-
-
-def plot_sweeps(rank_rows, target_rows, scaling_rows, path):
-    plt = matplotlib_pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    ax = axes[0]
-    ax.plot([r[0] for r in rank_rows], [r[3] for r in rank_rows], "o-")
-    ax.set(xscale="log", xlabel="rank r (Q,V, alpha = 2r)", ylabel="test exact match",
-           title="1. Rank", ylim=(-0.02, 1.02))
-    rank_ticks(ax, [r[0] for r in rank_rows])
-    ax = axes[1]
-    ax.bar([r[0] for r in target_rows], [r[3] for r in target_rows])
-    for i, r in enumerate(target_rows):
-        ax.annotate(f"r={r[1]}", (i, r[3]), ha="center", va="bottom", fontsize=8)
-    ax.set(ylabel="test exact match", title=f"2. Targets, {target_rows[0][2]:,} params each",
-           ylim=(0, 1.05))
-    ax = axes[2]
-    for rule in dict.fromkeys(r[0] for r in scaling_rows):
-        pts = [r for r in scaling_rows if r[0] == rule]
-        ax.plot([p[1] for p in pts], [p[6] for p in pts], "o-", label=rule)
-    ax.set(xscale="log", xlabel="rank r (Q,V)", ylabel="test exact match", title="3. Scaling",
-           ylim=(-0.02, 1.02))
-    rank_ticks(ax, [r[1] for r in scaling_rows])
-    ax.legend()
-    save_figure(fig, path)
+def plot_sweeps(runs, rank_res, target_res, scaling_res, large, budget, path):
+    """Each sweep's test exact match: bars at the means, whiskers min to max, a dot per seed."""
+    panels = [("1. Rank (Q,V, alpha = 2r)", {f"r={r}": v for r, v in rank_res.items()}),
+              (f"2. Targets, {budget:,} params each", target_res),
+              (f"3. Scaling (Q,V); rules agree at r={R_MID}",
+               {f"r={R_MID}": scaling_res["alpha = 2r", R_MID],
+                **{f"{rule}\nr={large}": scaling_res[rule, large]
+                   for rule in scaling_specs(large)}})]
+    with saved_figure(path, ncols=3, figsize=(14, 4.2)) as axes:
+        for ax, (title, res) in zip(axes, panels):
+            errorbars(ax, list(res), [v["acc"] for v in res.values()])
+            ax.set(ylabel="test exact match (%)", title=title, ylim=(0, 101))
+        axes[0].figure.suptitle(runs.budget_text())
 
 
 def plot_similarity(grids, pair, path):
@@ -309,41 +371,46 @@ def plot_similarity(grids, pair, path):
     fig.colorbar(im, ax=axes.ravel().tolist(), label="phi(i, j)")
     fig.suptitle(f"Subspace similarity in block {LAYER} (random subspaces: max(i, j) / 128)")
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     print(f"saved {path}")
 
 
-def headline_numbers(runs, rank_rows, target_rows, scaling_rows, sim_rows, amp_rows):
-    """The summary.json numbers: accuracies of every sweep, mean phi(1,1), amplification."""
-    best = max(rank_rows, key=lambda r: r[3])
-    return {"steps_per_run": runs.steps, "fine_tunes": len(runs.done),
-            **{f"acc_qv_r{r[0]}": r[3] for r in rank_rows}, "best_rank": best[0],
-            **{f"acc_targets_{r[0]}": r[3] for r in target_rows},
-            **{f"acc_{a.replace(' ', '')}_r{r}": acc for a, r, *_, acc, _ in scaling_rows},
+def headline_numbers(runs, sweeps, found, sim_rows, amps):
+    """The summary.json numbers: mean test exact match of every setting, the findings'
+    outcomes, mean phi(1,1), mean amplification."""
+    rank_res, target_res, scaling_res = sweeps
+    return {**{f"acc_qv_r{r}": v["acc"].mean for r, v in rank_res.items()},
+            **{f"acc_targets_{n}": v["acc"].mean for n, v in target_res.items()},
+            **{f"acc_{rule.replace(' ', '')}_r{r}": v["acc"].mean
+               for (rule, r), v in scaling_res.items()},
+            **{f"finding_{k}": outcome for k, (_, outcome, _) in
+               zip(("small_rank", "qv_vs_q", "rslora"), found)},
+            "steps_per_run": runs.steps, "seeds": len(runs.seeds), "test_n": runs.test_n,
+            "fine_tunes": len(runs.done),
             "phi11_A_small_large_mean": float(np.mean([r[1] for r in sim_rows])),
             "phi11_A_seeds_mean": float(np.mean([r[3] for r in sim_rows])),
             "phi11_dW_small_large_mean": float(np.mean([r[5] for r in sim_rows])),
             "phi11_dW_seeds_mean": float(np.mean([r[7] for r in sim_rows])),
-            **{f"amplification_{p}_r{r}": a for p, r, *_, a, _ in amp_rows}}
+            **{f"amplification_{p}_r{r}": a.mean for (p, r), a in amps.items()}}
 
 
 def main(argv=None):
     args = parse_args(__doc__, argv, add_args)
-    out, cfg = lesson_dir(args, NAME), plan(args)
-    base = get_base_model(args)[0].eval()
-    runs = Runs(args, base, task_splits(args, DEFAULT_TASK), cfg["steps"])
+    out, steps = lesson_dir(args, NAME), 3 if args.quick else args.steps
+    runs = Runs(args, get_base_model(args)[0].eval(), steps)
     t0, cpu0 = time.time(), time.process_time()
-    rank_rows = rank_sweep(runs, cfg["ranks"])
-    target_rows = target_sweep(runs)
-    scaling_rows = scaling_sweep(runs, cfg["scaling_ranks"], finetune_config(args, "lora").lr)
-    rs = cfg["pair"][0]
-    sim_rows, grids = similarity_table(runs, cfg["pair"], Spec(QV, rs, 2 * rs, seed=1))
-    amp_rows = amplification_table(runs, cfg["pair"])
+    rank_res = rank_sweep(runs, RANKS)
+    target_res, budget = target_sweep(runs)
+    scaling_res = scaling_sweep(runs, RANKS[-1], finetune_config(args, "lora").lr)
+    found = findings(rank_res, target_res, scaling_res, RANKS[0], RANKS[-1])
+    sim_rows, grids = similarity_table(runs, PAIR)
+    amps = amplification_table(runs, PAIR)
     print(f"{len(runs.done)} fine-tunes of {runs.steps} steps: {time.time() - t0:.0f}s wall, "
           f"{time.process_time() - cpu0:.0f}s CPU (all threads) in all\n")
-    plot_sweeps(rank_rows, target_rows, scaling_rows, out / "sweeps.png")
-    plot_similarity(grids, cfg["pair"], out / "subspace_similarity.png")
-    write_summary(args, NAME, headline_numbers(runs, rank_rows, target_rows, scaling_rows,
-                                               sim_rows, amp_rows))
+    plot_sweeps(runs, rank_res, target_res, scaling_res, RANKS[-1], budget, out / "sweeps.png")
+    plot_similarity(grids, PAIR, out / "subspace_similarity.png")
+    write_summary(args, NAME, headline_numbers(runs, (rank_res, target_res, scaling_res), found,
+                                               sim_rows, amps))
     return 0
 
 

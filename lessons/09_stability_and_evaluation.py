@@ -1,16 +1,22 @@
 """Lesson 09 -- stability and evaluation: what goes wrong when fine-tuning, and how to see it.
 
 Every part is a short run (LoRA r=8 on Q and V unless it says otherwise, the default task) with
-one thing changed, so the effect is measured rather than asserted. Sweeps use fewer steps than a
-full run (FINETUNE_STEPS in lessons/common.py); every table title says how many.
+one thing changed, so the effect is measured rather than asserted. Each recipe is run once per
+seed (``--seeds``, default 3: the seed picks lora_A's init, the batch order, dropout's masks and
+the test prompts), shown as mean [min, max] n, and a comparison is only concluded where the
+paired 95% interval of lessons/seeds.py allows it; otherwise the lesson says that no difference
+is measurable at this budget. The runs are far shorter than a full fine-tune (FINETUNE_STEPS in
+lessons/common.py) so that every recipe fits three times in a few minutes; every table title
+says the budget. Parts (a), (b) and (g) share their runs where the recipes are equal.
 
 (a) Divergence. AdamW moves every parameter by about lr per step whatever the gradient's size
-    (m / sqrt(v) is ~ +-1), so clipping the gradient norm does not tame a too-high lr. The adapter
-    update is dW = s B A with s = alpha / r, and one step changes it by about
+    (m / sqrt(v) is ~ +-1), so clipping the gradient norm should not tame a too-high lr. The
+    adapter update is dW = s B A with s = alpha / r, and one step changes it by about
     s (dB A + B dA) ~ s * lr * (|A| + |B|). Lowering alpha shrinks that product, but not the
     steps of A and B themselves: at lr 0.1 one step is larger than A's initial entries
     (|A| <= 1/sqrt(128) = 0.088), so A is scrambled whatever alpha is. A warmup only postpones
-    the trouble if the peak lr is itself too high. The table says which fix rescues the run.
+    the trouble if the peak lr is itself too high. The table measures which fix rescues the run
+    (every seed learns, and the validation loss is measurably below the too-high lr's).
 (b) Schedules. Warmup (linear 0 -> lr) then cosine decay to lr * min_lr_ratio
     (tiny_gpt.train.lr_at), versus a constant lr.
 (c) Dropout on a small training set (the first small_n training examples): LoRA dropout zeroes
@@ -18,17 +24,20 @@ full run (FINETUNE_STEPS in lessons/common.py); every table title says how many.
     recipes); it is meant to shrink the gap between training and validation loss. Measured here
     with dropout 0 and 0.1.
 (d) Early stopping: validate every few steps; stop after `patience` validations without a new
-    best validation loss; restore the best weights.
+    best validation loss; restore the best weights. Compared with the weights at the stop and
+    with a run of fixed length ((c)'s, dropout 0).
 (e) Drift from the base, on the *pretraining* text (tiny_gpt/evaluate.py, measure_drift):
         KL(base || tuned) = mean_t sum_v p_base(v) (log p_base(v) - log p_tuned(v))
     and the tuned model's pretraining loss (forgetting), tracked at every validation, LoRA vs
-    full fine-tuning. For LoRA the base is the same model with its adapters disabled.
+    full fine-tuning. For LoRA the base is the same model with its adapters disabled, so the KL
+    is exactly zero at step 0 (B = 0): a check, like (f).
 (f) Reproducibility: the seed fixes lora_A's init, the batch order and dropout's masks, so the
     same seed gives bit-identical loss curves (read back from the JSON-lines logs).
-(g) Task sensitivity (the seed's Sec. 11): the same learning rates on two tasks.
+(g) Task sensitivity (the seed's Sec. 11): the same learning rates on two tasks, judged by the
+    validation loss (an lr is chosen on validation data, never on the test set).
 
 Run it: ``python lessons/09_stability_and_evaluation.py`` (a few minutes on a 2-core CPU);
-``--quick`` for a smoke run, ``--high-lr`` to set the lr of part (a).
+``--quick`` for a smoke run, ``--high-lr`` to set the lr of part (a), ``--seeds N``.
 """
 import copy
 import json
@@ -40,6 +49,7 @@ from lessons.common import (DEFAULT_TASK, FINETUNE_LR, Checks, base_recipe, fit,
                             lesson_dir, lora_copy, parse_args, plot_loss_curves, positive_number,
                             print_table, run_main, saved_figure, short_config, tail_mean,
                             task_splits, write_summary)
+from lessons.seeds import add_seeds_flag, compare, errorbars, over_seeds, seeds_of
 from lora import disable_adapters
 from tiny_gpt import exact_match
 from tiny_gpt.evaluate import logits_of, measure_drift, task_loss
@@ -47,28 +57,28 @@ from tiny_gpt.pretrain import corpus_ids
 
 NAME = "09_stability_and_evaluation"
 KL_TOL = 1e-6  # float32 logits of the same function computed two ways
+MILLINATS = dict(scale=1000.0, unit=" millinats")  # a loss difference, shown: 0.05 = 50 millinats
 
 
 @dataclass
 class Budget:
-    sweep_steps: int = 200       # (a), (g): each run of a sweep
-    schedule_steps: int = 250    # (b)
+    sweep_steps: int = 50        # (a), (b), (g): each run of a sweep
     small_n: int = 64            # (c), (d): training examples of the small set
-    small_steps: int = 250       # (c)
-    stop_steps: int = 1000       # (d): the most early stopping may run
+    small_steps: int = 150       # (c)
+    stop_steps: int = 300        # (d): the most early stopping may run
     patience: int = 3            # (d): validations without a new best before stopping
-    drift_steps: int = 300       # (e)
-    repro_steps: int = 40        # (f)
-    eval_every: int = 25         # steps between validations
-    drift_windows: tuple = (4, 16, 128)  # (e): batches, windows per batch, window length
+    drift_steps: int = 60        # (e)
+    repro_steps: int = 20        # (f)
+    eval_every: int = 20         # steps between validations
+    drift_windows: tuple = (2, 16, 128)  # (e): batches, windows per batch, window length
     high_lr: float = 0.1         # (a): the too-high learning rate
     test_examples: int = 100     # test prompts scored by exact match (greedy decoding)
 
 
 # --quick: every code path, a step or two each; the numbers mean nothing.
-QUICK = Budget(sweep_steps=2, schedule_steps=2, small_n=16, small_steps=2, stop_steps=6,
-               patience=1, drift_steps=2, repro_steps=2, eval_every=2,
-               drift_windows=(1, 4, 32), test_examples=4)
+QUICK = Budget(sweep_steps=2, small_n=16, small_steps=2, stop_steps=6, patience=1,
+               drift_steps=2, repro_steps=2, eval_every=2, drift_windows=(1, 4, 32),
+               test_examples=4)
 
 
 # --- runs ---------------------------------------------------------------------------------
@@ -80,8 +90,71 @@ def accuracy(model, splits, args):
     return exact_match(model, splits["test"][:args.budget.test_examples], args.device)
 
 
+def acc_budget(args, seeds):
+    """How an accuracy was measured, for the table titles."""
+    return f"{len(seeds)} seeds, n={args.budget.test_examples} test prompts"
+
+
+def say(*verdicts):
+    """Print verdicts (lessons/seeds.py) under a table, one a line."""
+    for v in verdicts:
+        print(f"  {v if isinstance(v, str) else v.text}")
+    print()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One short LoRA run of (a), (b) or (g); equal recipes are trained once per seed."""
+    lr: float
+    constant: bool = False   # a constant lr without warmup; else warmup + cosine
+    alpha: float = 16
+    dropout: float = 0.0
+    task: str = DEFAULT_TASK
+
+
+class Sweeps:
+    """The runs of (a), (b) and (g), kept per (recipe, seed); test accuracy is measured only
+    for the recipes whose table shows it."""
+
+    def __init__(self, args, base):
+        self.args, self.base, self.seeds, self.done = args, base, seeds_of(args), {}
+
+    def run(self, recipe, seed):
+        if (recipe, seed) not in self.done:
+            self.done[recipe, seed] = self.train(recipe, seed)
+        return self.done[recipe, seed]
+
+    def train(self, recipe, seed):
+        splits = task_splits(self.args, recipe.task, seed)
+        model = lora_copy(self.base, seed, alpha=recipe.alpha, dropout=recipe.dropout)
+        schedule = dict(warmup_steps=0, schedule="constant") if recipe.constant else {}
+        cfg = short_config(self.args, self.args.budget.sweep_steps, 0, lr=recipe.lr, seed=seed,
+                           **schedule)
+        losses = fit(model, splits["train"], cfg, self.args).losses
+        return dict(model=model.eval(), splits=splits, losses=losses,
+                    val_loss=task_loss(model, splits["val"]))
+
+    def acc(self, recipe, seed):
+        row = self.run(recipe, seed)
+        if "acc" not in row:
+            row["acc"] = accuracy(row["model"], row["splits"], self.args)
+        return row["acc"]
+
+    def spreads(self, recipe, with_acc=True):
+        """{"val_loss", "last_loss"[, "acc"]: Spread} of a recipe over the seeds."""
+        def measure(seed):
+            row = self.run(recipe, seed)
+            nums = dict(val_loss=row["val_loss"], last_loss=tail_mean(row["losses"]))
+            return {**nums, "acc": self.acc(recipe, seed)} if with_acc else nums
+        return over_seeds(self.seeds, measure)
+
+    def curve(self, recipe):
+        """The training losses of the first seed's run, for a plot."""
+        return self.run(recipe, self.seeds[0])["losses"]
+
+
 # --- (a) divergence and its fixes, (b) schedules ---------------------------------------
-def verdict(losses, learned=0.1):
+def outcome(losses, learned=0.1):
     """How a run went, from its loss curve: 'learned' if it ends below `learned` x its first
     loss; 'diverged' if it got there and then lost it; else 'never learned'."""
     start, end = losses[0], tail_mean(losses)
@@ -92,47 +165,61 @@ def verdict(losses, learned=0.1):
     return "diverged" if min(losses) < learned * start else "never learned"
 
 
-def divergence(args, base, splits):
-    b, hi = args.budget, args.budget.high_lr
-    const = dict(warmup_steps=0, schedule="constant")
-    runs = {f"lr {hi:g}, constant": dict(lr=hi, **const),
-            f"fix: lr {hi / 10:g}": dict(lr=hi / 10, **const),
-            "fix: alpha 16 -> 1.6": dict(lr=hi, alpha=1.6, **const),
-            f"fix: warmup {b.sweep_steps // 3} + cosine": dict(lr=hi,
-                                                                warmup_steps=b.sweep_steps // 3),
-            "(seed's fix: dropout 0.1)": dict(lr=hi, dropout=0.1, **const)}
-    rows, curves = [], {}
-    for label, kw in runs.items():
-        model = lora_copy(base, args.seed, alpha=kw.pop("alpha", 16),
-                          dropout=kw.pop("dropout", 0.0))
-        cfg = short_config(args, b.sweep_steps, b.eval_every, **kw)
-        res = fit(model, splits["train"], cfg, args, val_loss_eval(splits))
-        curves[label] = res.losses
-        rows.append([label, res.losses[0], min(res.losses), tail_mean(res.losses),
-                     verdict(res.losses), res.evals[-1][1]["val_loss"],
-                     f"{100 * accuracy(model, splits, args):.1f}%"])
-    print_table(f"(a) A too-high learning rate, and the fixes (LoRA r=8 Q,V, {b.sweep_steps} "
-                f"steps each, grad clip {cfg.grad_clip:g}; 'learned': the last 10% of the losses "
-                "average below a tenth of the first)",
-                ["run", "first loss", "min loss", "last-10% loss", "outcome", "val loss",
-                 "test acc"], rows)
-    return rows, curves
+def outcomes(sweeps, recipe):
+    """Each outcome with the number of seeds it happened in: 'learned x3'."""
+    seen = [outcome(sweeps.run(recipe, s)["losses"]) for s in sweeps.seeds]
+    return ", ".join(f"{o} x{seen.count(o)}" for o in dict.fromkeys(seen))
 
 
-def schedules(args, base, splits):
-    steps, rows, curves = args.budget.schedule_steps, [], {}
-    warm = min(50, steps // 3)
-    for label, kw in {"constant lr": dict(warmup_steps=0, schedule="constant"),
-                      f"warmup {warm} + cosine": dict(warmup_steps=warm)}.items():
-        model = lora_copy(base, args.seed)
-        cfg = short_config(args, steps, args.budget.eval_every, **kw)
-        res = fit(model, splits["train"], cfg, args, val_loss_eval(splits))
-        curves[label] = res.losses
-        rows.append([label, tail_mean(res.losses[:max(1, steps // 5)], 0.5), tail_mean(res.losses),
-                     res.evals[-1][1]["val_loss"], f"{100 * accuracy(model, splits, args):.1f}%"])
-    print_table(f"(b) Warmup + cosine vs constant lr {FINETUNE_LR['lora']:g} ({steps} steps)",
-                ["schedule", "loss at 10-20%", "last-10% loss", "val loss", "test acc"], rows)
-    return rows, curves
+def divergence_recipes(b):
+    hi = b.high_lr
+    return {f"lr {hi:g} constant": Recipe(hi, constant=True),
+            f"fix: lr {hi / 10:g}": Recipe(hi / 10, constant=True),
+            "fix: alpha 16 -> 1.6": Recipe(hi, constant=True, alpha=1.6),
+            f"fix: warmup {min(50, b.sweep_steps // 3)} + cosine": Recipe(hi),
+            "(seed's fix: dropout 0.1)": Recipe(hi, constant=True, dropout=0.1)}
+
+
+def divergence(args, sweeps):
+    """Each fix against the too-high lr: does every seed learn, and is the validation loss
+    measurably lower? Returns {label: spreads} and the verdict of each fix."""
+    recipes = divergence_recipes(args.budget)
+    high = next(iter(recipes))
+    res = {label: sweeps.spreads(recipe, with_acc=False) for label, recipe in recipes.items()}
+    lower = {label: compare(res[high]["val_loss"], res[label]["val_loss"], f"val loss of {high}",
+                            label, **MILLINATS) for label in list(recipes)[1:]}
+    print_table(f"(a) A too-high learning rate, and the fixes (LoRA r=8 Q,V, "
+                f"{args.budget.sweep_steps} steps each, grad clip 1, {len(sweeps.seeds)} seeds; "
+                "'learned': the last 10% of the losses average below a tenth of the first)",
+                ["run", "outcome per seed", "last-10% loss", "val loss"],
+                [[label, outcomes(sweeps, recipe), res[label]["last_loss"].show(fmt="{:.3f}"),
+                  res[label]["val_loss"].show(fmt="{:.3f}")] for label, recipe in recipes.items()])
+    say(*[f"{label}: {'rescues' if rescues(sweeps, recipes[label], v) else 'does not rescue'} "
+          f"the run ({v.text})" for label, v in lower.items()])
+    return res, lower
+
+
+def rescues(sweeps, recipe, lower):
+    """A fix rescues the run when every seed learns and the val loss is measurably lower."""
+    return bool(lower.holds) and outcomes(sweeps, recipe).startswith("learned x")
+
+
+def schedule_recipes(args):
+    lr, warm = FINETUNE_LR["lora"], min(50, args.budget.sweep_steps // 3)
+    return {"constant lr": Recipe(lr, constant=True), f"warmup {warm} + cosine": Recipe(lr)}
+
+
+def schedules(args, sweeps):
+    res = {label: sweeps.spreads(r) for label, r in schedule_recipes(args).items()}
+    print_table(f"(b) Warmup + cosine vs constant lr {FINETUNE_LR['lora']:g} "
+                f"({args.budget.sweep_steps} steps, {acc_budget(args, sweeps.seeds)})",
+                ["schedule", "last-10% loss", "val loss", "test acc"],
+                [[label, r["last_loss"].show(fmt="{:.3f}"), r["val_loss"].show(fmt="{:.3f}"),
+                  r["acc"].percent()] for label, r in res.items()])
+    (const, c), (cosine, w) = res.items()
+    found = compare(w["acc"], c["acc"], cosine, const)
+    say(found, compare(c["val_loss"], w["val_loss"], f"val loss of {const}", cosine, **MILLINATS))
+    return res, found
 
 
 # --- (c) dropout on a small set, (d) early stopping -----------------------------------
@@ -140,55 +227,96 @@ def small_set_eval(splits, small):
     return lambda m: {"val_loss": task_loss(m, splits["val"]), "train_loss": task_loss(m, small)}
 
 
-def dropout_gap(args, base, splits, small):
-    rows, curves, acc = [], {}, {}
+def small_set(args, seed):
+    """That seed's splits and the first small_n of its training examples."""
+    splits = task_splits(args, DEFAULT_TASK, seed)
+    return splits, splits["train"][:args.budget.small_n]
+
+
+def dropout_run(args, base, seed, p, curves):
+    splits, small = small_set(args, seed)
+    model = lora_copy(base, seed, dropout=p)
+    cfg = short_config(args, args.budget.small_steps, args.budget.eval_every, seed=seed)
+    res = fit(model, small, cfg, args, small_set_eval(splits, small))
+    curves.setdefault(p, res.evals)  # the first seed's, for the plot
+    last = res.evals[-1][1]
+    return {"train_loss": last["train_loss"], "val_loss": last["val_loss"],
+            "gap": last["val_loss"] - last["train_loss"],
+            "best_val": min(m["val_loss"] for _, m in res.evals),
+            "acc": accuracy(model, splits, args)}
+
+
+def dropout_gap(args, base, seeds):
+    curves, res = {}, {}
     for p in (0.0, 0.1):
-        model = lora_copy(base, args.seed, dropout=p)
-        cfg = short_config(args, args.budget.small_steps, args.budget.eval_every)
-        res = fit(model, small, cfg, args, small_set_eval(splits, small))
-        curves[p], acc[p] = res.evals, accuracy(model, splits, args)
-        last = res.evals[-1][1]
-        rows.append([p, last["train_loss"], last["val_loss"], last["val_loss"] - last["train_loss"],
-                     min(m["val_loss"] for _, m in res.evals), f"{100 * acc[p]:.1f}%"])
-    print_table(f"(c) LoRA dropout on {len(small)} training examples ({args.budget.small_steps} "
-                f"steps; losses in eval mode at the last step)",
+        res[p] = over_seeds(seeds, lambda s: dropout_run(args, base, s, p, curves))
+    print_table(f"(c) LoRA dropout on {args.budget.small_n} training examples "
+                f"({args.budget.small_steps} steps; losses in eval mode at the last step; "
+                f"{acc_budget(args, seeds)})",
                 ["lora_dropout", "train loss", "val loss", "gap", "best val loss", "test acc"],
-                rows)
-    return rows, curves, acc[0.0]
+                [[p] + [r[k].show(fmt="{:.4f}") for k in ("train_loss", "val_loss", "gap",
+                                                        "best_val")] + [r["acc"].percent()]
+                 for p, r in res.items()])
+    gap = compare(res[0.0]["gap"], res[0.1]["gap"], "the gap of dropout 0", "dropout 0.1",
+                  **MILLINATS)
+    acc = compare(res[0.1]["acc"], res[0.0]["acc"], "test acc of dropout 0.1", "dropout 0")
+    effect = {True: "shrinks", False: "widens", None: "makes no measurable change to"}[gap.holds]
+    say(f"dropout 0.1 {effect} the train / val gap: {gap.text}", acc)
+    return res, curves, (gap, acc)
 
 
-def early_stopping(args, base, splits, small, full_length_acc):
+def early_stop_run(args, base, seed, runs):
     b, last = args.budget, {}
-    model = lora_copy(base, args.seed)
+    splits, small = small_set(args, seed)
+    model = lora_copy(base, seed)
     evaluate = small_set_eval(splits, small)
 
     def evaluate_and_keep(m):  # the stop happens right after a validation: keep those weights
         last.update({n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad})
         return evaluate(m)
 
-    cfg = short_config(args, b.stop_steps, b.eval_every, patience=b.patience, restore_best=True)
+    cfg = short_config(args, b.stop_steps, b.eval_every, patience=b.patience, restore_best=True,
+                       seed=seed)
     res = fit(model, small, cfg, args, evaluate_and_keep)
+    runs.append(res)
     best_acc = accuracy(model, splits, args)
     model.load_state_dict(last, strict=False)
-    last_acc = accuracy(model, splits, args)
-    rows = [["stopped early / at step", f"{res.stopped_early} / {res.steps}"],
-            ["best step / best val loss", f"{res.best_step} / {res.best_score:.4f}"],
-            ["val loss at the stop", f"{res.evals[-1][1]['val_loss']:.4f}"],
-            ["test acc, restored best weights", f"{100 * best_acc:.1f}%"],
-            ["test acc, last weights (at the stop)", f"{100 * last_acc:.1f}%"],
-            [f"test acc, no early stop ({b.small_steps} steps, (c))",
-             f"{100 * full_length_acc:.1f}%"]]
+    return {"stopped_early": float(res.stopped_early), "steps": res.steps,
+            "best_step": res.best_step, "val_at_stop": res.evals[-1][1]["val_loss"],
+            "best_val": res.best_score, "acc_best": best_acc,
+            "acc_last": accuracy(model, splits, args)}
+
+
+def early_stopping(args, base, seeds, fixed):
+    """Restored best weights vs the weights at the stop vs (c)'s fixed-length run (dropout 0),
+    each paired by seed."""
+    b, runs = args.budget, []
+    res = over_seeds(seeds, lambda s: early_stop_run(args, base, s, runs))
+    rows = [["stopped early (seeds)", f"{sum(res['stopped_early'].values):g} of {len(seeds)}"],
+            ["stopped at step", res["steps"].show(fmt="{:.0f}")],
+            ["best step", res["best_step"].show(fmt="{:.0f}")],
+            ["best val loss", res["best_val"].show(fmt="{:.4f}")],
+            ["val loss at the stop", res["val_at_stop"].show(fmt="{:.4f}")],
+            ["test acc, restored best weights", res["acc_best"].percent()],
+            ["test acc, last weights (at the stop)", res["acc_last"].percent()],
+            [f"test acc, no early stop ({b.small_steps} steps, (c))", fixed["acc"].percent()]]
     print_table(f"(d) Early stopping on val loss (patience {b.patience} validations x "
-                f"{b.eval_every} steps, at most {b.stop_steps} steps, {len(small)} examples)",
-                ["", "value"], rows)
-    return res, best_acc, last_acc
+                f"{b.eval_every} steps, at most {b.stop_steps} steps, {b.small_n} examples; "
+                f"{acc_budget(args, seeds)})", ["", "value"], rows)
+    found = (compare(res["acc_best"], res["acc_last"], "restored best weights",
+                     "last weights at the stop"),
+             compare(res["acc_best"], fixed["acc"], "restored best weights",
+                     f"no early stop ({b.small_steps} steps)"))
+    say(*found)
+    return res, runs[0], found
 
 
 # --- (e) drift from the base ---------------------------------------------------------------
-def drift_run(args, base, splits, method, val_ids):
+def drift_run(args, base, seed, method, val_ids):
     n_batches, batch_size, seq_len = args.budget.drift_windows
+    splits = task_splits(args, DEFAULT_TASK, seed)
     if method == "lora":
-        model = lora_copy(base, args.seed)
+        model = lora_copy(base, seed)
 
         def base_fn(idx):  # the base is the same model with its adapters off
             with disable_adapters(model):
@@ -201,31 +329,38 @@ def drift_run(args, base, splits, method, val_ids):
         d = measure_drift(base_fn, logits_of(m), val_ids, seq_len, n_batches, batch_size,
                           device=args.device)
         return {"val_loss": task_loss(m, splits["val"]), "kl": d["kl"],
-                "pretrain_loss": d["tuned_loss"], "base_pretrain_loss": d["base_loss"]}
+                "pretrain_loss": d["tuned_loss"]}
 
     model.to(args.device).eval()
     with torch.no_grad():
         start = evaluate(model)
-    cfg = short_config(args, args.budget.drift_steps, args.budget.eval_every, method)
+    cfg = short_config(args, args.budget.drift_steps, args.budget.eval_every, method, seed=seed)
     res = fit(model, splits["train"], cfg, args, evaluate)
-    return [(0, start)] + res.evals, accuracy(model, splits, args)
+    return {(method, key, step): value for step, metrics in [(0, start)] + res.evals
+            for key, value in metrics.items()}
 
 
-def drift(args, base, splits):
+def drift(args, base, seeds):
+    """{(method, metric, step): Spread} over the seeds, LoRA and full fine-tuning."""
     val_ids = corpus_ids(base_recipe(args))[1]
-    tracks = {m: drift_run(args, base, splits, m, val_ids) for m in ("lora", "full")}
-    rows = [[step] + [m[k] for m in (lo, fu) for k in ("val_loss", "kl", "pretrain_loss")]
-            for (step, lo), (_, fu) in zip(tracks["lora"][0], tracks["full"][0])]
-    stride = max(1, len(rows) // 6)
-    shown = rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
+    tracks = over_seeds(seeds, lambda s: {k: v for m in ("lora", "full")
+                                          for k, v in drift_run(args, base, s, m,
+                                                                val_ids).items()})
+    steps = sorted({step for _, _, step in tracks})
+    keys = [(m, k) for k in ("kl", "pretrain_loss", "val_loss") for m in ("lora", "full")]
     print_table(f"(e) Drift from the base on pretraining text (LoRA lr {FINETUNE_LR['lora']:g} vs "
-                f"full fine-tuning lr {FINETUNE_LR['full']:g}, {args.budget.drift_steps} steps; "
-                f"base pretraining loss {rows[0][3]:.4f})",
-                ["step", "LoRA val", "LoRA KL", "LoRA pretrain", "full val", "full KL",
-                 "full pretrain"], shown)
-    print_table("(e) Test accuracy after the drift runs", ["method", "test acc"],
-                [[m, f"{100 * acc:.1f}%"] for m, (_, acc) in tracks.items()])
-    return tracks
+                f"full fine-tuning lr {FINETUNE_LR['full']:g}, {args.budget.drift_steps} steps, "
+                f"{len(seeds)} seeds; base pretraining loss "
+                f"{tracks['lora', 'pretrain_loss', 0].mean:.4f})",
+                ["step"] + [f"{m} {k.replace('_', ' ')}" for m, k in keys],
+                [[s] + [tracks[m, k, s].show(fmt="{:.3f}") for m, k in keys] for s in steps])
+    end = steps[-1]
+    found = (compare(tracks["full", "kl", end], tracks["lora", "kl", end], "KL of full",
+                     "LoRA", **MILLINATS),
+             compare(tracks["full", "pretrain_loss", end], tracks["lora", "pretrain_loss", end],
+                     "pretraining loss of full", "LoRA", **MILLINATS))
+    say(*found)
+    return tracks, found
 
 
 # --- (f) same seed, same curve -----------------------------------------------------------
@@ -255,49 +390,86 @@ def reproducibility(args, base, splits, out):
 
 
 # --- (g) task sensitivity ----------------------------------------------------------------
-def task_sensitivity(args, base):
-    lrs, tasks = (3e-3, 1e-2, 3e-2), (DEFAULT_TASK, "swap")
-    acc = {}
-    for task in tasks:
-        splits = task_splits(args, task)
-        for lr in lrs:
-            model = lora_copy(base, args.seed)
-            cfg = short_config(args, args.budget.sweep_steps, args.budget.eval_every, lr=lr)
-            res = fit(model, splits["train"], cfg, args, val_loss_eval(splits))
-            acc[task, lr] = (accuracy(model, splits, args), res.evals[-1][1]["val_loss"])
-    rows = [[f"{lr:g}"] + [v for t in tasks for v in (f"{100 * acc[t, lr][0]:.1f}%",
-                                                     acc[t, lr][1])] for lr in lrs]
-    best = {t: max(lrs, key=lambda lr: (acc[t, lr][0], -acc[t, lr][1])) for t in tasks}
-    rows.append(["best lr"] + [v for t in tasks for v in (f"{best[t]:g}", "")])
+LRS, TASKS = (3e-3, 1e-2, 3e-2), (DEFAULT_TASK, "swap")
+
+
+def best_lr(val, task):
+    """The lr with the lowest mean val loss on `task`, and whether each other lr's is
+    measurably higher."""
+    best = min(LRS, key=lambda lr: val[task, lr].mean)
+    return best, [compare(val[task, lr], val[task, best], f"val loss of {task} lr {lr:g}",
+                          f"lr {best:g}", **MILLINATS) for lr in LRS if lr != best]
+
+
+def task_sensitivity(args, sweeps):
+    """The lr is chosen on the validation loss, as any hyperparameter (choosing on the test
+    set would leak it into the score), so no test prompts are decoded here."""
+    val = {(t, lr): sweeps.spreads(Recipe(lr, task=t), with_acc=False)["val_loss"]
+           for t in TASKS for lr in LRS}
+    best = {t: best_lr(val, t) for t in TASKS}
+    rows = [[f"{lr:g}"] + [val[t, lr].show(fmt="{:.3f}") for t in TASKS] for lr in LRS]
+    rows.append(["lowest mean"] + [f"{best[t][0]:g}" for t in TASKS])
     print_table(f"(g) One learning rate, two tasks (LoRA r=8 Q,V, {args.budget.sweep_steps} "
-                "steps, warmup + cosine)",
-                ["lr"] + [f"{t} {w}" for t in tasks for w in ("test acc", "val loss")], rows)
-    return best
+                f"steps, warmup + cosine; {len(sweeps.seeds)} seeds)",
+                ["lr"] + [f"{t} val loss" for t in TASKS], rows)
+    say(*[v for t in TASKS for v in best[t][1]], task_verdict(val, best))
+    return val, best
+
+
+def task_verdict(val, best):
+    """'The best lr depends on the task' only where each task's best lr is measurably better
+    on it than the other task's best lr."""
+    (t1, (b1, _)), (t2, (b2, _)) = best.items()
+    if b1 == b2:
+        return f"both tasks have their lowest mean val loss at lr {b1:g}: no task dependence shown"
+    shown = (compare(val[t1, b2], val[t1, b1], f"{t1} lr {b2:g}", f"lr {b1:g}").holds is True
+             and compare(val[t2, b1], val[t2, b2], f"{t2} lr {b1:g}", f"lr {b2:g}").holds is True)
+    return (f"the best lr {'depends' if shown else 'is not shown to depend'} on the task at this "
+            "budget (each task's best lr measurably better there than the other's: "
+            f"{'yes' if shown else 'no'})")
 
 
 # --- plots, summary and main ----------------------------------------------------------------
-def plot_curves(out, name, title, curves):
-    with saved_figure(out / name) as ax:
-        plot_loss_curves(ax, curves)
-        ax.set(title=title)
+def plot_runs(out, name, title, curves, labels, spreads, ylabel, scale=1.0):
+    """Left: the first seed's loss curves; right: a number per recipe over the seeds."""
+    with saved_figure(out / name, ncols=2, figsize=(12, 3.8)) as (left, right):
+        plot_loss_curves(left, curves)
+        left.set(title=f"{title} (first seed)")
+        errorbars(right, labels, spreads, scale)
+        right.set(ylabel=ylabel, title=f"{title}: {spreads[0].n} seeds")
+
+
+def plot_divergence(out, args, sweeps, res):
+    recipes = divergence_recipes(args.budget)
+    plot_runs(out, "divergence.png", "(a) too-high lr and its fixes",
+              {label: sweeps.curve(r) for label, r in recipes.items()}, list(res),
+              [r["val_loss"] for r in res.values()], "val loss (answer tokens)")
+
+
+def plot_schedules(out, args, sweeps, res):
+    plot_runs(out, "schedules.png", "(b) warmup + cosine vs constant lr",
+              {label: sweeps.curve(r) for label, r in schedule_recipes(args).items()},
+              list(res), [r["acc"] for r in res.values()], "test exact match (%)", 100.0)
 
 
 def plot_drift(out, tracks):
+    """Mean over the seeds per validation, whiskers from min to max."""
+    steps = sorted({step for _, _, step in tracks})
     with saved_figure(out / "drift.png", ncols=3, figsize=(12, 3.6)) as axes:
-        for method, (evals, _) in tracks.items():
-            steps = [s for s, _ in evals]
-            for ax, key in zip(axes, ("val_loss", "kl", "pretrain_loss")):
-                ax.plot(steps, [m[key] for _, m in evals], marker=".", label=method)
-        base_loss = tracks["lora"][0][0][1]["base_pretrain_loss"]
-        axes[2].axhline(base_loss, color="gray", ls=":", label="base")
-        for ax, title in zip(axes, ("task val loss", "KL(base || tuned), pretraining text",
-                                    "pretraining val loss (forgetting)")):
-            ax.set(xlabel="step", title=title)
+        for ax, key, title in zip(axes, ("val_loss", "kl", "pretrain_loss"),
+                                  ("task val loss", "KL(base || tuned), pretraining text",
+                                   "pretraining val loss (forgetting)")):
+            for method in ("lora", "full"):
+                sp = [tracks[method, key, s] for s in steps]
+                ax.errorbar(steps, [v.mean for v in sp], capsize=3, marker=".", label=method,
+                            yerr=[[v.mean - v.lo for v in sp], [v.hi - v.mean for v in sp]])
+            ax.set(xlabel="step", title=f"{title}, {sp[0].n} seeds")
             ax.legend(fontsize=8)
+        axes[2].axhline(tracks["lora", "pretrain_loss", 0].mean, color="gray", ls=":")
 
 
-def plot_small_set(out, gap_curves, stop_res):
-    with saved_figure(out / "small_set.png") as ax:
+def plot_small_set(out, gap_curves, stop_res, accs):
+    with saved_figure(out / "small_set.png", ncols=2, figsize=(12, 3.8)) as (ax, bars):
         for p, evals in gap_curves.items():
             steps = [s for s, _ in evals]
             line, = ax.plot(steps, [m["val_loss"] for _, m in evals], label=f"val, dropout {p}")
@@ -306,66 +478,79 @@ def plot_small_set(out, gap_curves, stop_res):
         if stop_res.best_step:
             ax.axvline(stop_res.best_step, color="gray", ls=":", label="early stop: best step")
             ax.axvline(stop_res.steps, color="black", ls=":", label="early stop: stopped")
-        ax.set(xlabel="step", ylabel="answer loss", yscale="log", title="Small training set")
+        ax.set(xlabel="step", ylabel="answer loss", yscale="log",
+               title="Small training set (first seed)")
         ax.legend(fontsize=7)
+        errorbars(bars, list(accs), list(accs.values()))
+        bars.set(ylabel="test exact match (%)", title=f"(c), (d): {accs['dropout 0'].n} seeds")
+
+
+def plot_tasks(out, val):
+    with saved_figure(out / "task_lr.png") as ax:
+        errorbars(ax, [f"{t} lr {lr:g}" for t, lr in val], list(val.values()), 1.0)
+        ax.set(ylabel="val loss (answer tokens)",
+               title=f"(g) one lr, two tasks: {next(iter(val.values())).n} seeds")
 
 
 def add_args(parser):
     parser.add_argument("--high-lr", type=positive_number, default=Budget.high_lr,
                         help="the too-high learning rate of part (a)")
+    add_seeds_flag(parser)
 
 
-def summarize(args, div_rows, sched_rows, gap_rows, stop, tracks, repro_rows, best_lr):
-    stop_res, best_acc, last_acc = stop
-    final = {m: evals[-1][1] for m, (evals, _) in tracks.items()}
+def summarize(args, parts, repro_rows):
+    """summary.json: the means over the seeds, and the exact checks' numbers."""
+    div, sched, gap, stop, tracks, tasks = parts
+    end = max(step for _, _, step in tracks)
     write_summary(args, NAME, {
-        "high_lr_last_loss": div_rows[0][3], "lower_lr_last_loss": div_rows[1][3],
-        "cosine_vs_constant_last_loss": [sched_rows[1][2], sched_rows[0][2]],
-        "dropout_gap": {str(r[0]): r[3] for r in gap_rows},
-        "early_stop_step": stop_res.steps, "best_step": stop_res.best_step,
-        "acc_restored_best": best_acc, "acc_last": last_acc,
-        "kl_lora": final["lora"]["kl"], "kl_full": final["full"]["kl"],
-        "pretrain_loss_lora": final["lora"]["pretrain_loss"],
-        "pretrain_loss_full": final["full"]["pretrain_loss"],
-        "acc_lora": tracks["lora"][1], "acc_full": tracks["full"][1],
+        **{f"val_loss_{k}": v["val_loss"].mean for k, v in div.items()},
+        **{f"acc_{k}": v["acc"].mean for k, v in sched.items()},
+        **{f"dropout_{p}_{k}": v[k].mean for p, v in gap.items() for k in ("gap", "acc")},
+        "early_stop_step": stop["steps"].mean, "best_step": stop["best_step"].mean,
+        "acc_restored_best": stop["acc_best"].mean, "acc_last": stop["acc_last"].mean,
+        **{f"{k}_{m}": tracks[m, k, end].mean for m in ("lora", "full")
+           for k in ("kl", "pretrain_loss")},
+        **{f"val_loss_{t}_lr{lr:g}": v.mean for (t, lr), v in tasks.items()},
         "same_seed_max_diff": repro_rows[0][1], "other_seed_max_diff": repro_rows[1][1],
-        "best_lr": best_lr})
+        "seeds": len(seeds_of(args)), "test_n": args.budget.test_examples})
 
 
-def judge(args, repro_rows, tracks):
+def judge(args, repro_rows, tracks, lr_fix):
     checks = Checks(args)
     (_, same_diff, same_weights), (_, other_diff, _) = repro_rows  # rows of table (f)
     checks.must("same seed: the same loss curve and adapter weights",
                 same_diff == 0 and same_weights == "yes", f"max |diff| {same_diff:g}")
     checks.must("another seed: another curve", other_diff > 0, f"max |diff| {other_diff:.3g}")
-    kl0 = tracks["lora"][0][0][1]["kl"]
-    checks.must(f"KL(base || LoRA) at step 0, B = 0: zero ({KL_TOL:g})", abs(kl0) <= KL_TOL,
-                f"{kl0:.1e}")
+    kl0 = max(abs(v) for v in tracks["lora", "kl", 0].values)
+    checks.must(f"KL(base || LoRA) at step 0, B = 0: zero ({KL_TOL:g}), every seed",
+                kl0 <= KL_TOL, f"{kl0:.1e}")
+    checks.verdict(f"lr / 10 lowers the val loss of lr {args.budget.high_lr:g}", lr_fix)
     return checks.report()
 
 
 def main(argv=None):
     args = parse_args(__doc__, argv, add_args)
     args.budget = QUICK if args.quick else Budget(high_lr=args.high_lr)
-    out = lesson_dir(args, NAME)
-    base, _ = get_base_model(args)
-    base.eval().requires_grad_(False)
-    splits = task_splits(args, DEFAULT_TASK)
-    small = splits["train"][:args.budget.small_n]
+    out, seeds = lesson_dir(args, NAME), seeds_of(args)
+    base = get_base_model(args)[0].eval().requires_grad_(False)
+    sweeps = Sweeps(args, base)
 
-    div_rows, div_curves = divergence(args, base, splits)
-    plot_curves(out, "divergence.png", "(a) too-high lr and its fixes", div_curves)
-    sched_rows, sched_curves = schedules(args, base, splits)
-    plot_curves(out, "schedules.png", "(b) warmup + cosine vs constant lr", sched_curves)
-    gap_rows, gap_curves, no_stop_acc = dropout_gap(args, base, splits, small)
-    stop = early_stopping(args, base, splits, small, no_stop_acc)
-    plot_small_set(out, gap_curves, stop[0])
-    tracks = drift(args, base, splits)
+    div, lower = divergence(args, sweeps)
+    plot_divergence(out, args, sweeps, div)
+    sched, _ = schedules(args, sweeps)
+    plot_schedules(out, args, sweeps, sched)
+    gap, gap_curves, _ = dropout_gap(args, base, seeds)
+    stop, first_stop, _ = early_stopping(args, base, seeds, gap[0.0])
+    plot_small_set(out, gap_curves, first_stop,
+                   {"dropout 0": gap[0.0]["acc"], "dropout 0.1": gap[0.1]["acc"],
+                    "early stop, best": stop["acc_best"], "early stop, last": stop["acc_last"]})
+    tracks, _ = drift(args, base, seeds)
     plot_drift(out, tracks)
-    repro_rows = reproducibility(args, base, splits, out)
-    best_lr = task_sensitivity(args, base)
-    summarize(args, div_rows, sched_rows, gap_rows, stop, tracks, repro_rows, best_lr)
-    return judge(args, repro_rows, tracks)
+    repro_rows = reproducibility(args, base, task_splits(args), out)
+    tasks, _ = task_sensitivity(args, sweeps)
+    plot_tasks(out, tasks)
+    summarize(args, (div, sched, gap, stop, tracks, tasks), repro_rows)
+    return judge(args, repro_rows, tracks, lower[f"fix: lr {args.budget.high_lr / 10:g}"])
 
 
 if __name__ == "__main__":
