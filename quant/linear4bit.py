@@ -117,6 +117,13 @@ class Linear4bit(nn.Module):
         y = DequantMatmul.apply(x.to(self.compute_dtype), self.weight, bias)
         return y.to(x.dtype)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        """Load the saved buffers, then rebuild the pair table from the code book just loaded:
+        a table derived from the old one would dequantize with the wrong levels."""
+        super()._load_from_state_dict(*args, **kwargs)
+        with torch.no_grad():
+            self.pair_levels.copy_(pair_table(self.code))
+
     def _apply(self, fn, recurse=True):
         """Let .to(device) move the 4-bit buffers, but never let .to(dtype) / .half() round
         the float32 scales or the code book: the weight's precision is fixed at quantization."""

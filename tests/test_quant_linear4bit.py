@@ -199,3 +199,17 @@ def test_forward_and_backward_build_no_table(monkeypatch):
     monkeypatch.setattr(double_quant, "DYNAMIC_MAP", None)  # .to() on it would fail
     layer(x).sum().backward()
     assert x.grad is not None
+
+
+def test_loading_another_code_book_rebuilds_the_cached_table():
+    # the pair table is derived from the code book; loading a state dict with other levels
+    # must dequantize with those levels, not with the table built at construction
+    from quant.blockwise import pair_table
+    layer = Linear4bit.from_linear(make_linear(), double_quant=False)
+    state = layer.state_dict()
+    state["code"] = state["code"] * 0.5
+    layer.load_state_dict(state)
+    assert torch.equal(layer.pair_levels, pair_table(layer.code))
+    plain = Quantized4bit(layer.codes, layer.code, layer.weight.shape, layer.weight.dtype,
+                          layer.weight.blocksize, layer.absmax)  # no cached table
+    assert torch.equal(layer.dequantized_weight(torch.float32), plain.dequantize(torch.float32))
