@@ -5,6 +5,10 @@ merge / unmerge, several named adapters, adapters on disk in the PEFT layout, an
     layer.py     LoRAAdapter (one A, B pair) and LoRALinear (a frozen base + named adapters)
     inject.py    apply_lora, merge / unmerge / disable over a model, parameter counts
     multi.py     several adapters: add, switch, delete, combine
+    mixed_function.py  MixedLoRAFunction: every row of a batch with its own A, B (hand backward)
+    mixed.py     mixed_adapters: row b of a batch uses adapter names[b], trainable
+    serving.py   three ways to serve a batch of requests for many adapters, row for row equal
+    library.py   AdapterLibrary: adapter directories on disk, listed, loaded lazily, unloaded
     io.py        adapters and merged models on disk (safetensors, PEFT's key names)
     analysis.py  the LoRA paper's Sec. 7: subspace similarity and amplification
     qlora.py     QLoRA: quant's 4-bit base with LoRA on top, and its float deployment copy
@@ -17,6 +21,10 @@ from .inject import (apply_lora, count_parameters, disable_adapters, format_tabl
                      lora_state_dict, merge_lora, parameter_table, unmerge_lora)
 from .multi import (add_adapter, combine_adapters, delete_adapter, set_active_adapters,
                     train_only_adapter)
+from .mixed import mixed_adapters
+from .mixed_function import MixedLoRAFunction
+from .serving import serve_answers, serve_logits
+from .library import AdapterLibrary
 from .qlora import dequantized_float_model, prepare_qlora
 from .stack_check import StackReport, check_qlora_stack
 from .io import (base_fingerprint, load_adapter, load_model_weights, save_adapter,
@@ -28,5 +36,6 @@ __all__ = [
     "merge_lora", "parameter_table", "unmerge_lora", "add_adapter", "combine_adapters",
     "delete_adapter", "set_active_adapters", "train_only_adapter", "base_fingerprint",
     "load_adapter", "load_model_weights", "save_adapter", "save_merged_model", "prepare_qlora",
-    "dequantized_float_model", "StackReport", "check_qlora_stack",
+    "dequantized_float_model", "StackReport", "check_qlora_stack", "mixed_adapters",
+    "MixedLoRAFunction", "serve_answers", "serve_logits", "AdapterLibrary",
 ]

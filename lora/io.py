@@ -153,9 +153,10 @@ def check_finite_tensors(tensors, where):
         raise ValueError(f"{where}: tensors {bad} hold nan or inf values")
 
 
-def load_adapter(model, directory, adapter_name="default"):
-    """Read an adapter directory into `model` as `adapter_name` and make it the active one.
-    Layers without LoRA are wrapped (and the base frozen). Returns `model`."""
+def load_adapter(model, directory, adapter_name="default", activate=True):
+    """Read an adapter directory into `model` as `adapter_name` and make it the active one
+    (with activate=False it is added inactive, the active ones unchanged). Layers without LoRA
+    are wrapped (and the base frozen). Returns `model`."""
     directory = Path(directory)
     config = read_adapter_config(directory / CONFIG_NAME)
     want, have = config["base_model_fingerprint"], base_fingerprint(model)
@@ -179,7 +180,8 @@ def load_adapter(model, directory, adapter_name="default"):
     check_finite_tensors(tensors, str(directory / WEIGHTS_NAME))
     add_adapter(model, adapter_name, paths, r, config["lora_alpha"], config["lora_dropout"],
                 config["use_rslora"])
-    set_active_adapters(model, [adapter_name])
+    if activate:
+        set_active_adapters(model, [adapter_name])
     with torch.no_grad():
         for path in paths:
             adapter = model.get_submodule(path).adapters[adapter_name]

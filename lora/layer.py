@@ -21,6 +21,9 @@ there to fold sBA into), and the plain expression is the reference LoRAFunction 
 
 merge() folds s B A into W0 for inference at zero extra latency; unmerge() takes it out again.
 Both are explicit calls, never side effects of train() / eval().
+
+Inside a lora.mixed_adapters block each row of the batch picks its own adapter instead of the
+active ones: the layer hands its forward to the RowPlan that block installs (lora/mixed.py).
 """
 import math
 
@@ -116,6 +119,7 @@ class LoRALinear(nn.Module):
         self.active = []               # names of the adapters used in forward, in order
         self.merged_adapters = None    # names folded into the base weight, or None if unmerged
         self.disabled = False          # set by lora.disable_adapters: forward gives base(x)
+        self.row_plan = None           # set by lora.mixed_adapters: each row picks its adapter
         self.add_adapter(adapter_name, r, alpha, dropout, use_rslora)
         self.set_active([adapter_name])
 
@@ -157,8 +161,12 @@ class LoRALinear(nn.Module):
 
     # --- forward -----------------------------------------------------------------------
     def forward(self, x):
-        if self.merged or self.disabled or not self.active:
+        if self.merged or self.disabled:
             return self.base(x)  # a merged layer's base weight already holds the updates
+        if self.row_plan is not None:
+            return self.row_plan(self, x)  # lora/mixed.py: adapter names[b] for row b
+        if not self.active:
+            return self.base(x)
         adapters = [self.adapters[n] for n in self.active]
         if len(adapters) == 1 and self._fast_path_ok(x, adapters[0]):
             return self._fused_forward(x, adapters[0])
@@ -188,6 +196,9 @@ class LoRALinear(nn.Module):
         if self.merged:
             raise RuntimeError(f"{where}: already merged ({self.merged_adapters}); call "
                                "unmerge() first")
+        if self.row_plan is not None:
+            raise RuntimeError(f"{where}: cannot merge inside a mixed_adapters block (its rows "
+                               "use different adapters)")
         self._float_weight("merge")
 
     def check_can_unmerge(self, where="this layer"):
