@@ -1,0 +1,339 @@
+"""Lesson 11 -- many adapters, one base, one batch: training them together and serving them.
+
+LoRA's promise for deployment is one frozen base with a small adapter per task (the seed:
+"multiple downstream tasks need separate full fine-tunes"). A server then gets a batch of
+requests that ask for different adapters. Three ways to answer it (lora/serving.py):
+
+    merged       per group of requests for one adapter: W0 <- W0 + sBA, run, W0 <- W0 - sBA
+    sub_batches  per group: make its adapter active, run the group on the unmerged model
+    mixed        one batch; in every LoRA layer row b gathers its own adapter's factors:
+
+        y_b = W0 x_b + s_j B_j A_j x_b,   j = the adapter of row b
+
+The first two cut the batch into k small batches, one per adapter asked for. The third runs the
+base matmul W0 x once for all rows, and the k low-rank terms as two batched matmuls over the
+rows (A stacked (k, R, in) and B (k, out, R), ranks padded to the largest R with zeros; see
+lora/mixed_function.py for why padding, and for the backward derived by hand). PEFT's mixed
+batches (its `adapter_names=`) sit in between: the base once, then a loop over the adapters
+inside every layer ("grouped" here); S-LoRA and Punica gather per row, as "mixed" does, with
+CUDA kernels. Neither PEFT's mixed batch nor those kernels train; this one has a backward:
+
+(a) One batch trains three adapters at once. Every batch holds rows of three tasks, each row
+tagged with its own adapter; a row's loss reaches only its adapter, so after training each
+adapter does its task. That its gradients are exactly those of three separate runs is checked.
+
+(b) A library on disk. The adapters (and synthetic ones, with random factors, to have 16) are
+saved in the PEFT layout and listed from their configs alone; a server loads one the first time
+a request asks for it, and an adapter written for another base is refused before it touches
+the model.
+
+(c) The three ways measured: forward passes and greedy generation of batches of task prompts
+whose rows ask for k = 1 .. 16 adapters, tokens per second side by side in one run, and each
+way's answers compared with the others row by row.
+"""
+import copy
+import random
+
+import torch
+
+from lessons.common import (Checks, finetune_config, get_base_model, lesson_dir, parse_args,
+                            print_table, run_main, saved_figure, task_splits, write_summary)
+from lora import (AdapterLibrary, add_adapter, disable_adapters, lora_layers,
+                  mixed_adapters, save_adapter, serve_answers, serve_logits, set_active_adapters)
+from lora.serving import merge_drift
+from tiny_gpt import GPT, GPTConfig, exact_match, make_batch
+from tiny_gpt.data import encode
+from tiny_gpt.train import train
+from tiny_gpt.util.timing import round_robin_medians
+
+NAME = "11_serving_many_adapters"
+TASKS = ("upper", "swap", "reverse")
+ROWS_PER_TASK = 16            # rows of each task in every training batch (48 in all)
+STEPS = 500
+KS = (1, 2, 4, 8, 16)         # adapters the rows of one batch ask for
+BATCHES = (64, 128)           # requests per batch
+WAYS = ("merged", "sub_batches", "grouped", "mixed")
+ROW_TOL = 1e-5                # mixed logits vs each row alone, relative to the largest |logit|
+GRAD_TOL = 1e-4               # float32 gradients summed in another order, relative to the largest
+
+
+# --- (a) three adapters trained in one batch -----------------------------------------------
+def mixed_batches(splits, rows):
+    """get_batch for tiny_gpt.train: ROWS_PER_TASK examples of each task, in the order of
+    `rows` (each row's adapter is its task's name)."""
+    def get_batch(gen):
+        picks = [splits[t]["train"][int(torch.randint(len(splits[t]["train"]), (1,),
+                                                      generator=gen))] for t in rows]
+        return make_batch(picks)
+    return get_batch
+
+
+def train_together(model, splits, args):
+    rows = [t for t in TASKS for _ in range(ROWS_PER_TASK)]
+    for task in TASKS:
+        add_adapter(model, task, r=8, alpha=16)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".adapters." in name)
+    cfg = finetune_config(args, "lora", restore_best=False, eval_every=0,
+                          **({} if args.quick else {"max_steps": STEPS}))
+    with mixed_adapters(model, rows):
+        result = train(model, mixed_batches(splits, rows), cfg, device=args.device)
+    print(f"trained {len(TASKS)} adapters in one batch of {len(rows)} rows: {result.steps} steps,"
+          f" {result.wall_time:.1f} s\n")
+    return rows
+
+
+def gradient_gap(model, splits):
+    """Largest |gradient from one mixed batch - gradient from each task's rows run alone with
+    its adapter active|, relative to the largest gradient entry, over every adapter factor."""
+    examples = [splits[t]["train"][i] for t in TASKS for i in range(4)]
+    rows = [t for t in TASKS for _ in range(4)]
+    x, y, mask = make_batch(examples)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(loss):  # an adapter that no row used gets zeros
+        found = torch.autograd.grad(loss, params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, found)]
+
+    def answer_loss(logits, y, mask):  # summed, so that the separate runs add up
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")
+        return (ce * mask).sum()
+
+    with mixed_adapters(model, rows):
+        together = grads(answer_loss(model(x)[0], y, mask))
+    apart = [torch.zeros_like(p) for p in params]
+    for task in TASKS:
+        picked = [b for b, t in enumerate(rows) if t == task]
+        set_active_adapters(model, task)
+        for total, g in zip(apart, grads(answer_loss(model(x[picked])[0], y[picked],
+                                                     mask[picked]))):
+            total += g
+    largest = max(g.abs().max().item() for g in apart)
+    return max((a - b).abs().max().item() for a, b in zip(together, apart)) / largest
+
+
+def accuracy_table(model, splits, args):
+    rows, accuracy = [], {}
+    for task in TASKS:
+        test = splits[task]["test"]
+        set_active_adapters(model, task)
+        accuracy[task] = exact_match(model, test, args.device)
+        with disable_adapters(model):
+            base = exact_match(model, test, args.device)
+        rows.append([task, len(test), f"{100 * base:.1f}%", f"{100 * accuracy[task]:.1f}%"])
+    print_table("(a) Test exact match of each adapter on its own task, after training all three "
+                "in one batch", ["task", "test prompts", "base", "its adapter"], rows)
+    return accuracy
+
+
+# --- (b) the library ---------------------------------------------------------------------
+def build_library(model, base, out, n_synthetic):
+    """Save the trained adapters and n_synthetic random ones (r = 8, B ~ N(0, 0.02^2) so that
+    they change the output) under out/library; one more written for a 2-layer GPT."""
+    root = out / "library"
+    for task in TASKS:
+        save_adapter(model, root / task, task)
+    scratch = copy.deepcopy(base)
+    torch.manual_seed(1)
+    for j in range(n_synthetic):
+        add_adapter(scratch, f"synthetic{j:02d}", r=8, alpha=16)
+        with torch.no_grad():
+            for _, layer in lora_layers(scratch):
+                layer.adapters[f"synthetic{j:02d}"].lora_B.normal_(0, 0.02)
+        save_adapter(scratch, root / f"synthetic{j:02d}", f"synthetic{j:02d}")
+    other = add_adapter(GPT(GPTConfig(n_layer=2)), "other_base", r=8, alpha=16)
+    save_adapter(other, root / "other_base", "other_base")
+    return root
+
+
+def library_section(base, root):
+    server = copy.deepcopy(base)
+    library = AdapterLibrary(server, root)
+    print_table(f"(b) Adapter library {root} (listed from the configs; nothing loaded yet)",
+                AdapterLibrary.HEADERS, [e.row() for e in library.entries()])
+    before = {k: v.clone() for k, v in server.state_dict().items()}
+    try:
+        library.load("other_base")
+        refused = "accepted (unexpected)"
+    except ValueError as e:
+        refused = f"refused: {e}"
+    unchanged = (server.state_dict().keys() == before.keys()
+                 and all(torch.equal(v, before[k]) for k, v in server.state_dict().items()))
+    print(f"loading 'other_base' onto our GPT: {refused}\nthe model unchanged: {unchanged}\n")
+    names = [n for n in library.names() if n != "other_base"]
+    return server, library, names, unchanged
+
+
+# --- (c) serving ---------------------------------------------------------------------------
+def request_batch(splits, n, seed):
+    """n task prompts (drawn from the three tasks' test prompts) and their tokens, right-padded
+    (n, T)."""
+    pool = [p for t in TASKS for p, _ in splits[t]["test"]]
+    prompts = random.Random(seed).choices(pool, k=n)
+    T = max(len(p) for p in prompts)
+    idx = torch.zeros((n, T), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, :len(p)] = torch.tensor(encode(p))
+    return prompts, idx
+
+
+def assigned(names, k, n):
+    """Row b asks for adapter b mod k among the first k."""
+    return [names[b % k] for b in range(n)]
+
+
+@torch.no_grad()
+def row_gap(server, idx, rows):
+    """Largest |mixed logits - each row run alone (its adapter active, or all off for None)|,
+    relative to the largest |logit|."""
+    mixed = serve_logits(server, idx, rows, "mixed")
+    alone = [serve_logits(server, idx[b:b + 1], [name], "sub_batches")
+             for b, name in enumerate(rows)]
+    return ((mixed - torch.cat(alone)).abs().max() / mixed.abs().max()).item()
+
+
+@torch.no_grad()
+def base_forward(server, idx):
+    with disable_adapters(server):
+        return server(idx)[0]
+
+
+def forward_rates(server, library, names, idx, repeats):
+    """{(k, way): tokens per second of one forward pass of idx}; way "base" is the base model
+    alone, timed in the same rounds as the others."""
+    n, T = idx.shape
+    rates = {}
+    for k in KS:
+        rows = assigned(names, k, n)
+        library.ensure(rows)  # the library loads an adapter when a request first asks for it
+        fns = {way: (lambda w=way: serve_logits(server, idx, rows, w)) for way in WAYS}
+        fns["base"] = lambda: base_forward(server, idx)
+        seconds = round_robin_medians(fns, repeats, warmup=1)
+        rates.update({(k, way): n * T / s for way, s in seconds.items()})
+    return rates
+
+
+def generation_rates(server, names, prompts, max_new, repeats, device):
+    """{(k, way): generated tokens per second}, and whether every way gave the same answers."""
+    rates, agree = {}, True
+    for k in KS:
+        rows = assigned(names, k, len(prompts))
+        answers = {}
+
+        def run(way):
+            answers[way] = serve_answers(server, prompts, rows, way, max_new, device)
+        seconds = round_robin_medians({w: (lambda w=w: run(w)) for w in WAYS}, repeats,
+                                      warmup=0)
+        agree &= len({tuple(a) for a in answers.values()}) == 1
+        rates.update({(k, w): len(prompts) * max_new / seconds[w] for w in WAYS})
+    return rates, agree
+
+
+def rate_table(title, rates):
+    """Tokens / s per way and k; with the base model's rate when it was timed too."""
+    with_base = (KS[0], "base") in rates
+    rows = [[k, *(f"{rates[(k, w)]:,.0f}" for w in WAYS),
+             f"{rates[(k, 'mixed')] / rates[(k, 'sub_batches')]:.2f}x",
+             *([f"{rates[(k, 'base')]:,.0f}", f"{rates[(k, 'base')] / rates[(k, 'mixed')]:.2f}x"]
+               if with_base else [])] for k in KS]
+    print_table(title, ["k", *WAYS, "mixed / sub_batches",
+                        *(["base alone", "mixed time / base"] if with_base else [])], rows)
+
+
+def adapter_bytes(model, name):
+    """Bytes of adapter `name`'s factors in the model; name None: of everything else."""
+    def wanted(param_name):
+        if name is None:
+            return ".adapters." not in param_name
+        return f".adapters.{name}." in param_name
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if wanted(n))
+
+
+def memory_table(library, names, n, layer):
+    per_adapter = adapter_bytes(library.model, names[0])
+    R = 8  # every adapter of the benchmark has r = 8
+    gathered = n * R * (layer.in_features + layer.out_features) * 4  # A and B rows, float32
+    print_table("Memory", ["what", "bytes"], [
+        ["one adapter (r=8 on Q, V of 4 blocks), float32", f"{per_adapter:,}"],
+        [f"all {len(names)} adapters", f"{per_adapter * len(names):,}"],
+        ["the base model, float32", f"{adapter_bytes(library.model, None):,}"],
+        [f"mixed: one layer's gathered factors for {n} rows (freed after the layer)",
+         f"{gathered:,}"]])
+
+
+def plot(rates, gen_rates, path):
+    """Tokens / s against k: one panel per forward batch size, one for generation."""
+    panels = [(f"forward, batch {n}", r) for n, r in rates.items()]
+    panels.append((f"greedy generation, batch {next(iter(rates))}", gen_rates))
+    with saved_figure(path, ncols=len(panels), figsize=(5 * len(panels), 4)) as axes:
+        for ax, (title, r) in zip(axes, panels):
+            for way in WAYS + (("base",) if (KS[0], "base") in r else ()):
+                ax.plot(KS, [r[(k, way)] for k in KS], marker="o", label=way,
+                        **({"color": "0.5", "ls": "--"} if way == "base" else {}))
+            ax.set(xscale="log", xticks=KS, xticklabels=[str(k) for k in KS], title=title,
+                   xlabel="adapters in the batch (k)", ylabel="tokens / s")
+            ax.legend(fontsize=7)
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv)
+    out, device = lesson_dir(args, NAME), args.device
+    splits = {t: task_splits(args, t) for t in TASKS}
+    base, _ = get_base_model(args)
+    base.eval()
+    checks = Checks(args)
+
+    model = copy.deepcopy(base)
+    train_together(model, splits, args)
+    model.eval()
+    gap = gradient_gap(model, splits)
+    checks.must(f"one mixed batch's gradients = separate runs' (relative {GRAD_TOL:g})",
+                gap <= GRAD_TOL, f"{gap:.1e}")
+    accuracy = accuracy_table(model, splits, args)
+
+    root = build_library(model, base, out, n_synthetic=max(KS) - len(TASKS))
+    server, library, names, unchanged = library_section(base, root)
+    checks.must("an adapter for another base is refused, the model unchanged", unchanged)
+
+    batches = (8,) if args.quick else BATCHES
+    repeats = 1 if args.quick else 7
+    rates = {}
+    for n in batches:
+        _, idx = request_batch(splits, n, args.seed)
+        rates[n] = forward_rates(server, library, names, idx.to(device), repeats)
+        rate_table(f"(c) Forward pass, {n} requests of {idx.shape[1]} tokens: tokens / s "
+                   f"(median of {repeats}, the ways taking turns)", rates[n])
+
+    n0 = batches[0]
+    prompts, idx = request_batch(splits, n0, args.seed)
+    row_rel = row_gap(server, idx.to(device), assigned(names + [None], len(names) + 1, n0))
+    checks.must(f"mixed batch = each row alone, {len(names)} adapters + base rows (relative "
+                f"{ROW_TOL:g})", row_rel <= ROW_TOL, f"{row_rel:.1e}")
+    max_new = max(len(a) for t in TASKS for _, a in splits[t]["test"])
+    gen_rates, agree = generation_rates(server, names, prompts, max_new, 1 if args.quick else 2,
+                                        device)
+    rate_table(f"(c) Greedy generation of {max_new} tokens for {n0} requests: generated "
+               "tokens / s", gen_rates)
+    checks.must("every way gives the same greedy answers, for every k", agree)
+    memory_table(library, names, n0, lora_layers(server)[0][1])
+    drift = merge_drift(server, names[0], swaps=100)
+    print(f"way 'merged' rewrites W0 twice per group: after 100 merge + unmerge cycles W0 is off "
+          f"by up to {drift:.2g} (float32 rounding that grows with the swaps)\n")
+    plot(rates, gen_rates, out / "tokens_per_second.png")
+
+    k8 = 8
+    speedup = rates[n0][(k8, "mixed")] / rates[n0][(k8, "sub_batches")]
+    over_base = rates[n0][(k8, "base")] / rates[n0][(k8, "mixed")]
+    checks.shown(f"mixed >= 1.5x sub_batches' tokens/s at k = {k8}, batch {n0}", speedup >= 1.5,
+                 f"{speedup:.2f}x")
+    checks.shown(f"mixed <= 1.3x the base model's time at k = {k8}, batch {n0}",
+                 over_base <= 1.3, f"{over_base:.2f}x")
+    write_summary(args, NAME, {**{f"acc_{t}": a for t, a in accuracy.items()},
+                               "mixed_over_sub_batches_k8": speedup,
+                               "mixed_time_over_base_k8": over_base, "row_gap": row_rel,
+                               "gradient_gap": gap, "merge_drift_100": drift})
+    return checks.report()
+
+
+if __name__ == "__main__":
+    run_main(main)
