@@ -8,7 +8,9 @@ of its float twin -- the same base in float, with the same adapters -- on the sa
 show each of these at once:
 
     loss gap          |L_4bit - L_float| / L_float per step: the 4-bit base should cost the
-                      loss a few percent at most (NF4's error is about 0.1 of a weight's std)
+                      loss a few percent (NF4's error is about 0.1 of a weight's std): 1.8% and
+                      5.3% on two bases pretrained by this project; scales 1.5x off give 47%.
+                      The default limit, 10%, sits between the two kinds
     non-finite        any nan / inf in a loss or an adapter gradient
     gradient cosine   cos(g_4bit, g_float) of the adapter gradients per step: the two stacks
                       should push the adapters the same way (1 = the same direction)
@@ -30,7 +32,7 @@ class StackReport:
     loss_float: List[float] = field(default_factory=list)
     grad_cosine: List[float] = field(default_factory=list)
     non_finite: List[str] = field(default_factory=list)   # what was nan / inf, and where
-    max_loss_gap: float = 0.05
+    max_loss_gap: float = 0.10
     min_grad_cosine: float = 0.9
 
     @property
@@ -52,7 +54,7 @@ class StackReport:
 
 
 def check_qlora_stack(qlora_model, float_twin, batches, lr: float = 1e-2,
-                      max_loss_gap: float = 0.05, min_grad_cosine: float = 0.9,
+                      max_loss_gap: float = 0.10, min_grad_cosine: float = 0.9,
                       raise_on_failure: bool = True) -> StackReport:
     """One SGD step per batch on copies of the QLoRA model and its float twin.
 
