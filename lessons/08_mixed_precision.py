@@ -39,7 +39,8 @@ from lessons.common import (DEFAULT_TASK, TASK_BATCH, Checks, fit, get_base_mode
                             saved_figure, short_config, tail_mean, task_splits, write_summary)
 from tiny_gpt import sample_batch
 from tiny_gpt.memory.loss_scaling import DynamicLossScaler, Fp16Backward, scaled_fp16_grads
-from tiny_gpt.train import accumulate_gradients, lr_at, make_optimizer, optimizer_step
+from tiny_gpt.train import (accumulate_gradients, lr_at, make_optimizer, optimizer_step,
+                             set_lr)
 from tiny_gpt.util.torch_compat import cuda_grad_scaler
 
 NAME = "08_mixed_precision"
@@ -115,8 +116,7 @@ def amp_run(args, base, splits, scaler, simulate=True, precision="fp32"):
     params = [p for p in model.parameters() if p.requires_grad]
     losses, scales, skipped = [], [], 0
     for step in range(cfg.max_steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+        set_lr(optimizer, lr_at(step, cfg))
         batch = [sample_batch(splits["train"], TASK_BATCH, gen)]
         with Fp16Backward(model) if simulate else nullcontext():
             loss, _ = accumulate_gradients(model, batch, args.device, precision, scaler)

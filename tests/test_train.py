@@ -98,3 +98,21 @@ def test_bf16_autocast_trains_on_cpu(small_model):
     cfg = TrainConfig(max_steps=2, warmup_steps=1, precision="bf16", progress=False)
     result = train(small_model, _batches, cfg, device="cpu")
     assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_loraplus_puts_lora_B_in_its_own_group_at_ratio_times_the_lr(small_model):
+    """LoRA+: lora_B trains at loraplus_lr_ratio x lr, lora_A (and anything else) at lr, through
+    the schedule; a ratio with no lora_B to apply to is refused."""
+    from lora import apply_lora
+    from tiny_gpt.train import param_groups, set_lr
+    with pytest.raises(ValueError, match="no trainable parameter is a lora_B"):
+        param_groups(small_model, TrainConfig(loraplus_lr_ratio=16))
+    model = apply_lora(small_model, r=2, alpha=4)
+    optimizer = make_optimizer(model, TrainConfig(loraplus_lr_ratio=16))
+    set_lr(optimizer, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr = {g["lr"]: {names[id(p)].rsplit(".", 1)[-1] for p in g["params"]}
+             for g in optimizer.param_groups}
+    assert by_lr == {0.01: {"lora_A"}, 0.16: {"lora_B"}}
+    with pytest.raises(ValueError, match="loraplus_lr_ratio"):
+        TrainConfig(loraplus_lr_ratio=0)

@@ -50,6 +50,8 @@ class TrainConfig:
     ckpt_every: int = 0            # steps between checkpoints (0: only at the end, if a path)
     resume: bool = False           # continue from ckpt_path if it exists
     progress: bool = True          # one-line progress display with ETA
+    loraplus_lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): parameters named *lora_B* train
+                                    # at this multiple of lr (16 in the paper); 1 = plain LoRA
 
     def __post_init__(self):
         check_config(self)
@@ -77,7 +79,9 @@ def check_config(cfg) -> None:
              ("eval_every", is_whole_number(cfg.eval_every, 0), "a whole number >= 0 (0: never)"),
              ("patience", cfg.patience is None or is_whole_number(cfg.patience, 1), "None or >= 1"),
              ("ckpt_every", is_whole_number(cfg.ckpt_every, 0), "a whole number >= 0"),
-             ("seed", is_whole_number(cfg.seed, 0), "a whole number >= 0")]
+             ("seed", is_whole_number(cfg.seed, 0), "a whole number >= 0"),
+             ("loraplus_lr_ratio", _real(cfg.loraplus_lr_ratio, 0, 1e6, low_open=True),
+              "finite and > 0 (1: the same lr for A and B)")]
     rules += [(name, getattr(cfg, name) in allowed, "one of " + ", ".join(map(repr, allowed)))
               for name, allowed in CHOICES.items()]
     for name, ok, allowed in rules:
@@ -138,10 +142,33 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
-def make_optimizer(model, cfg: TrainConfig):
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+def param_groups(model, cfg: TrainConfig):
+    """The trainable parameters as optimizer groups, each with an "lr_scale" that the schedule
+    multiplies its lr by: LoRA+ puts every lora_B (by name) in a group of its own at
+    loraplus_lr_ratio, everything else at 1. (B starts at zero and A at random: Hayou et al.
+    show that one lr for both is too small for B or too large for A as the width grows.)"""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("the model has no parameters that require grad; nothing to train")
+    if cfg.loraplus_lr_ratio == 1.0:
+        return [{"params": [p for _, p in named], "lr_scale": 1.0}]
+    is_B = ["lora_B" in n for n, _ in named]
+    if not any(is_B):
+        raise ValueError("loraplus_lr_ratio is set, but no trainable parameter is a lora_B")
+    groups = [{"params": [p for (_, p), b in zip(named, is_B) if not b], "lr_scale": 1.0},
+              {"params": [p for (_, p), b in zip(named, is_B) if b],
+               "lr_scale": float(cfg.loraplus_lr_ratio)}]
+    return [g for g in groups if g["params"]]
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """The schedule's lr for this step, times each group's lr_scale (LoRA+; see param_groups)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def make_optimizer(model, cfg: TrainConfig):
+    params = param_groups(model, cfg)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas,
                                  weight_decay=cfg.weight_decay)
@@ -258,8 +285,7 @@ class _Run:
     def step(self, step, get_batch, device):
         """One optimizer step (grad_accum micro-batches); returns (loss, lr)."""
         lr = lr_at(step, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         micro = [get_batch(self.batch_gen) for _ in range(self.cfg.grad_accum)]
         loss, n_tok = accumulate_gradients(self.model, micro, device, self.cfg.precision,
                                            self.scaler)
