@@ -14,8 +14,8 @@ from tiny_gpt.util.modules import replace_module, select_paths
 
 from .blockwise import pair_table
 from .double_quant import DYNAMIC_MAP, DoubleQuantScales
-from .nf4 import quantize_nf4
-from .qtensor import Quantized4bit
+from .nf4 import normal_float_levels, quantize_nf4
+from .qtensor import Quantized4bit, quantize_4bit
 
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -86,9 +86,14 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize=64, double_quant=True,
-                    compute_dtype=torch.float32):
-        """Quantize `linear.weight` to NF4; the bias (if any) is copied in its own dtype."""
-        qweight = quantize_nf4(linear.weight, blocksize, double_quant)
+                    compute_dtype=torch.float32, bits=4):
+        """Quantize `linear.weight` to NF4 (bits=4), or to the NormalFloat code book of 2 or 3
+        bits, held in the same 4-bit nibbles; the bias (if any) is copied in its own dtype."""
+        if bits == 4:
+            qweight = quantize_nf4(linear.weight, blocksize, double_quant)
+        else:
+            qweight = quantize_4bit(linear.weight, normal_float_levels(check_bits(bits)),
+                                    blocksize, double_quant, who="Linear4bit.from_linear")
         return cls(qweight, linear.bias, compute_dtype)
 
     @property
@@ -143,25 +148,35 @@ class Linear4bit(nn.Module):
                 f"bits_per_param={q.bits_per_param:.3f}")
 
 
+def check_bits(bits):
+    if not (isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= 4):
+        raise ValueError(f"bits must be 2, 3 or 4 (NormalFloat code books held in 4-bit "
+                         f"nibbles), got {bits!r}")
+    return bits
+
+
 def quantize_model(model, targets=None, blocksize=64, double_quant=True,
-                   compute_dtype=torch.float32, exclude=()):
+                   compute_dtype=torch.float32, exclude=(), bits=4):
     """Swap nn.Linear modules of `model` for Linear4bit, in place; returns `model`.
 
     targets: names matched by full path or by suffix, e.g. ("q_proj", "v_proj"); None = every
         nn.Linear. blocksize, double_quant: as in quantize_nf4. compute_dtype: see Linear4bit.
-    exclude: names (same matching) to leave in float.
+    exclude: names (same matching) to leave in float. bits: 4 (NF4), or 3 or 2 (the
+        NormalFloat code book with 2^bits levels, stored in 4-bit nibbles: the error of k bits,
+        the storage of 4).
     A target or exclude name that matches no nn.Linear raises a ValueError listing the
     available nn.Linear paths. Modules that are not nn.Linear (e.g. a tied LM head that reuses
     the embedding matrix) are never touched.
     """
     check_compute_dtype(compute_dtype)
+    check_bits(bits)
     names = [name for name, m in model.named_modules() if name and isinstance(m, nn.Linear)]
     chosen = names if targets is None else select_paths(names, targets, "nn.Linear")
     excluded = set(select_paths(names, exclude, "nn.Linear", "exclude")) if exclude else set()
     # quantize every layer before swapping any: a weight that cannot be quantized (nan, inf)
     # then leaves the whole model as it was
     quantized = {name: Linear4bit.from_linear(model.get_submodule(name), blocksize,
-                                              double_quant, compute_dtype)
+                                              double_quant, compute_dtype, bits)
                  for name in sorted(set(chosen) - excluded)}
     for name, layer in quantized.items():
         replace_module(model, name, layer)
