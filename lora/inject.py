@@ -12,7 +12,8 @@ from contextlib import contextmanager
 
 from tiny_gpt.util.modules import is_linear_like, replace_module, select_paths
 
-from .layer import LoRALinear, check_adapter_name, check_lora_args
+from .layer import LoRALinear, check_adapter_name, check_dora_base, check_lora_args
+from .pissa import check_pissa_bases, pissa_init
 
 
 def is_wrappable(module):
@@ -48,7 +49,8 @@ def adapter_names(model):
     return list(dict.fromkeys(n for _, layer in lora_layers(model) for n in layer.adapters))
 
 
-def attach_adapter(model, paths, name, r, alpha, dropout=0.0, use_rslora=False):
+def attach_adapter(model, paths, name, r, alpha, dropout=0.0, use_rslora=False,
+                   use_dora=False):
     """Give every layer in `paths` an adapter `name`: wrap plain linear layers in LoRALinear
     (which makes it active there), add it to LoRALinear ones (inactive). Checks first, so a bad
     argument leaves the model untouched. Returns the LoRALinear layers."""
@@ -60,12 +62,14 @@ def attach_adapter(model, paths, name, r, alpha, dropout=0.0, use_rslora=False):
         check_lora_args(r, alpha, dropout, m.in_features, m.out_features)
         if isinstance(m, LoRALinear) and m.merged:
             raise RuntimeError(f"{path} is merged; call unmerge_lora(model) first")
+        if use_dora:
+            check_dora_base(m.base if isinstance(m, LoRALinear) else m, dropout, path)
     layers = []
     for path, m in zip(paths, modules):
         if isinstance(m, LoRALinear):
-            m.add_adapter(name, r, alpha, dropout, use_rslora)
+            m.add_adapter(name, r, alpha, dropout, use_rslora, use_dora)
         else:
-            m = LoRALinear(m, r, alpha, dropout, use_rslora, adapter_name=name)
+            m = LoRALinear(m, r, alpha, dropout, use_rslora, adapter_name=name, use_dora=use_dora)
             replace_module(model, path, m)
         layers.append(m)
     return layers
@@ -80,17 +84,29 @@ def freeze_base(model):
 
 
 def apply_lora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0, use_rslora=False,
-               adapter_name="default"):
+               adapter_name="default", use_dora=False, init_lora_weights=True):
     """Wrap the target linear layers of `model` in LoRALinear (in place), make the new adapter
     active there, freeze every other parameter; returns `model`. Applying LoRA to a layer that
-    already has it is an error: use lora.add_adapter for a second adapter."""
+    already has it is an error: use lora.add_adapter for a second adapter.
+
+    use_dora: DoRA adapters (lora/dora.py; the memory-saving backward, as PEFT's; set an
+        adapter's .dora_exact for the exact one). init_lora_weights: True (B = 0, LoRA's) or
+        "pissa" (lora/pissa.py: the top-r SVD of W0, the residual frozen as the base).
+    """
+    if init_lora_weights not in (True, "pissa"):
+        raise ValueError(f"init_lora_weights must be True or 'pissa', got {init_lora_weights!r}"
+                         " (LoftQ is lora.prepare_qlora(..., init_lora_weights='loftq'))")
     paths = match_targets(model, targets)
     wrapped = [p for p in paths if isinstance(model.get_submodule(p), LoRALinear)]
     if wrapped:
         raise ValueError(f"LoRA is already applied to {wrapped}; use lora.add_adapter(...) to "
                          "add a second adapter")
-    attach_adapter(model, paths, adapter_name, r, alpha, dropout, use_rslora)
+    if init_lora_weights == "pissa":
+        check_pissa_bases(model, paths)
+    attach_adapter(model, paths, adapter_name, r, alpha, dropout, use_rslora, use_dora)
     freeze_base(model)
+    if init_lora_weights == "pissa":
+        pissa_init(model, adapter_name)
     return model
 
 

@@ -5,8 +5,10 @@ An adapter directory holds two files, both written atomically (temporary file + 
     adapter_model.safetensors   only the factors, under PEFT's key names
                                     base_model.model.<module path>.lora_A.weight   (r, in)
                                     base_model.model.<module path>.lora_B.weight   (out, r)
+                                    base_model.model.<module path>.lora_magnitude_vector
+                                                                    (out,)  DoRA only
     adapter_config.json         peft_type "LORA", r, lora_alpha, target_modules, lora_dropout,
-                                use_rslora, bias "none", task_type null, and
+                                use_rslora, use_dora, bias "none", task_type null, and
                                 base_model_fingerprint: a hash of the base model's module paths
                                 and weight shapes, so that loading onto another architecture
                                 fails with a clear message instead of a shape error deep inside.
@@ -44,11 +46,15 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 REQUIRED = {"peft_type": str, "r": int, "lora_alpha": (int, float), "target_modules": list}
 OPTIONAL = {"lora_dropout": ((int, float), 0.0), "use_rslora": (bool, False),
-            "bias": (str, "none"), "base_model_fingerprint": (str, None)}
+            "bias": (str, "none"), "base_model_fingerprint": (str, None),
+            "use_dora": (bool, False)}
 
 
 def peft_key(path, factor):
-    """PEFT's tensor name for factor "A" or "B" of the layer at `path`."""
+    """PEFT's tensor name for factor "A" or "B" of the layer at `path` (or "magnitude", DoRA's
+    m, which PEFT saves without a ".weight")."""
+    if factor == "magnitude":
+        return f"base_model.model.{path}.lora_magnitude_vector"
     return f"base_model.model.{path}.lora_{factor}.weight"
 
 
@@ -80,10 +86,12 @@ def save_adapter(model, directory, adapter_name="default"):
     for path, adapter in found:
         tensors[peft_key(path, "A")] = adapter.lora_A.detach()
         tensors[peft_key(path, "B")] = adapter.lora_B.detach()
+        if adapter.use_dora:
+            tensors[peft_key(path, "magnitude")] = adapter.lora_magnitude_vector.detach()
     first = found[0][1]  # one add_adapter call made them all: the same hyper-parameters
     config = {"peft_type": "LORA", "task_type": None, "r": first.r,
               "lora_alpha": first.alpha, "lora_dropout": first.dropout,
-              "use_rslora": first.use_rslora, "bias": "none",
+              "use_rslora": first.use_rslora, "use_dora": first.use_dora, "bias": "none",
               "target_modules": _target_modules(model, [p for p, _ in found]),
               "base_model_fingerprint": base_fingerprint(model)}
     directory = Path(directory)
@@ -176,10 +184,12 @@ def load_adapter(model, directory, adapter_name="default", activate=True):
         m = model.get_submodule(path)
         expected[peft_key(path, "A")] = (r, m.in_features)
         expected[peft_key(path, "B")] = (m.out_features, r)
+        if config["use_dora"]:
+            expected[peft_key(path, "magnitude")] = (m.out_features,)
     check_tensors(tensors, expected, str(directory / WEIGHTS_NAME))
     check_finite_tensors(tensors, str(directory / WEIGHTS_NAME))
     add_adapter(model, adapter_name, paths, r, config["lora_alpha"], config["lora_dropout"],
-                config["use_rslora"])
+                config["use_rslora"], config["use_dora"])
     if activate:
         set_active_adapters(model, [adapter_name])
     with torch.no_grad():
@@ -187,6 +197,8 @@ def load_adapter(model, directory, adapter_name="default", activate=True):
             adapter = model.get_submodule(path).adapters[adapter_name]
             adapter.lora_A.copy_(tensors[peft_key(path, "A")])
             adapter.lora_B.copy_(tensors[peft_key(path, "B")])
+            if adapter.use_dora:
+                adapter.lora_magnitude_vector.copy_(tensors[peft_key(path, "magnitude")])
     return model
 
 

@@ -22,6 +22,10 @@ there to fold sBA into), and the plain expression is the reference LoRAFunction 
 merge() folds s B A into W0 for inference at zero extra latency; unmerge() takes it out again.
 Both are explicit calls, never side effects of train() / eval().
 
+DoRA (use_dora=True, lora/dora.py): the adapter also learns a length m per output row, and the
+layer computes (m / ||W0 + sBA||) * (W0 + sBA) x + b through DoRAFunction; it needs a float base
+weight (for the norms), is never stacked with other adapters, and has no dropout here.
+
 Inside a lora.mixed_adapters block each row of the batch picks its own adapter instead of the
 active ones: the layer hands its forward to the RowPlan that block installs (lora/mixed.py).
 """
@@ -35,6 +39,7 @@ from tiny_gpt.util.checks import is_number, is_whole_number
 from tiny_gpt.util.modules import is_linear_like
 from tiny_gpt.util.torch_compat import autocast_enabled
 
+from .dora import DoRAFunction, dora_norm, dora_reference
 from .function import LoRAFunction
 
 
@@ -62,6 +67,16 @@ def float_weight(base):
     return weight if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
 
 
+def check_dora_base(base, dropout, where="this layer"):
+    """Raise unless a DoRA adapter can go on `base`: a float weight (for the norms), no dropout."""
+    if float_weight(base) is None:
+        raise TypeError(f"{where}: DoRA needs a float base weight for its norms; "
+                        f"{type(base).__name__} has none (a 4-bit base is not supported with "
+                        "DoRA here)")
+    if dropout:
+        raise ValueError(f"{where}: DoRA adapters take no dropout here, got {dropout!r}")
+
+
 def check_adapter_name(name):
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
@@ -71,14 +86,19 @@ class LoRAAdapter(nn.Module):
     """One named update dW = s B A for a layer mapping in_features -> out_features."""
 
     def __init__(self, in_features, out_features, r, alpha, dropout=0.0, use_rslora=False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, use_dora=False):
         super().__init__()
         check_lora_args(r, alpha, dropout, in_features, out_features)
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
+        self.use_dora, self.dora_exact = bool(use_dora), False
+        self.merge_norm = None  # DoRA: ||W0 + sBA|| at merge time, for unmerge
         self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # U(-1/sqrt(in), 1/sqrt(in))
+        if use_dora:  # set to ||W0|| row by row by LoRALinear.add_adapter, which has W0
+            self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, device=device,
+                                                                 dtype=dtype))
 
     def delta_weight(self):
         """dW = s B A, (out, in)."""
@@ -97,7 +117,8 @@ class LoRAAdapter(nn.Module):
         return torch.empty_like(x).bernoulli_(keep).div_(keep)
 
     def extra_repr(self):
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, dropout={self.dropout}"
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, "
+                f"dropout={self.dropout}" + (", dora" if self.use_dora else ""))
 
 
 class LoRALinear(nn.Module):
@@ -108,7 +129,8 @@ class LoRALinear(nn.Module):
     `.lora_A` (r, in), `.lora_B` (out, r) and `.scaling` are those of the one active adapter.
     """
 
-    def __init__(self, base, r, alpha, dropout=0.0, use_rslora=False, adapter_name="default"):
+    def __init__(self, base, r, alpha, dropout=0.0, use_rslora=False, adapter_name="default",
+                 use_dora=False):
         super().__init__()
         if not is_linear_like(base):
             raise TypeError(f"LoRALinear needs a base with integer in_features and out_features; "
@@ -120,21 +142,28 @@ class LoRALinear(nn.Module):
         self.merged_adapters = None    # names folded into the base weight, or None if unmerged
         self.disabled = False          # set by lora.disable_adapters: forward gives base(x)
         self.row_plan = None           # set by lora.mixed_adapters: each row picks its adapter
-        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora)
+        self.add_adapter(adapter_name, r, alpha, dropout, use_rslora, use_dora)
         self.set_active([adapter_name])
 
     # --- adapters by name --------------------------------------------------------------
-    def add_adapter(self, name, r, alpha, dropout=0.0, use_rslora=False):
-        """Add a new, inactive adapter; its factors live in the base weight's dtype (or fp32)."""
+    def add_adapter(self, name, r, alpha, dropout=0.0, use_rslora=False, use_dora=False):
+        """Add a new, inactive adapter; its factors live in the base weight's dtype (or fp32).
+        A DoRA adapter's magnitudes start at ||W0|| row by row, so the layer is unchanged."""
         check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         weight = float_weight(self.base)
+        if use_dora:
+            check_dora_base(self.base, dropout)
         tensors = [*self.base.parameters(), *self.base.buffers()]
-        self.adapters[name] = LoRAAdapter(
-            self.in_features, self.out_features, r, alpha, dropout, use_rslora,
-            device=tensors[0].device if tensors else None,
-            dtype=torch.float32 if weight is None else weight.dtype)
+        adapter = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora,
+                              device=tensors[0].device if tensors else None,
+                              dtype=torch.float32 if weight is None else weight.dtype,
+                              use_dora=use_dora)
+        if use_dora:
+            with torch.no_grad():
+                adapter.lora_magnitude_vector.copy_(weight.norm(dim=1))
+        self.adapters[name] = adapter
 
     def delete_adapter(self, name):
         self._check_unmerged(f"delete adapter {name!r}")
@@ -168,6 +197,8 @@ class LoRALinear(nn.Module):
         if not self.active:
             return self.base(x)
         adapters = [self.adapters[n] for n in self.active]
+        if any(a.use_dora for a in adapters):
+            return self._dora_forward(x, adapters)
         if len(adapters) == 1 and self._fast_path_ok(x, adapters[0]):
             return self._fused_forward(x, adapters[0])
         y = self.base(x)
@@ -186,6 +217,21 @@ class LoRALinear(nn.Module):
                                adapter.lora_B, adapter.scaling, adapter.dropout_mask(x2))
         return y.view(*x.shape[:-1], self.out_features)
 
+    def _dora_forward(self, x, adapters):
+        if len(adapters) != 1:
+            raise RuntimeError(f"a DoRA adapter cannot be stacked with others; active: "
+                               f"{self.active}")
+        a, weight, bias = adapters[0], self.base.weight, self.base.bias
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        args = (a.lora_A, a.lora_B, a.lora_magnitude_vector, a.scaling)
+        if x.dtype == weight.dtype == a.lora_A.dtype and not autocast_enabled(x.device.type):
+            y = DoRAFunction.apply(x2, weight, bias, *args, a.dora_exact)
+        else:  # mixed dtypes or autocast: the same formula by autograd, in the adapter's dtype
+            cast = a.lora_A.dtype
+            y = dora_reference(x2.to(cast), weight.to(cast), None if bias is None else
+                               bias.to(cast), *args, a.dora_exact).to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
     # --- merge / unmerge ---------------------------------------------------------------
     @property
     def merged(self):
@@ -199,6 +245,8 @@ class LoRALinear(nn.Module):
         if self.row_plan is not None:
             raise RuntimeError(f"{where}: cannot merge inside a mixed_adapters block (its rows "
                                "use different adapters)")
+        if len(self.active) > 1 and any(self.adapters[n].use_dora for n in self.active):
+            raise RuntimeError(f"{where}: a DoRA adapter merges alone; active: {self.active}")
         self._float_weight("merge")
 
     def check_can_unmerge(self, where="this layer"):
@@ -224,7 +272,11 @@ class LoRALinear(nn.Module):
         weight = self._float_weight("merge" if sign > 0 else "unmerge")
         with torch.no_grad():
             for name in names:
-                weight.add_(self.adapters[name].delta_weight().to(weight.dtype), alpha=sign)
+                adapter = self.adapters[name]
+                if adapter.use_dora:
+                    _fold_dora(weight, adapter, sign)
+                else:
+                    weight.add_(adapter.delta_weight().to(weight.dtype), alpha=sign)
 
     def _float_weight(self, action):
         weight = float_weight(self.base)
@@ -241,3 +293,15 @@ class LoRALinear(nn.Module):
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"active={self.active}, merged={self.merged}")
+
+
+def _fold_dora(weight, adapter, sign):
+    """merge: W0 <- (m / n) * (W0 + sBA), remembering n = ||W0 + sBA||; unmerge: the inverse,
+    W0 <- W' * (n / m) - sBA with the n of the merge (W0 itself is gone by then)."""
+    delta = adapter.delta_weight().to(weight.dtype)
+    if sign > 0:
+        adapter.merge_norm = dora_norm(weight, adapter.lora_A, adapter.lora_B, adapter.scaling)
+        weight.add_(delta).mul_((adapter.lora_magnitude_vector / adapter.merge_norm)[:, None])
+    else:
+        weight.mul_((adapter.merge_norm / adapter.lora_magnitude_vector)[:, None]).sub_(delta)
+        adapter.merge_norm = None

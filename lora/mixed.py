@@ -128,6 +128,11 @@ def mixed_adapters(model, names, way="gathered"):
     if merged:
         raise RuntimeError(f"cannot mix adapters per row: {merged} are merged (one weight for "
                            "every row); call unmerge_lora first")
+    dora = sorted({n for layer in layers for n in names if n in layer.adapters
+                   and layer.adapters[n].use_dora})
+    if dora:
+        raise ValueError(f"DoRA adapters {dora} rescale W0 itself, per adapter: they cannot "
+                         "share a base matmul with other rows")
     if any(layer.row_plan is not None for layer in layers):
         raise RuntimeError("mixed_adapters blocks do not nest: leave the outer one first")
     device = next(model.parameters()).device

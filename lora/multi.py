@@ -25,10 +25,11 @@ from .layer import check_lora_args
 
 
 def add_adapter(model, name, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0,
-                use_rslora=False):
+                use_rslora=False, use_dora=False):
     """Add adapter `name` to the target layers (wrapping those without LoRA) and freeze every
     non-adapter parameter. The new adapter starts inactive: see set_active_adapters. -> model"""
-    _add_inactive(model, match_targets(model, targets), name, r, alpha, dropout, use_rslora)
+    _add_inactive(model, match_targets(model, targets), name, r, alpha, dropout, use_rslora,
+                  use_dora)
     freeze_base(model)
     return model
 
@@ -42,8 +43,8 @@ def train_only_adapter(model, name):
     return model
 
 
-def _add_inactive(model, paths, name, r, alpha, dropout=0.0, use_rslora=False):
-    for layer in attach_adapter(model, paths, name, r, alpha, dropout, use_rslora):
+def _add_inactive(model, paths, name, r, alpha, dropout=0.0, use_rslora=False, use_dora=False):
+    for layer in attach_adapter(model, paths, name, r, alpha, dropout, use_rslora, use_dora):
         layer.set_active([n for n in layer.active if n != name])
 
 
@@ -113,6 +114,10 @@ def combine_adapters(model, weights, new_name, method="linear", r=None):
         raise ValueError("weights is empty; give at least one {adapter name: weight}")
     _check_known(model, list(weights))
     layers = [(p, l) for p, l in lora_layers(model) if any(n in l.adapters for n in weights)]
+    dora = sorted({n for _, l in layers for n in weights if n in l.adapters
+                   and l.adapters[n].use_dora})
+    if dora:
+        raise ValueError(f"DoRA adapters {dora} are not a sum of s B A; they cannot be combined")
     partial = [p for p, l in layers if not all(n in l.adapters for n in weights)]
     if partial:
         raise ValueError(f"layers {partial} lack some of {list(weights)}; combine adapters that "

@@ -1,0 +1,93 @@
+"""DoRA (Liu et al. 2024): LoRA on the direction of each weight row, with its length learned apart.
+
+Shapes as in lora/function.py: x (N, in), W0 (out, in), A (r, in), B (out, r), s the scaling,
+and m (out,) the magnitudes, one per output feature:
+
+    V  = W0 + s B A                     (out, in)   LoRA's weight
+    n  = ||V||, row by row              (out,)      n_k = sqrt(sum_j V_kj^2)
+    W' = (m / n)[:, None] * V           each row of V scaled to length m_k
+    y  = x W'^T + b = c * (x V^T) + b,  c = m / n   (N, out), c broadcast over rows
+
+At initialization m = ||W0|| row by row and B = 0, so V = W0, c = 1 and W' = W0: the model is
+its base at step 0. Which norm: the paper writes W in (in, out) and normalizes its columns; in
+the (out, in) layout of nn.Linear those are rows, one length per output feature -- as in the
+authors' code (`weight.norm(p=2, dim=1)`) and PEFT's.
+
+Forward without forming x V^T from V: z = x W0^T + s (x A^T) B^T, so z costs what LoRA's forward
+costs, plus forming V once (out * in * r flops) for its row norms.
+
+Backward, with g = dL/dy (N, out) and g_z = g * c (dL/dz):
+
+    dL/dm_k   = (sum_n g_nk z_nk) / n_k                         = gc_k / n_k
+    dL/dx     = g_z V = g_z W0 + s (g_z B) A                    (V never needed)
+    through z:  dL/dV = g_z^T x, so
+                dL/dB = s (g_z^T x) A^T = s g_z^T u,  u = x A^T (N, r), saved
+                dL/dA = s B^T g_z^T x   = s (g_z B)^T x
+    through n (exact form only): dL/dn_k = -gc_k m_k / n_k^2 and dn_k/dV_k = V_k / n_k, so
+                dL/dV += diag(d) V,   d = -gc m / n^3           (out,)
+                dL/dB += s diag(d) V A^T = s diag(d) (W0 A^T + s B A A^T)
+                dL/dA += s B^T diag(d) V = s (dB)^T W0 + s^2 ((dB)^T B) A,   dB = d[:, None] * B
+
+The paper's memory-saving form (Sec. 4.3) treats n as a constant in backward: the "through n"
+terms are dropped, and nothing about V beyond n is needed. The gradient of m is exact in both
+forms; those of A and B differ by the dropped terms (measured in tests/test_dora.py). W0 and b
+are frozen: no gradient. Saved for backward: x, u, z (N, out), n, and W0, A, B, m themselves.
+"""
+import torch
+
+
+def dora_norm(weight, lora_A, lora_B, scaling):
+    """n = ||W0 + s B A|| row by row, (out,), computed in at least float32."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    V = torch.addmm(weight.to(dtype), lora_B.to(dtype), lora_A.to(dtype), alpha=scaling)
+    return V.norm(dim=1)
+
+
+class DoRAFunction(torch.autograd.Function):
+    """y = (m / ||W0 + sBA||)[None, :] * (x (W0 + sBA)^T) + b for 2-D x; see the module
+    docstring. exact=False is the paper's memory-saving backward (the norm a constant)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, exact=False):
+        n = dora_norm(weight, lora_A, lora_B, scaling).to(x.dtype)      # (out,)
+        u = x @ lora_A.t()                                               # (N, r)
+        z = torch.addmm(x @ weight.t(), u, lora_B.t(), alpha=scaling)   # (N, out) = x V^T
+        c = magnitude / n                                                # (out,)
+        y = z * c if bias is None else torch.addcmul(bias, z, c)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, u, z, n)
+        ctx.scaling, ctx.exact = scaling, exact
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, lora_A, lora_B, magnitude, u, z, n = ctx.saved_tensors
+        s = ctx.scaling
+        c = magnitude / n
+        g_z = g * c                                                      # (N, out)
+        gc = (g * z).sum(0)                                              # (out,)
+        v = g_z @ lora_B                                                 # (N, r)
+        grad_x = grad_A = grad_B = grad_m = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addmm(g_z @ weight, v, lora_A, alpha=s)       # (N, in)
+        if ctx.needs_input_grad[5]:
+            grad_m = gc / n
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            grad_B = s * (g_z.t() @ u)                                   # (out, r)
+            grad_A = s * (v.t() @ x)                                     # (r, in)
+            if ctx.exact:
+                d = -gc * magnitude / n ** 3                             # (out,)
+                dB = d[:, None] * lora_B                                 # (out, r)
+                VAt = torch.addmm(weight @ lora_A.t(), lora_B, lora_A @ lora_A.t(), alpha=s)
+                grad_B = grad_B + s * d[:, None] * VAt                   # (out, r)
+                grad_A = grad_A + s * (dB.t() @ weight) + s * s * ((dB.t() @ lora_B) @ lora_A)
+        return grad_x, None, None, grad_A, grad_B, grad_m, None, None
+
+
+def dora_reference(x, weight, bias, lora_A, lora_B, magnitude, scaling, exact=True):
+    """The same layer by plain autograd on the formula (W' formed): the reference the
+    hand-derived backward is tested against. exact=False detaches the norm, as Sec. 4.3."""
+    V = weight + scaling * lora_B @ lora_A
+    n = V.norm(dim=1)
+    n = n if exact else n.detach()
+    y = x @ ((magnitude / n)[:, None] * V).t()
+    return y if bias is None else y + bias

@@ -1,0 +1,172 @@
+"""DoRAFunction's hand-derived backward: exact form by gradcheck, finite differences and
+autograd on the formula; the memory-saving form (Sec. 4.3) against autograd with the norm
+detached, and how far the two forms' gradients differ."""
+import pytest
+import torch
+
+from lora.dora import DoRAFunction, dora_norm, dora_reference
+from tiny_gpt.util.finite_differences import central_differences
+
+FD_TOL = 1e-7
+
+
+def inputs(N=5, n_in=4, n_out=3, r=2, seed=0, dtype=torch.float64, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, n_in, generator=gen, dtype=dtype, requires_grad=True)
+    W = torch.randn(n_out, n_in, generator=gen, dtype=dtype)
+    b = torch.randn(n_out, generator=gen, dtype=dtype) if bias else None
+    A = torch.randn(r, n_in, generator=gen, dtype=dtype, requires_grad=True)
+    B = torch.randn(n_out, r, generator=gen, dtype=dtype, requires_grad=True)
+    m = (W.norm(dim=1) * (1 + 0.1 * torch.randn(n_out, generator=gen, dtype=dtype)))
+    return x, W, b, A, B, m.requires_grad_(True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_exact_form_gradcheck(bias):
+    x, W, b, A, B, m = inputs(bias=bias)
+    fn = lambda x, A, B, m: DoRAFunction.apply(x, W, b, A, B, m, 1.5, True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, A, B, m), eps=1e-6, atol=FD_TOL)
+
+
+def test_exact_form_by_central_differences():
+    x, W, b, A, B, m = inputs()
+    G = torch.randn(5, 3, dtype=torch.float64)
+    loss = lambda: (G * DoRAFunction.apply(x, W, b, A, B, m, 2.0, True)).sum()  # noqa: E731
+    loss().backward()
+    for t in (x, A, B, m):
+        assert torch.allclose(t.grad, central_differences(loss, t), atol=FD_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_both_forms_equal_autograd_on_the_formula(exact):
+    x, W, b, A, B, m = inputs()
+    G = torch.randn(5, 3, dtype=torch.float64)
+    y = DoRAFunction.apply(x, W, b, A, B, m, 2.0, exact)
+    (G * y).sum().backward()
+    ours = [t.grad.clone() for t in (x, A, B, m)]
+    for t in (x, A, B, m):
+        t.grad = None
+    y_ref = dora_reference(x, W, b, A, B, m, 2.0, exact)
+    (G * y_ref).sum().backward()
+    assert torch.allclose(y, y_ref, atol=1e-12)
+    for mine, ref in zip(ours, (x.grad, A.grad, B.grad, m.grad)):
+        assert torch.allclose(mine, ref, atol=1e-10, rtol=0)
+
+
+def test_the_memory_saving_form_differs_only_in_A_and_B():
+    x, W, b, A, B, m = inputs()
+    G = torch.randn(5, 3, dtype=torch.float64)
+    grads = {}
+    for exact in (True, False):
+        for t in (x, A, B, m):
+            t.grad = None
+        (G * DoRAFunction.apply(x, W, b, A, B, m, 2.0, exact)).sum().backward()
+        grads[exact] = [t.grad.clone() for t in (x, A, B, m)]
+    assert torch.allclose(grads[True][0], grads[False][0]) and torch.allclose(
+        grads[True][3], grads[False][3])
+    assert (grads[True][1] - grads[False][1]).abs().max() > 1e-3  # the dropped norm terms
+
+
+def test_at_initialization_the_layer_is_its_base():
+    x, W, b, A, _, _ = inputs()
+    B = torch.zeros(3, 2, dtype=torch.float64)
+    m = W.norm(dim=1)
+    y = DoRAFunction.apply(x, W, b, A, B, m, 2.0, False)
+    assert torch.allclose(y, x @ W.t() + b, atol=1e-12)
+    assert torch.allclose(dora_norm(W, A, B, 2.0), m)
+
+
+# --- DoRA in the model: apply_lora(use_dora=True) -------------------------------------------
+import copy  # noqa: E402
+
+from lora import (add_adapter, apply_lora, combine_adapters, load_adapter, lora_layers,  # noqa: E402
+                  merge_lora, mixed_adapters, prepare_qlora, save_adapter,
+                  set_active_adapters, unmerge_lora)
+from tiny_gpt import GPT, GPTConfig  # noqa: E402
+
+
+def tiny():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def logits(model):
+    idx = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return model(idx)[0]
+
+
+def trained_dora(exact=False):
+    model = apply_lora(tiny(), r=4, alpha=8, use_dora=True)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            a = layer.adapters["default"]
+            a.dora_exact = exact
+            torch.nn.init.normal_(a.lora_B, std=0.2)
+            a.lora_magnitude_vector.mul_(1.1)
+    return model
+
+
+def test_dora_model_starts_at_its_base_and_trains_m_A_B():
+    base = tiny()
+    model = apply_lora(copy.deepcopy(base), r=4, alpha=8, use_dora=True)
+    ref = logits(base)
+    assert (logits(model) - ref).abs().max() / ref.abs().max() < 1e-6
+    trainable = sorted({n.rsplit(".", 1)[-1] for n, p in model.named_parameters()
+                        if p.requires_grad})
+    assert trainable == ["lora_A", "lora_B", "lora_magnitude_vector"]
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_dora_layer_equals_the_formula_and_merges(exact):
+    model = trained_dora(exact)
+    layer = model.blocks[0].attn.q_proj
+    a = layer.adapters["default"]
+    x = torch.randn(2, 5, layer.in_features)
+    expected = dora_reference(x, layer.base.weight, layer.base.bias, a.lora_A, a.lora_B,
+                              a.lora_magnitude_vector, a.scaling)
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    before, weights = logits(model), [layer.base.weight.clone() for _, layer in lora_layers(model)]
+    merge_lora(model)
+    assert (logits(model) - before).abs().max() / before.abs().max() < 1e-5
+    unmerge_lora(model)
+    assert all((layer.base.weight - w).abs().max() < 1e-5
+               for (_, layer), w in zip(lora_layers(model), weights))
+
+
+def test_dora_saves_and_loads_in_peft_layout(tmp_path):
+    model = trained_dora()
+    folder = save_adapter(model, tmp_path / "dora")
+    import json
+    from tiny_gpt.util.safetensors import load_file
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors, _ = load_file(folder / "adapter_model.safetensors")
+    assert config["use_dora"] is True
+    key = "base_model.model.blocks.0.attn.q_proj.lora_magnitude_vector"
+    assert tensors[key].shape == (32,)
+    fresh = load_adapter(tiny(), folder)
+    assert torch.equal(logits(fresh), logits(model))
+    del tensors[key]
+    from tiny_gpt.util.safetensors import save_file
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="missing keys .*lora_magnitude_vector"):
+        load_adapter(tiny(), folder)
+
+
+def test_dora_refusals_change_nothing():
+    with pytest.raises(TypeError, match="4-bit base is not supported"):
+        add_adapter(prepare_qlora(tiny(), r=2, alpha=4), "d", use_dora=True)
+    with pytest.raises(ValueError, match="no dropout"):
+        apply_lora(tiny(), use_dora=True, dropout=0.1)
+    model = trained_dora()
+    add_adapter(model, "plain", r=2, alpha=4)
+    set_active_adapters(model, ["default", "plain"])
+    with pytest.raises(RuntimeError, match="cannot be stacked"):
+        logits(model)
+    with pytest.raises(RuntimeError, match="merges alone"):
+        merge_lora(model)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        combine_adapters(model, {"default": 1.0, "plain": 1.0}, "c", method="cat")
+    with pytest.raises(ValueError, match="DoRA adapters .* rescale"):
+        with mixed_adapters(model, ["default", "plain", None]):
+            pass
