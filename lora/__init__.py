@@ -3,6 +3,9 @@ merge / unmerge, several named adapters, adapters on disk in the PEFT layout, an
 
     function.py  LoRAFunction: y = x W0^T + s (x A^T) B^T with its backward derived by hand
     layer.py     LoRAAdapter (one A, B pair) and LoRALinear (a frozen base + named adapters)
+    dora.py      DoRAFunction: DoRA's magnitude and direction, exact and memory-saving backward
+    pissa.py     PiSSA: adapters started on W0's top singular part; back to plain LoRA exactly
+    loftq.py     LoftQ: the 4-bit base and the adapters initialized together
     inject.py    apply_lora, merge / unmerge / disable over a model, parameter counts
     multi.py     several adapters: add, switch, delete, combine
     mixed_function.py  MixedLoRAFunction: every row of a batch with its own A, B (hand backward)
@@ -16,6 +19,9 @@ merge / unmerge, several named adapters, adapters on disk in the PEFT layout, an
     bench.py     benchmark_lora_linear: a LoRA layer's cost against the frozen one
 """
 from .function import LoRAFunction
+from .dora import DoRAFunction
+from .pissa import pissa_init, pissa_to_lora
+from .loftq import apply_loftq, loftq_init
 from .layer import LoRAAdapter, LoRALinear, lora_scaling
 from .inject import (apply_lora, count_parameters, disable_adapters, format_table, lora_layers,
                      lora_state_dict, merge_lora, parameter_table, unmerge_lora)
@@ -37,5 +43,6 @@ __all__ = [
     "delete_adapter", "set_active_adapters", "train_only_adapter", "base_fingerprint",
     "load_adapter", "load_model_weights", "save_adapter", "save_merged_model", "prepare_qlora",
     "dequantized_float_model", "StackReport", "check_qlora_stack", "mixed_adapters",
-    "MixedLoRAFunction", "serve_answers", "serve_logits", "AdapterLibrary",
+    "MixedLoRAFunction", "serve_answers", "serve_logits", "AdapterLibrary", "DoRAFunction",
+    "pissa_init", "pissa_to_lora", "loftq_init", "apply_loftq",
 ]

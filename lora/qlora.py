@@ -18,19 +18,32 @@ from quant import Linear4bit, quantize_model
 from tiny_gpt.util.modules import replace_module
 
 from .inject import apply_lora, lora_layers, match_targets
+from .loftq import apply_loftq
 
 
 def prepare_qlora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0,
                   use_rslora=False, blocksize=64, double_quant=True,
-                  compute_dtype=torch.float32):
-    """Quantize every nn.Linear of ``model`` to NF4 in place, then put LoRA on ``targets``.
-    Returns the model; only the adapters' A and B require grad. Unknown targets are refused
-    before anything is quantized, so a typo leaves the model as it was."""
+                  compute_dtype=torch.float32, bits=4, init_lora_weights=True, loftq_iters=5):
+    """Quantize every nn.Linear of ``model`` in place (NF4; bits=3 or 2: the NormalFloat code
+    book of that many bits), then put LoRA on ``targets``. Returns the model; only the
+    adapters' A and B require grad. Unknown targets are refused before anything is quantized,
+    so a typo leaves the model as it was.
+
+    init_lora_weights: True (B = 0, QLoRA's), or "loftq": the target layers quantized and their
+    adapters initialized together from the float weights, loftq_iters alternations
+    (lora/loftq.py); the per-layer errors are then in ``model.loftq_errors``."""
+    if init_lora_weights not in (True, "loftq"):
+        raise ValueError(f"init_lora_weights must be True or 'loftq', got {init_lora_weights!r}")
     match_targets(model, targets)
+    float_model = copy.deepcopy(model) if init_lora_weights == "loftq" else None
     quantize_model(model, blocksize=blocksize, double_quant=double_quant,
-                   compute_dtype=compute_dtype)
-    return apply_lora(model, targets=targets, r=r, alpha=alpha, dropout=dropout,
-                      use_rslora=use_rslora)
+                   compute_dtype=compute_dtype, bits=bits)
+    apply_lora(model, targets=targets, r=r, alpha=alpha, dropout=dropout,
+               use_rslora=use_rslora)
+    if float_model is not None:
+        model.loftq_errors = apply_loftq(model, float_model, bits=bits, iters=loftq_iters,
+                                         blocksize=blocksize, double_quant=double_quant)
+    return model
 
 
 def dequantized_float_model(qlora_model):
