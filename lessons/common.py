@@ -242,15 +242,17 @@ LORA_TARGETS, LORA_R, LORA_ALPHA = ("q_proj", "v_proj"), 8, 16  # the LoRA paper
 
 
 def lora_copy(base, seed: int = 0, targets=LORA_TARGETS, r: int = LORA_R, alpha=LORA_ALPHA,
-              dropout: float = 0.0, use_rslora: bool = False, quantized: bool = False):
+              dropout: float = 0.0, use_rslora: bool = False, quantized: bool = False,
+              **options):
     """A fresh copy of `base` with LoRA on `targets` -- QLoRA when `quantized`: every linear
     layer in NF4 first. lora_A's Kaiming init draws from torch's global generator, seeded here,
-    so copies made with one seed start identical (LoRA and QLoRA alike)."""
+    so copies made with one seed start identical (LoRA and QLoRA alike). options go to
+    apply_lora (use_dora, init_lora_weights) or prepare_qlora (bits, init_lora_weights)."""
     model = copy.deepcopy(base)
     torch.manual_seed(seed)
     prepare = prepare_qlora if quantized else apply_lora
     return prepare(model, targets=targets, r=r, alpha=alpha, dropout=dropout,
-                   use_rslora=use_rslora)
+                   use_rslora=use_rslora, **options)
 
 
 def median_step_seconds(runs: dict, micro_batches, repeats: int) -> dict:
