@@ -1,9 +1,17 @@
 """DoRAFunction's hand-derived backward: exact form by gradcheck, finite differences and
 autograd on the formula; the memory-saving form (Sec. 4.3) against autograd with the norm
 detached, and how far the two forms' gradients differ."""
+import copy
+import json
+
 import pytest
 import torch
 
+from lora import (add_adapter, apply_lora, combine_adapters, load_adapter, lora_layers,
+                  merge_lora, mixed_adapters, prepare_qlora, save_adapter, set_active_adapters,
+                  unmerge_lora)
+from tiny_gpt import GPT, GPTConfig
+from tiny_gpt.util.safetensors import load_file, save_file
 from lora.dora import DoRAFunction, dora_norm, dora_reference
 from tiny_gpt.util.finite_differences import central_differences
 
@@ -77,12 +85,6 @@ def test_at_initialization_the_layer_is_its_base():
 
 
 # --- DoRA in the model: apply_lora(use_dora=True) -------------------------------------------
-import copy  # noqa: E402
-
-from lora import (add_adapter, apply_lora, combine_adapters, load_adapter, lora_layers,  # noqa: E402
-                  merge_lora, mixed_adapters, prepare_qlora, save_adapter,
-                  set_active_adapters, unmerge_lora)
-from tiny_gpt import GPT, GPTConfig  # noqa: E402
 
 
 def tiny():
@@ -137,8 +139,6 @@ def test_dora_layer_equals_the_formula_and_merges(exact):
 def test_dora_saves_and_loads_in_peft_layout(tmp_path):
     model = trained_dora()
     folder = save_adapter(model, tmp_path / "dora")
-    import json
-    from tiny_gpt.util.safetensors import load_file
     config = json.loads((folder / "adapter_config.json").read_text())
     tensors, _ = load_file(folder / "adapter_model.safetensors")
     assert config["use_dora"] is True
@@ -147,7 +147,6 @@ def test_dora_saves_and_loads_in_peft_layout(tmp_path):
     fresh = load_adapter(tiny(), folder)
     assert torch.equal(logits(fresh), logits(model))
     del tensors[key]
-    from tiny_gpt.util.safetensors import save_file
     save_file(tensors, folder / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="missing keys .*lora_magnitude_vector"):
         load_adapter(tiny(), folder)
