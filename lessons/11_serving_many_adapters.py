@@ -251,7 +251,7 @@ def adapter_bytes(model, name):
 
 def memory_table(library, names, n, layer):
     per_adapter = adapter_bytes(library.model, names[0])
-    R = 8  # every adapter of the benchmark has r = 8
+    R = max(a.r for a in layer.adapters.values())  # the padded rank of the stacks
     gathered = n * R * (layer.in_features + layer.out_features) * 4  # A and B rows, float32
     print_table("Memory", ["what", "bytes"], [
         ["one adapter (r=8 on Q, V of 4 blocks), float32", f"{per_adapter:,}"],

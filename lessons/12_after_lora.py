@@ -155,9 +155,14 @@ def loftq_errors(base, r=8):
 
 
 # --- 4. one budget, several seeds -------------------------------------------------------------
+def steps_of(args):
+    """Optimizer steps per run: STEPS, or 4 for --quick."""
+    return 4 if args.quick else STEPS
+
+
 def run_recipe(base, args, options, overrides, seed, curves, label):
     model = lora_copy(base, seed, **options)
-    cfg = short_config(args, 4 if args.quick else STEPS, EVAL_EVERY, **overrides)
+    cfg = short_config(args, steps_of(args), EVAL_EVERY, **overrides)
     val = task_splits(args, DEFAULT_TASK, seed)["val"][:VAL_PROMPTS]
 
     def evaluate(m):
@@ -165,7 +170,7 @@ def run_recipe(base, args, options, overrides, seed, curves, label):
     acc, result = tuned_accuracy(args, model, cfg, seed, evaluate=evaluate)
     curves.setdefault(label, result.losses)  # the first seed's training loss, for the plot
     reached = [step for step, metrics in result.evals if metrics["val_acc"] >= 0.9]
-    return {"acc": acc, "steps90": reached[0] if reached else STEPS + EVAL_EVERY}
+    return {"acc": acc, "steps90": reached[0] if reached else steps_of(args) + EVAL_EVERY}
 
 
 def comparison(base, args):
@@ -175,9 +180,10 @@ def comparison(base, args):
         found[label] = over_seeds(seeds, lambda seed: run_recipe(base, args, options, overrides,
                                                                   seed, curves, label))
         print(f"  {label}: {found[label]['acc'].percent()}", flush=True)
-    print_table(f"4. '{DEFAULT_TASK}', {STEPS} steps, Q and V, alpha = 2r (QLoRA, LoftQ: r = 8);"
+    print_table(f"4. '{DEFAULT_TASK}', {steps_of(args)} steps, Q and V, alpha = 2r (QLoRA, "
+                f"LoftQ: r = 8);"
                 f" steps to 90% on {VAL_PROMPTS} validation prompts (not reached: "
-                f"{STEPS + EVAL_EVERY})", ["recipe", "test exact match", "steps to 90%"],
+                f"{steps_of(args) + EVAL_EVERY})", ["recipe", "test exact match", "steps to 90%"],
                 [[k, v["acc"].percent(), v["steps90"].show(fmt="{:.0f}")]
                  for k, v in found.items()])
     lines = []
@@ -193,11 +199,11 @@ def comparison(base, args):
     return found, lines, curves
 
 
-def plot(found, errors, curves, path):
+def plot(found, errors, curves, steps, path):
     with saved_figure(path, ncols=3, figsize=(18, 4)) as (ax1, ax2, ax3):
         errorbars(ax1, list(found), [v["acc"] for v in found.values()])
         ax1.set(ylabel="test exact match (%)", ylim=(0, 105),
-                title=f"{STEPS} steps, mean [min, max] over seeds")
+                title=f"{steps} steps, mean [min, max] over seeds")
         for bits, errs in errors.items():
             ax2.plot(range(len(errs)), errs, marker="o", label=f"{bits}-bit")
         ax2.set(xlabel="LoftQ iteration (0: plain quantization)", ylabel="relative error",
@@ -229,7 +235,7 @@ def main(argv=None):
                 all(e[-1] < e[0] for e in errors.values()),
                 ", ".join(f"{b}-bit {e[0]:.3f} -> {e[-1]:.3f}" for b, e in errors.items()))
     found, lines, curves = comparison(copy.deepcopy(base), args)
-    plot(found, errors, curves, out / "after_lora.png")
+    plot(found, errors, curves, steps_of(args), out / "after_lora.png")
     write_summary(args, NAME, {"dora_time_ratio": time_ratio, "dora_memory_ratio": memory_ratio,
                                **{f"loftq_err_{b}bit": e[-1] for b, e in errors.items()},
                                **{f"plain_err_{b}bit": e[0] for b, e in errors.items()},

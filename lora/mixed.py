@@ -123,8 +123,9 @@ def mixed_adapters(model, names, way="gathered"):
     """Inside the block, row b of every batch uses adapter names[b] (None: the base model).
     way: "gathered" (one batched matmul for all rows) or "grouped" (a loop over adapters)."""
     check_row_names(model, names, way)
-    layers = [layer for _, layer in lora_layers(model)]
-    merged = [path for path, layer in lora_layers(model) if layer.merged]
+    named = lora_layers(model)
+    layers = [layer for _, layer in named]
+    merged = [path for path, layer in named if layer.merged]
     if merged:
         raise RuntimeError(f"cannot mix adapters per row: {merged} are merged (one weight for "
                            "every row); call unmerge_lora first")
