@@ -104,8 +104,36 @@ class Linear4bit(nn.Module):
             n_blocks = -(-self._shape.numel() // self._blocksize)  # ceil division
             scales8 = DoubleQuantScales(self.scale_codes, self.scale_absmax, self.scale_offset,
                                         n_blocks, self.scale_levels)
-        return Quantized4bit(self.codes, self.code, self._shape, self._dtype, self._blocksize,
-                             getattr(self, "absmax", None), scales8, self.pair_levels)
+        return Quantized4bit(self.packed_codes(), self.code, self._shape, self._dtype,
+                             self._blocksize, getattr(self, "absmax", None), scales8,
+                             self.pair_levels)
+
+    def packed_codes(self) -> torch.Tensor:
+        """The packed codes as uint8 bytes, whichever dtype they are stored in (see
+        store_codes_as)."""
+        return self.codes if self.codes.dtype == torch.uint8 else self.codes.view(torch.uint8)
+
+    def store_codes_as(self, dtype=torch.float32):
+        """Hold the packed codes as a frozen nn.Parameter whose bytes are viewed as `dtype`
+        (the bytes are unchanged: 4 of them per float32 entry), so that a sharding wrapper
+        (FSDP) that shards parameters, not buffers, splits the 4-bit base across ranks. A
+        wrapper that flattens parameters into one buffer of one dtype (FSDP1, which refuses
+        integer tensors) needs the float view; fsdp_qlora does the same with bitsandbytes'
+        quant_storage. dtype=torch.uint8 puts the codes back in a buffer. -> self"""
+        allowed = (torch.uint8,) + COMPUTE_DTYPES
+        if dtype not in allowed:
+            raise ValueError(f"store_codes_as: dtype must be one of {allowed}, got {dtype!r}")
+        packed = self.packed_codes().detach()
+        width = torch.empty((), dtype=dtype).element_size()
+        if packed.numel() % width:
+            raise ValueError(f"store_codes_as: {packed.numel()} code bytes do not fill whole "
+                             f"{dtype} entries of {width} bytes")
+        delattr(self, "codes")
+        if dtype == torch.uint8:
+            self.register_buffer("codes", packed)
+        else:
+            self.codes = nn.Parameter(packed.view(dtype), requires_grad=False)
+        return self
 
     def dequantized_weight(self, dtype=None):
         """(out, in) float weight in `dtype` (default: compute dtype), as forward uses it."""
@@ -133,11 +161,16 @@ class Linear4bit(nn.Module):
         """Let .to(device) move the 4-bit buffers, but never let .to(dtype) / .half() round
         the float32 scales or the code book: the weight's precision is fixed at quantization."""
         before = dict(self.named_buffers(recurse=False))
-        super()._apply(fn, recurse)
+        codes_param = isinstance(self.codes, nn.Parameter)
+        if codes_param:  # codes stored as float bytes (store_codes_as): never cast them either
+            before["codes"] = self.codes.detach()  # the tensor, not the Parameter, which
+        super()._apply(fn, recurse)                # _apply may change in place
         for name, old in before.items():
             new = getattr(self, name)
             if new.dtype != old.dtype:
-                setattr(self, name, old.to(new.device))
+                moved = old.to(new.device)
+                setattr(self, name, nn.Parameter(moved, requires_grad=False)
+                        if name == "codes" and codes_param else moved)
         return self
 
     def extra_repr(self):

@@ -213,3 +213,23 @@ def test_loading_another_code_book_rebuilds_the_cached_table():
     plain = Quantized4bit(layer.codes, layer.code, layer.weight.shape, layer.weight.dtype,
                           layer.weight.blocksize, layer.absmax)  # no cached table
     assert torch.equal(layer.dequantized_weight(torch.float32), plain.dequantize(torch.float32))
+
+
+def test_codes_stored_as_float_bytes_are_the_same_weight_and_stay_uncast():
+    """store_codes_as: the packed bytes become a frozen float parameter (for FSDP to shard),
+    the layer computes exactly as before, a dtype cast leaves those bytes alone, and going
+    back to uint8 restores the buffer."""
+    torch.manual_seed(0)
+    layer = Linear4bit.from_linear(nn.Linear(64, 32))
+    x = torch.randn(5, 64)
+    before, packed = layer(x), layer.codes.clone()
+    layer.store_codes_as(torch.float32)
+    assert isinstance(layer.codes, nn.Parameter) and not layer.codes.requires_grad
+    assert layer.codes.dtype == torch.float32 and layer.codes.numel() == packed.numel() // 4
+    assert "codes" in dict(layer.named_parameters()) and torch.equal(layer(x), before)
+    layer.to(torch.float64)
+    assert layer.codes.dtype == torch.float32 and torch.equal(layer.packed_codes(), packed)
+    layer.store_codes_as(torch.uint8)
+    assert "codes" in dict(layer.named_buffers()) and torch.equal(layer.codes, packed)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        layer.store_codes_as(torch.int32)

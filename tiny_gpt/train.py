@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import masked_cross_entropy
+from .parallel.data_parallel import global_sum, sync_unless_last, world_size
 from .util.progress import Progress
 from .util.checks import is_number, is_whole_number
 from .util.safetensors import check_writable
@@ -211,16 +212,23 @@ def micro_batch_loss(model, x, y, mask, total_tokens):
 
 def accumulate_gradients(model, micro_batches, device, precision="fp32", scaler=None):
     """Forward/backward over micro-batches [(x, y, mask), ...] so that the summed gradient
-    equals that of one batch holding all of them. Returns (mean token loss, token count)."""
-    total_tokens = count_loss_tokens(micro_batches)
+    equals that of one batch holding all of them. Returns (mean token loss, token count).
+
+    Under DistributedDataParallel each rank holds its share of the batch: N is then summed
+    over the ranks too, each rank's loss is multiplied by W to undo DDP's average over ranks,
+    and only the last micro-batch's backward all-reduces (tiny_gpt/parallel/data_parallel.py).
+    """
+    total_tokens = int(global_sum(count_loss_tokens(micro_batches), model))
+    ranks = world_size(model)
     mean_loss = 0.0
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         x, y, mask = to_device(batch, device)
-        with autocast_context(device, precision):
-            loss = micro_batch_loss(model, x, y, mask, total_tokens)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        mean_loss += loss.item()  # the S_i / N add up to the big batch's mean token loss
-    return mean_loss, total_tokens
+        with sync_unless_last(model, i == len(micro_batches) - 1):
+            with autocast_context(device, precision):
+                loss = micro_batch_loss(model, x, y, mask, total_tokens) * ranks
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        mean_loss += loss.item() / ranks  # the S_i / N add up to the big batch's mean loss
+    return global_sum(mean_loss, model), total_tokens
 
 
 def train(model, get_batch: Callable, cfg: TrainConfig, evaluate: Optional[Callable] = None,

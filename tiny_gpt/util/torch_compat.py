@@ -65,3 +65,14 @@ def is_compiling() -> bool:
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return compiler.is_compiling()
     return torch._dynamo.is_compiling()
+
+
+def no_buffer_sync() -> dict:
+    """DistributedDataParallel's option for "do not re-send the buffers before every forward"
+    (they are still broadcast once, at wrapping): ``broadcast_buffers=False`` since torch 1.x,
+    spelled ``forward_sync_buffers=False`` by the newest torch, which warns at the old name."""
+    import inspect
+    from torch.nn.parallel import DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}

@@ -1,0 +1,502 @@
+"""Lesson 13 -- beyond one process: data-parallel LoRA and QLoRA on torch.distributed.
+
+Run it either way (2 processes, gloo on CPU; nccl when there is a GPU per process):
+    python lessons/13_data_parallel.py                    # spawns its 2 processes itself
+    torchrun --nproc_per_node=2 lessons/13_data_parallel.py
+
+Data parallelism: every rank holds the whole model, takes its own share of each batch, and after
+backward the ranks average their gradients, so they all take the same optimizer step and stay
+equal. torch's DistributedDataParallel (DDP) does it; tiny_gpt/parallel/by_hand.py does it in
+two functions, as the explanation, and (e) shows the two agree.
+
+(a) The same gradient as one process. With W ranks and N_r loss tokens on rank r, one process
+would minimize S / N over the whole batch (S summed token losses, N = sum_r N_r). DDP averages
+the ranks' gradients, so each rank must use  W * S_r / N, with N summed over the ranks -- not
+its own mean S_r / N_r, which weights the tokens of a rank with short answers more (the
+distributed form of the accumulation pitfall; see tiny_gpt/parallel/data_parallel.py).
+tiny_gpt.train does this by itself once the model is wrapped in DDP, with no_sync() over the
+micro-batches of a step. Shown: the gradient gap after one step, right and wrong, and the
+adapter weights after 20 AdamW steps against one process with the whole batch.
+
+(b) Bytes on the wire. DDP's reducer registers only the parameters that require grad, so under
+LoRA only the adapters' gradients are all-reduced: 4 bytes x trainable parameters per step,
+against the whole model for full fine-tuning. Once, at wrapping, rank 0 broadcasts the whole
+model (frozen part too) -- and with broadcast_buffers=True, the buffers before every forward:
+a 4-bit base keeps its codes in buffers, so QLoRA wants broadcast_buffers=False.
+
+(c) The pitfalls: an adapter that gets no gradient (DDP's "Expected to have finished
+reduction" error; fixes: find_unused_parameters at its cost, or freezing it); gradient
+checkpointing under DDP (non-reentrant, reentrant, ours; static_graph); saving from rank 0
+only, loading on every rank; the seed for the adapters' initialization.
+
+(d) QLoRA: each rank holds the 4-bit base (buffers, never reduced nor cast); then FSDP shards
+the frozen base across the ranks, with the packed codes held as float32 bytes the way
+answer.ai's fsdp_qlora holds them, and the per-rank bytes are measured.
+"""
+import copy
+import itertools
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lessons.common import (Checks, TASK_BATCH, get_base_model, lesson_dir, lora_copy,
+                            parse_args, print_table, run_main, saved_figure, short_config,
+                            task_splits, write_summary)
+from lora import add_adapter, load_adapter, save_adapter, train_only_adapter
+from quant import Linear4bit
+from tiny_gpt import sample_batch
+from tiny_gpt.memory.checkpointing import enable_input_require_grads
+from tiny_gpt.model import masked_cross_entropy
+from tiny_gpt.parallel import (AllReduceCounter, all_reduce_gradients, broadcast_parameters,
+                               count_broadcast_bytes, launched_by_torchrun,
+                               process_group_from_env, rank_share, run_like_torchrun,
+                               sharded_batches, sum_over_ranks, sync_unless_last)
+from tiny_gpt.util.torch_compat import no_buffer_sync
+from tiny_gpt.train import (accumulate_gradients, count_loss_tokens, lr_at, make_optimizer,
+                            optimizer_step, set_lr, train)
+
+NAME = "13_data_parallel"
+WORLD = 2
+CPU = torch.device("cpu")  # the ranks run on CPU with gloo (see the note in main)
+STEPS = 20                  # AdamW steps of the equal-weights run (the issue's 20)
+ACCUM = 2                   # micro-batches per step, each split across the ranks
+GRAD_TOL, WEIGHT_TOL = 1e-6, 1e-5   # relative to the largest |value|, fp32
+
+
+def rel_gap(a: dict, b: dict) -> float:
+    """max |a - b| / max |b| over the tensors of two {name: tensor} dicts."""
+    return max((a[k] - b[k]).abs().max().item() for k in b) / max(
+        b[k].abs().max().item() for k in b)
+
+
+def coordinate_gap(a: dict, b: dict, eps=1e-8) -> float:
+    """max over coordinates with |b| > eps (AdamW's eps) of |a - b| / |b|: the error that
+    Adam carries into its update, since it divides each coordinate by its own size."""
+    diff = torch.cat([(a[k] - b[k]).reshape(-1) for k in b]).abs()
+    size = torch.cat([b[k].reshape(-1) for k in b]).abs()
+    return (diff / size)[size > eps].max().item()  # B = 0 at step 0: dL/dA = 0 exactly
+
+
+def trainable(model) -> dict:
+    return {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def gradients(model) -> dict:
+    return {n.removeprefix("module."): p.grad.clone() for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+def rank_spread(tensors: dict) -> float:
+    """max |this rank's values - rank 0's|, over every rank: 0.0 when all ranks agree."""
+    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+    rank0 = flat.clone()
+    dist.broadcast(rank0, 0)
+    gap = torch.tensor([(flat - rank0).abs().max().item()])
+    dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+    return gap.item()
+
+
+def wrapped(model, **options):
+    return DDP(model, **options)  # CPU module: no device_ids
+
+
+# --- (a) the same gradient, and the same weights, as one process --------------------------
+
+def micro_batches(splits, gen, n):
+    return [sample_batch(splits["train"], TASK_BATCH // ACCUM, gen) for _ in range(n)]
+
+
+def wrong_gradients(model, shares, device):
+    """Each rank's own mean S_r / N_r, averaged by DDP: what an unmodified loop would do."""
+    own_tokens = count_loss_tokens(shares)
+    for i, (x, y, mask) in enumerate(shares):
+        with sync_unless_last(model, i == len(shares) - 1):
+            logits, _ = model(x.to(device))
+            (masked_cross_entropy(logits, y.to(device), mask.to(device), reduction="sum")
+             / own_tokens).backward()
+    return gradients(model)
+
+
+def same_gradient(rank, base, splits, args):
+    micro = micro_batches(splits, torch.Generator().manual_seed(1), ACCUM)
+    shares = [rank_share(b, rank, WORLD) for b in micro]
+    reference = lora_copy(base, seed=0)
+    accumulate_gradients(reference, micro, CPU)
+    model = wrapped(lora_copy(base, seed=0))
+    accumulate_gradients(model, shares, CPU)
+    right = rel_gap(gradients(model), gradients(reference))
+    own_size = coordinate_gap(gradients(model), gradients(reference))
+    model.zero_grad(set_to_none=True)
+    wrong = rel_gap(wrong_gradients(model, shares, CPU), gradients(reference))
+    tokens = [int(sum_over_ranks(count_loss_tokens(shares) if r == rank else 0))
+              for r in range(WORLD)]
+    return {"right": right, "wrong": wrong, "tokens": tokens, "own_size": own_size}
+
+
+def same_weights(rank, base, splits, args, steps):
+    cfg = short_config(args, steps, 0, grad_accum=ACCUM, seed=1)
+    batches = lambda g: sample_batch(splits["train"], TASK_BATCH // ACCUM, g)  # noqa: E731
+    reference = lora_copy(base, seed=0)
+    train(reference, batches, cfg, device=CPU)
+    model = wrapped(lora_copy(base, seed=0))
+    result = train(model, sharded_batches(batches, rank, WORLD), cfg, device=CPU)
+    return {"gap": rel_gap(trainable(model), trainable(reference)),
+            "ranks": rank_spread(trainable(model)), "loss": result.losses[-1],
+            "model": model}
+
+
+# --- (e) the same thing by hand -----------------------------------------------------------
+
+def train_by_hand(model, batches, cfg, rank, broadcast=True):
+    """broadcast, then per step: forward/backward on this rank's share with loss S_r / N (N
+    over all ranks), sum the gradients over the ranks, step. Returns the trainable weights."""
+    if broadcast:
+        broadcast_parameters(model)
+    optimizer, gen = make_optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed)
+    for step in range(cfg.max_steps):
+        set_lr(optimizer, lr_at(step, cfg))
+        shares = [rank_share(batches(gen), rank, WORLD) for _ in range(cfg.grad_accum)]
+        total = sum_over_ranks(count_loss_tokens(shares))
+        for x, y, mask in shares:
+            logits, _ = model(x)
+            (masked_cross_entropy(logits, y, mask, reduction="sum") / total).backward()
+        all_reduce_gradients(model.parameters())
+        optimizer_step(model, optimizer, None, cfg.grad_clip)
+    return trainable(model)
+
+
+# --- (b) bytes on the wire ----------------------------------------------------------------
+
+def wire_bytes(model, shares, **options):
+    """Bytes rank 0 broadcast at wrapping, and per step: all-reduced, and broadcast (buffers)."""
+    with count_broadcast_bytes() as at_wrap:
+        ddp = wrapped(model, **options)
+    counter = AllReduceCounter()
+    ddp.register_comm_hook(None, counter.hook)
+    with count_broadcast_bytes() as per_step:
+        accumulate_gradients(ddp, shares, CPU)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    state = list(model.parameters()) + list(model.buffers())  # unsaved tables included
+    state_bytes = sum(t.numel() * t.element_size() for t in state)
+    return {"wrap": at_wrap["bytes"], "wrap_formula": state_bytes,
+            "allreduce": counter.bytes, "allreduce_formula": 4 * n_trainable,
+            "buffers": per_step["bytes"]}
+
+
+def wire_section(rank, base, splits):
+    shares = [rank_share(b, rank, WORLD) for b in micro_batches(
+        splits, torch.Generator().manual_seed(2), 1)]
+    full = copy.deepcopy(base).train()
+    return {"LoRA r=8 (Q,V)": wire_bytes(lora_copy(base), shares),
+            "full fine-tuning": wire_bytes(full, shares),
+            "QLoRA, broadcast_buffers=True": wire_bytes(lora_copy(base, quantized=True), shares),
+            "QLoRA, broadcast_buffers=False": wire_bytes(lora_copy(base, quantized=True),
+                                                         shares, **no_buffer_sync())}
+
+
+# --- (c) the pitfalls ---------------------------------------------------------------------
+
+def first_line(error) -> str:
+    return str(error).strip().splitlines()[0][:110]
+
+
+def run_steps(model, shares, n=3):
+    """n steps of the loop's gradient code on the same shares; the median seconds of one."""
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        accumulate_gradients(model, shares, CPU)
+        model.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def unused_adapter(base, shares):
+    """A second adapter, trainable but not active: it never gets a gradient."""
+    def with_spare():
+        model = lora_copy(base)
+        return add_adapter(model, "spare")
+    outcome = {}
+    try:
+        run_steps(wrapped(with_spare()), shares, n=2)
+        outcome["plain DDP"] = "ran"
+    except RuntimeError as error:
+        outcome["plain DDP"] = "error: " + first_line(error)
+    frozen = train_only_adapter(with_spare(), "default")
+    outcome["spare frozen"] = run_steps(wrapped(frozen), shares, n=5)
+    outcome["find_unused_parameters"] = run_steps(
+        wrapped(with_spare(), find_unused_parameters=True), shares, n=5)
+    return outcome
+
+
+CHECKPOINTING = (("torch", False), ("torch_reentrant", False), ("torch_reentrant", True),
+                 ("manual", False))  # (checkpoint_impl, with enable_input_require_grads)
+
+
+def checkpointing(base, shares, reference_grads):
+    """Two steps with every block checkpointed, under DDP with and without static_graph."""
+    outcome = {}
+    for (impl, input_grads), static in itertools.product(CHECKPOINTING, (False, True)):
+        model = lora_copy(base)
+        model.config.gradient_checkpointing, model.config.checkpoint_impl = True, impl
+        if input_grads:
+            enable_input_require_grads(model)
+        key = f"{impl}{' + input grads' if input_grads else ''}|{static}"
+        try:
+            with warnings.catch_warnings():  # reentrant: "None of the inputs have requires_grad"
+                warnings.simplefilter("ignore", UserWarning)
+                ddp = wrapped(model, static_graph=static)
+                for _ in range(2):
+                    ddp.zero_grad(set_to_none=True)
+                    accumulate_gradients(ddp, shares, CPU)
+            outcome[key] = f"gradient gap {rel_gap(gradients(ddp), reference_grads):.1e}"
+        except RuntimeError as error:
+            outcome[key] = "error: " + first_line(error)
+    return outcome
+
+
+def save_on_rank0(rank, model, base, folder):
+    """Rank 0 writes (atomically); every rank waits, then loads into a fresh copy."""
+    if rank == 0:
+        save_adapter(model.module, folder)
+    dist.barrier()
+    return trainable(load_adapter(copy.deepcopy(base), folder))
+
+
+def seeds_section(rank, base, splits, args):
+    """Adapters initialized with a different seed on each rank: DDP's broadcast at wrapping
+    makes them equal; by hand, without a broadcast, the ranks train different models."""
+    cfg = short_config(args, 3, 0, grad_accum=1, seed=1)
+    batches = lambda g: sample_batch(splits["train"], TASK_BATCH, g)  # noqa: E731
+    before = rank_spread(trainable(lora_copy(base, seed=rank)))
+    after_wrap = rank_spread(trainable(wrapped(lora_copy(base, seed=rank))))
+    by_hand_no = rank_spread(train_by_hand(lora_copy(base, seed=rank), batches, cfg, rank,
+                                           broadcast=False))
+    by_hand_yes = rank_spread(train_by_hand(lora_copy(base, seed=rank), batches, cfg, rank))
+    return {"seed=rank, before wrapping": before, "seed=rank, after DDP wraps": after_wrap,
+            "by hand, no broadcast, 3 steps": by_hand_no,
+            "by hand, broadcast, 3 steps": by_hand_yes}
+
+
+# --- (d) QLoRA: replicated 4-bit base, then sharded with FSDP -----------------------------
+
+def qlora_ddp(rank, base, shares, micro):
+    reference = lora_copy(base, quantized=True)
+    accumulate_gradients(reference, micro, CPU)
+    model = lora_copy(base, quantized=True)
+    codes_before = {n: b.clone() for n, b in model.named_buffers() if n.endswith("codes")}
+    ddp = wrapped(model, **no_buffer_sync())
+    accumulate_gradients(ddp, shares, CPU)
+    unchanged = all(torch.equal(b, codes_before[n]) for n, b in model.named_buffers()
+                    if n in codes_before)
+    return {"gap": rel_gap(gradients(ddp), gradients(reference)), "codes unchanged": unchanged}
+
+
+def state_bytes(model) -> int:
+    """Bytes this rank holds of the model's parameters (its shards, under FSDP) and buffers."""
+    local = [getattr(p, "to_local", lambda p=p: p)() for p in model.parameters()]
+    return sum(t.numel() * t.element_size() for t in local + list(model.buffers()))
+
+
+def qlora_fsdp(rank, base, shares, micro):
+    """fully_shard every block and the root, the packed codes held as float32 parameters."""
+    try:
+        from torch.distributed.fsdp import fully_shard  # public in torch >= 2.6
+    except ImportError:
+        return {"error": f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard"}
+    reference = lora_copy(base, quantized=True)
+    accumulate_gradients(reference, micro, CPU)
+    model = lora_copy(base, quantized=True)
+    replicated = state_bytes(model)
+    for layer in model.modules():
+        if isinstance(layer, Linear4bit):
+            layer.store_codes_as(torch.float32)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    total = sum_over_ranks(count_loss_tokens(shares))
+    for x, y, mask in shares:  # FSDP averages over ranks as DDP does: hence W * S_r / N
+        logits, _ = model(x)
+        (masked_cross_entropy(logits, y, mask, reduction="sum") * WORLD / total).backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    return {"replicated": replicated, "sharded": state_bytes(model),
+            "gap": rel_gap(grads, gradients(reference))}
+
+
+# --- one rank's whole lesson --------------------------------------------------------------
+
+def rank_main(rank, world, args):
+    torch.set_num_threads(1)  # two ranks on two cores
+    base, _ = get_base_model(args)
+    base = base.cpu()
+    splits = task_splits(args)
+    out = {"gradient": same_gradient(rank, base, splits, args)}
+    weights = same_weights(rank, base, splits, args, 4 if args.quick else STEPS)
+    model = weights.pop("model")
+    out["weights"] = weights
+    cfg = short_config(args, 4 if args.quick else STEPS, 0, grad_accum=ACCUM, seed=1)
+    batches = lambda g: sample_batch(splits["train"], TASK_BATCH // ACCUM, g)  # noqa: E731
+    by_hand = train_by_hand(lora_copy(base, seed=0), batches, cfg, rank)
+    out["by_hand_vs_ddp"] = rel_gap(by_hand, trainable(model))
+    out["wire"] = wire_section(rank, base, splits)
+    micro = micro_batches(splits, torch.Generator().manual_seed(3), 1)
+    shares = [rank_share(b, rank, WORLD) for b in micro]
+    reference = lora_copy(base)
+    accumulate_gradients(reference, micro, CPU)
+    out["unused"] = unused_adapter(base, shares)
+    out["checkpointing"] = checkpointing(base, shares, gradients(reference))
+    folder = Path(args.runs) / NAME / "adapter_from_rank0"
+    loaded = save_on_rank0(rank, model, base, folder)
+    out["loaded_gap"] = rel_gap(loaded, trainable(model)) if rank == 0 else None
+    out["loaded_ranks"] = rank_spread(loaded)
+    out["seeds"] = seeds_section(rank, base, splits, args)
+    out["qlora_ddp"] = qlora_ddp(rank, base, shares, micro)
+    out["fsdp"] = qlora_fsdp(rank, base, shares, micro)
+    return out
+
+
+def report(results, args, checks):
+    r0 = results[0]
+    g, w = r0["gradient"], r0["weights"]
+    print_table("(a) 2 ranks vs 1 process with the whole batch (fp32)", ["measure", "value"], [
+        ["loss tokens per rank, first step", " / ".join(map(str, g["tokens"]))],
+        ["gradient gap, loss W*S_r/N (right)", f"{g['right']:.1e}"],
+        ["gradient gap, loss S_r/N_r (wrong)", f"{g['wrong']:.1e}"],
+        ["right, per coordinate vs its own size", f"{g['own_size']:.1e}"],
+        [f"adapter weights gap after {STEPS if not args.quick else 4} AdamW steps",
+         f"{w['gap']:.1e}"],
+        ["weights, rank 1 vs rank 0 (max |diff|)", f"{w['ranks']:.1e}"],
+        ["by hand vs DDP, weights gap", f"{r0['by_hand_vs_ddp']:.1e}"]])
+    print(f"Why the weights drift further than the gradients: the gradients differ only in the "
+          f"order of their sums, {g['right']:.1e} of the largest; but AdamW divides each "
+          f"coordinate by its own running size, so what enters its update is the error "
+          f"relative to each coordinate's own gradient, up to {g['own_size']:.1e} here "
+          f"(coordinates above AdamW's eps; B = 0 at step 0 makes dL/dA exactly 0 in both "
+          f"runs); and each step's gap changes the next step's forward.\n")
+    checks.must(f"gradients after one step = one process's (relative {GRAD_TOL:g})",
+                g["right"] <= GRAD_TOL, f"{g['right']:.1e}")
+    checks.must("the per-rank mean gives a different gradient (unequal tokens)",
+                g["wrong"] > 100 * max(g["right"], 1e-9) and g["tokens"][0] != g["tokens"][1],
+                f"{g['wrong']:.1e}, tokens {g['tokens']}")
+    checks.target(f"adapter weights after {STEPS} AdamW steps = one process's (relative "
+                  f"{WEIGHT_TOL:g})", w["gap"] <= WEIGHT_TOL, f"{w['gap']:.1e}")
+    checks.must("the ranks hold identical weights", w["ranks"] == 0.0, f"{w['ranks']:.1e}")
+    checks.must("by hand = DDP (relative 1e-6)", r0["by_hand_vs_ddp"] <= 1e-6,
+                f"{r0['by_hand_vs_ddp']:.1e}")
+    wire = r0["wire"]
+    print_table("(b) bytes on the wire, per rank", ["model", "broadcast at wrapping",
+                "= parameters + buffers", "all-reduced per step", "= 4 x trainable",
+                "broadcast per step (buffers)"],
+                [[k, v["wrap"], v["wrap_formula"], v["allreduce"], v["allreduce_formula"],
+                  v["buffers"]] for k, v in wire.items()])
+    lora, full = wire["LoRA r=8 (Q,V)"], wire["full fine-tuning"]
+    checks.must("all-reduced bytes = 4 x trainable parameters, LoRA and full",
+                all(v["allreduce"] == v["allreduce_formula"] for v in wire.values()),
+                f"LoRA {lora['allreduce']:,} B, full {full['allreduce']:,} B "
+                f"({full['allreduce'] / lora['allreduce']:.0f}x)")
+    q_off = wire["QLoRA, broadcast_buffers=False"]
+    checks.must("QLoRA with broadcast_buffers=False sends no buffers per step",
+                q_off["buffers"] == 0 and wire["QLoRA, broadcast_buffers=True"]["buffers"] > 0,
+                f"{wire['QLoRA, broadcast_buffers=True']['buffers']:,} B -> 0")
+    return wire
+
+
+def report_pitfalls(results, checks):
+    r0 = results[0]
+    u = r0["unused"]
+    print_table("(c1) an adapter that gets no gradient", ["set-up", "outcome"], [
+        ["plain DDP", u["plain DDP"]],
+        ["spare adapter frozen", f"runs, {1e3 * u['spare frozen']:.0f} ms/step"],
+        ["find_unused_parameters=True", f"runs, {1e3 * u['find_unused_parameters']:.0f} "
+         f"ms/step ({u['find_unused_parameters'] / u['spare frozen']:.2f}x)"]])
+    checks.must("DDP refuses a trainable adapter that gets no gradient",
+                u["plain DDP"].startswith("error"), u["plain DDP"][:60])
+    rows = [[*k.split("|"), v] for k, v in r0["checkpointing"].items()]
+    print_table("(c2) gradient checkpointing under DDP (2 steps)",
+                ["checkpoint_impl", "static_graph", "outcome"], rows)
+    ok = [v for k, v in r0["checkpointing"].items() if k.split("|")[0] != "torch_reentrant"]
+    checks.must("non-reentrant and our checkpointing give one process's gradient",
+                all(v.startswith("gradient gap") and float(v.split()[-1]) <= GRAD_TOL
+                    for v in ok), "; ".join(ok))
+    print_table("(c3) save on rank 0, load on every rank", ["measure", "value"], [
+        ["loaded vs trained (rank 0)", f"{r0['loaded_gap']:.1e}"],
+        ["loaded, rank 1 vs rank 0", f"{r0['loaded_ranks']:.1e}"]])
+    checks.must("the adapter saved by rank 0 loads identically on every rank",
+                r0["loaded_gap"] == 0.0 and r0["loaded_ranks"] == 0.0)
+    s = r0["seeds"]
+    print_table("(c4) the adapters' initial seed (max |rank 1 - rank 0|)", ["case", "spread"],
+                [[k, f"{v:.1e}"] for k, v in s.items()])
+    checks.must("DDP's broadcast equalizes different initial adapters; by hand one must",
+                s["seed=rank, before wrapping"] > 0 and s["seed=rank, after DDP wraps"] == 0
+                and s["by hand, no broadcast, 3 steps"] > 0
+                and s["by hand, broadcast, 3 steps"] == 0)
+
+
+def report_qlora(results, checks):
+    q, f = results[0]["qlora_ddp"], results[0]["fsdp"]
+    rows = [["QLoRA under DDP, gradient gap vs one process", f"{q['gap']:.1e}"],
+            ["4-bit codes unchanged by the step", q["codes unchanged"]]]
+    if "error" in f:
+        rows.append(["FSDP", f["error"]])
+    else:
+        rows += [["FSDP: bytes per rank, replicated", f"{f['replicated']:,}"],
+                 ["FSDP: bytes per rank, sharded (rank 0 / rank 1)",
+                  f"{f['sharded']:,} / {results[1]['fsdp']['sharded']:,}"],
+                 ["FSDP: gradient gap vs one process", f"{f['gap']:.1e}"]]
+    print_table("(d) QLoRA: the 4-bit base replicated (DDP) and sharded (FSDP)",
+                ["measure", "value"], rows)
+    checks.must(f"QLoRA under DDP = one process (relative {GRAD_TOL:g}), codes untouched",
+                q["gap"] <= GRAD_TOL and q["codes unchanged"], f"{q['gap']:.1e}")
+    if "error" not in f:
+        share = max(f["sharded"], results[1]["fsdp"]["sharded"]) / f["replicated"]
+        checks.must(f"FSDP holds about 1/{WORLD} of the QLoRA model per rank, same gradient",
+                    share <= 0.6 and f["gap"] <= GRAD_TOL, f"{share:.2f}, gap {f['gap']:.1e}")
+
+
+def plot(wire, path):
+    with saved_figure(path) as ax:
+        names = list(wire)
+        ax.barh(names, [wire[n]["allreduce"] for n in names], label="all-reduced per step")
+        ax.barh(names, [wire[n]["buffers"] for n in names], left=[wire[n]["allreduce"]
+                for n in names], label="buffers broadcast per step")
+        ax.scatter([wire[n]["wrap"] for n in names], names, color="k", marker="|", s=200,
+                   label="broadcast once, at wrapping")
+        ax.set(xscale="log", xlabel="bytes per rank")
+        ax.legend(fontsize=7)
+
+
+def main(argv=None):
+    args = parse_args("Lesson 13: data-parallel LoRA and QLoRA.", argv)
+    if not launched_by_torchrun():
+        get_base_model(args)  # pretrain (once) here, not in two processes at a time
+        argv = ["--runs", str(Path(args.runs).resolve()), "--seed", str(args.seed),
+                "--device", str(args.device)] + (
+            ["--quick"] if args.quick else [])
+        return run_like_torchrun(Path(__file__).resolve(), WORLD, argv)
+    with process_group_from_env() as (rank, world):
+        if world != WORLD:
+            raise SystemExit(f"lesson 13 runs on {WORLD} processes (--nproc_per_node="
+                             f"{WORLD}), got {world}")
+        results = [None] * world
+        dist.all_gather_object(results, rank_main(rank, world, args))
+    if rank != 0:
+        return 0
+    out = lesson_dir(args, NAME)
+    checks = Checks(args)
+    wire = report(results, args, checks)
+    report_pitfalls(results, checks)
+    report_qlora(results, checks)
+    plot(wire, out / "bytes_on_the_wire.png")
+    write_summary(args, NAME, {"grad_gap": results[0]["gradient"]["right"],
+                               "weight_gap": results[0]["weights"]["gap"],
+                               "lora_allreduce_bytes": wire["LoRA r=8 (Q,V)"]["allreduce"]})
+    return checks.report()
+
+
+if __name__ == "__main__":
+    run_main(main)

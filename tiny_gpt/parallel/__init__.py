@@ -1,0 +1,13 @@
+"""Data parallelism on torch.distributed: starting the processes, sharding the batches, counting
+what goes over the wire, and the same thing written out by hand (see lesson 13)."""
+from .by_hand import all_reduce_gradients, broadcast_parameters
+from .comm_count import AllReduceCounter, count_broadcast_bytes
+from .data_parallel import (global_sum, is_data_parallel, rank_share, sharded_batches,
+                            sum_over_ranks, sync_unless_last, world_size)
+from .launch import (backend_for, launched_by_torchrun, process_group_from_env,
+                     run_like_torchrun, spawn)
+
+__all__ = ["AllReduceCounter", "all_reduce_gradients", "backend_for", "broadcast_parameters",
+           "count_broadcast_bytes", "global_sum", "is_data_parallel", "launched_by_torchrun",
+           "process_group_from_env", "rank_share", "run_like_torchrun", "sharded_batches", "spawn",
+           "sum_over_ranks", "sync_unless_last", "world_size"]

@@ -1,0 +1,40 @@
+"""Data parallelism written out by hand: what DistributedDataParallel does, in two functions.
+
+    broadcast_parameters(model)      once, before training: every rank takes rank 0's weights
+    (each rank: forward and backward on its own share of the batch)
+    all_reduce_gradients(params)     after backward: g <- sum_r g_r on every rank
+    (each rank: the same optimizer step on the same gradient, so the weights stay equal)
+
+The gradients are flattened into one bucket first, so the ranks exchange one message instead
+of one per tensor (DDP does the same with ~25 MiB buckets, and overlaps them with backward as
+each bucket's gradients become ready; this version waits for the whole backward).
+"""
+import torch
+import torch.distributed as dist
+
+
+def broadcast_parameters(model, src: int = 0) -> None:
+    """Every tensor of the model's state (parameters and buffers) set to rank src's values."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src)
+
+
+def all_reduce_gradients(params, average: bool = False) -> int:
+    """Sum the .grad of `params` over the ranks, in one all-reduce (average=True: then divide
+    by W, DDP's convention). Summing is right when each rank's loss is already its share of
+    the global mean, S_r / N with N counted over all ranks; DDP averages instead, which is why
+    its ranks multiply their loss by W (data_parallel.py). A parameter with no gradient on
+    this rank counts as zero: every rank must send a bucket of the same layout.
+    Returns the bytes this rank put into the all-reduce."""
+    params = [p for p in params if p.requires_grad]
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    bucket = torch.cat([g.reshape(-1) for g in grads])  # (sum of numels,)
+    dist.all_reduce(bucket)
+    if average:
+        bucket /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = bucket[offset: offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+    return bucket.numel() * bucket.element_size()
