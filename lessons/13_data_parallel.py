@@ -31,10 +31,15 @@ only, loading on every rank; the seed for the adapters' initialization.
 
 (d) QLoRA: each rank holds the 4-bit base (buffers, never reduced nor cast); then FSDP shards
 the frozen base across the ranks, with the packed codes held as float32 bytes the way
-answer.ai's fsdp_qlora holds them, and the per-rank bytes are measured.
+answer.ai's fsdp_qlora holds them, and the per-rank bytes are measured. This is FSDP2
+(torch.distributed.fsdp.fully_shard), which runs on CPU with gloo and shards each parameter on
+its own. FSDP1 (FullyShardedDataParallel), whose flattening into one buffer is what refuses
+integer tensors ("Cannot flatten integer dtype tensors", peft #1432), does not run on CPU at all
+in torch 2.13 ("FSDP needs a non-CPU accelerator device"), so that error is not reproduced here.
 """
 import copy
 import itertools
+import os
 import time
 import warnings
 from pathlib import Path
@@ -51,17 +56,25 @@ from quant import Linear4bit
 from tiny_gpt import sample_batch
 from tiny_gpt.memory.checkpointing import enable_input_require_grads
 from tiny_gpt.model import masked_cross_entropy
-from tiny_gpt.parallel import (AllReduceCounter, all_reduce_gradients, broadcast_parameters,
-                               count_broadcast_bytes, launched_by_torchrun,
+from tiny_gpt.parallel import (AllReduceCounter, all_reduce_gradients, backend_for,
+                               broadcast_parameters, count_broadcast_bytes, launched_by_torchrun,
                                process_group_from_env, rank_share, run_like_torchrun,
                                sharded_batches, sum_over_ranks, sync_unless_last)
 from tiny_gpt.util.torch_compat import no_buffer_sync
 from tiny_gpt.train import (accumulate_gradients, count_loss_tokens, lr_at, make_optimizer,
-                            optimizer_step, set_lr, train)
+                            optimizer_step, set_lr, to_device, train)
 
 NAME = "13_data_parallel"
 WORLD = 2
-CPU = torch.device("cpu")  # the ranks run on CPU with gloo (see the note in main)
+DEVICE = torch.device("cpu")  # this rank's device: cuda:LOCAL_RANK with nccl when there is a
+                              # GPU per rank and --device is not cpu (rank_device), else gloo
+
+
+def rank_device(args, local_rank: int) -> torch.device:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if str(args.device) != "cpu" and gpus >= WORLD:
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
 STEPS = 20                  # AdamW steps of the equal-weights run (the issue's 20)
 ACCUM = 2                   # micro-batches per step, each split across the ranks
 GRAD_TOL, WEIGHT_TOL = 1e-6, 1e-5   # relative to the largest |value|, fp32
@@ -96,13 +109,14 @@ def rank_spread(tensors: dict) -> float:
     flat = torch.cat([t.reshape(-1) for t in tensors.values()])
     rank0 = flat.clone()
     dist.broadcast(rank0, 0)
-    gap = torch.tensor([(flat - rank0).abs().max().item()])
+    gap = torch.tensor([(flat - rank0).abs().max().item()], device=flat.device)  # nccl: CUDA
     dist.all_reduce(gap, op=dist.ReduceOp.MAX)
     return gap.item()
 
 
 def wrapped(model, **options):
-    return DDP(model, **options)  # CPU module: no device_ids
+    ids = [DEVICE.index] if DEVICE.type == "cuda" else None  # a CPU module takes none
+    return DDP(model, device_ids=ids, **options)
 
 
 # --- (a) the same gradient, and the same weights, as one process --------------------------
@@ -126,14 +140,14 @@ def same_gradient(rank, base, splits, args):
     micro = micro_batches(splits, torch.Generator().manual_seed(1), ACCUM)
     shares = [rank_share(b, rank, WORLD) for b in micro]
     reference = lora_copy(base, seed=0)
-    accumulate_gradients(reference, micro, CPU)
+    accumulate_gradients(reference, micro, DEVICE)
     model = wrapped(lora_copy(base, seed=0))
-    accumulate_gradients(model, shares, CPU)
+    accumulate_gradients(model, shares, DEVICE)
     right = rel_gap(gradients(model), gradients(reference))
     own_size = coordinate_gap(gradients(model), gradients(reference))
     model.zero_grad(set_to_none=True)
-    wrong = rel_gap(wrong_gradients(model, shares, CPU), gradients(reference))
-    tokens = [int(sum_over_ranks(count_loss_tokens(shares) if r == rank else 0))
+    wrong = rel_gap(wrong_gradients(model, shares, DEVICE), gradients(reference))
+    tokens = [int(sum_over_ranks(count_loss_tokens(shares) if r == rank else 0, DEVICE))
               for r in range(WORLD)]
     return {"right": right, "wrong": wrong, "tokens": tokens, "own_size": own_size}
 
@@ -142,9 +156,9 @@ def same_weights(rank, base, splits, args, steps):
     cfg = short_config(args, steps, 0, grad_accum=ACCUM, seed=1)
     batches = lambda g: sample_batch(splits["train"], TASK_BATCH // ACCUM, g)  # noqa: E731
     reference = lora_copy(base, seed=0)
-    train(reference, batches, cfg, device=CPU)
+    train(reference, batches, cfg, device=DEVICE)
     model = wrapped(lora_copy(base, seed=0))
-    result = train(model, sharded_batches(batches, rank, WORLD), cfg, device=CPU)
+    result = train(model, sharded_batches(batches, rank, WORLD), cfg, device=DEVICE)
     return {"gap": rel_gap(trainable(model), trainable(reference)),
             "ranks": rank_spread(trainable(model)), "loss": result.losses[-1],
             "model": model}
@@ -161,8 +175,8 @@ def train_by_hand(model, batches, cfg, rank, broadcast=True):
     for step in range(cfg.max_steps):
         set_lr(optimizer, lr_at(step, cfg))
         shares = [rank_share(batches(gen), rank, WORLD) for _ in range(cfg.grad_accum)]
-        total = sum_over_ranks(count_loss_tokens(shares))
-        for x, y, mask in shares:
+        total = sum_over_ranks(count_loss_tokens(shares), DEVICE)
+        for x, y, mask in (to_device(share, DEVICE) for share in shares):
             logits, _ = model(x)
             (masked_cross_entropy(logits, y, mask, reduction="sum") / total).backward()
         all_reduce_gradients(model.parameters())
@@ -179,7 +193,7 @@ def wire_bytes(model, shares, **options):
     counter = AllReduceCounter()
     ddp.register_comm_hook(None, counter.hook)
     with count_broadcast_bytes() as per_step:
-        accumulate_gradients(ddp, shares, CPU)
+        accumulate_gradients(ddp, shares, DEVICE)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state = list(model.parameters()) + list(model.buffers())  # unsaved tables included
     state_bytes = sum(t.numel() * t.element_size() for t in state)
@@ -210,7 +224,7 @@ def run_steps(model, shares, n=3):
     times = []
     for _ in range(n):
         start = time.perf_counter()
-        accumulate_gradients(model, shares, CPU)
+        accumulate_gradients(model, shares, DEVICE)
         model.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
@@ -253,7 +267,7 @@ def checkpointing(base, shares, reference_grads):
                 ddp = wrapped(model, static_graph=static)
                 for _ in range(2):
                     ddp.zero_grad(set_to_none=True)
-                    accumulate_gradients(ddp, shares, CPU)
+                    accumulate_gradients(ddp, shares, DEVICE)
             outcome[key] = f"gradient gap {rel_gap(gradients(ddp), reference_grads):.1e}"
         except RuntimeError as error:
             outcome[key] = "error: " + first_line(error)
@@ -287,11 +301,11 @@ def seeds_section(rank, base, splits, args):
 
 def qlora_ddp(rank, base, shares, micro):
     reference = lora_copy(base, quantized=True)
-    accumulate_gradients(reference, micro, CPU)
+    accumulate_gradients(reference, micro, DEVICE)
     model = lora_copy(base, quantized=True)
     codes_before = {n: b.clone() for n, b in model.named_buffers() if n.endswith("codes")}
     ddp = wrapped(model, **no_buffer_sync())
-    accumulate_gradients(ddp, shares, CPU)
+    accumulate_gradients(ddp, shares, DEVICE)
     unchanged = all(torch.equal(b, codes_before[n]) for n, b in model.named_buffers()
                     if n in codes_before)
     return {"gap": rel_gap(gradients(ddp), gradients(reference)), "codes unchanged": unchanged}
@@ -310,7 +324,7 @@ def qlora_fsdp(rank, base, shares, micro):
     except ImportError:
         return {"error": f"torch {torch.__version__} has no torch.distributed.fsdp.fully_shard"}
     reference = lora_copy(base, quantized=True)
-    accumulate_gradients(reference, micro, CPU)
+    accumulate_gradients(reference, micro, DEVICE)
     model = lora_copy(base, quantized=True)
     replicated = state_bytes(model)
     for layer in model.modules():
@@ -319,8 +333,8 @@ def qlora_fsdp(rank, base, shares, micro):
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
-    total = sum_over_ranks(count_loss_tokens(shares))
-    for x, y, mask in shares:  # FSDP averages over ranks as DDP does: hence W * S_r / N
+    total = sum_over_ranks(count_loss_tokens(shares), DEVICE)
+    for x, y, mask in (to_device(share, DEVICE) for share in shares):  # FSDP averages over ranks as DDP does: hence W * S_r / N
         logits, _ = model(x)
         (masked_cross_entropy(logits, y, mask, reduction="sum") * WORLD / total).backward()
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
@@ -336,7 +350,7 @@ def rank_main(rank, world, args):
         get_base_model(args)
     dist.barrier()
     base, _ = get_base_model(args)
-    base = base.cpu()
+    base = base.to(DEVICE)
     splits = task_splits(args)
     out = {"gradient": same_gradient(rank, base, splits, args)}
     weights = same_weights(rank, base, splits, args, 4 if args.quick else STEPS)  # as report
@@ -350,7 +364,7 @@ def rank_main(rank, world, args):
     micro = micro_batches(splits, torch.Generator().manual_seed(3), 1)
     shares = [rank_share(b, rank, WORLD) for b in micro]
     reference = lora_copy(base)
-    accumulate_gradients(reference, micro, CPU)
+    accumulate_gradients(reference, micro, DEVICE)
     out["unused"] = unused_adapter(base, shares)
     out["checkpointing"] = checkpointing(base, shares, gradients(reference))
     folder = Path(args.runs) / NAME / "adapter_from_rank0"
@@ -423,9 +437,11 @@ def report_pitfalls(results, checks):
     print_table("(c2) gradient checkpointing under DDP (2 steps)",
                 ["checkpoint_impl", "static_graph", "outcome"], rows)
     ok = [v for k, v in r0["checkpointing"].items() if k.split("|")[0] != "torch_reentrant"]
+    fine = all(v.startswith("gradient gap") for v in ok)
     checks.must("non-reentrant and our checkpointing give one process's gradient",
-                all(v.startswith("gradient gap") and float(v.split()[-1]) <= GRAD_TOL
-                    for v in ok), "; ".join(ok))
+                fine and max(float(v.split()[-1]) for v in ok) <= GRAD_TOL,
+                f"largest gap {max(float(v.split()[-1]) for v in ok):.1e} in {len(ok)} runs"
+                if fine else "; ".join(ok))
     print_table("(c3) save on rank 0, load on every rank", ["measure", "value"], [
         ["loaded vs trained (rank 0)", f"{r0['loaded_gap']:.1e}"],
         ["loaded, rank 1 vs rank 0", f"{r0['loaded_ranks']:.1e}"]])
@@ -481,7 +497,11 @@ def main(argv=None):
                 "--device", str(args.device)] + (
             ["--quick"] if args.quick else [])
         return run_like_torchrun(Path(__file__).resolve(), WORLD, argv)
-    with process_group_from_env() as (rank, world):
+    global DEVICE
+    DEVICE = rank_device(args, int(os.environ["LOCAL_RANK"]))
+    if DEVICE.type == "cuda":
+        torch.cuda.set_device(DEVICE)
+    with process_group_from_env(backend_for(DEVICE)) as (rank, world):
         if world != WORLD:
             raise SystemExit(f"lesson 13 runs on {WORLD} processes (--nproc_per_node="
                              f"{WORLD}), got {world}")
