@@ -495,7 +495,7 @@ def main(argv=None):
         get_base_model(args)  # pretrain (once) here, not in two processes at a time
         argv = ["--runs", str(Path(args.runs).resolve()), "--seed", str(args.seed),
                 "--device", str(args.device)] + (
-            ["--quick"] if args.quick else [])
+            ["--quick"] if args.quick else []) + (["--compile"] if args.compile else [])
         return run_like_torchrun(Path(__file__).resolve(), WORLD, argv)
     global DEVICE
     DEVICE = rank_device(args, int(os.environ["LOCAL_RANK"]))

@@ -42,6 +42,8 @@ def parse_args(description: str, argv=None, add_args=None) -> argparse.Namespace
     parser.add_argument("--seed", type=whole_number(0), default=0,
                         help="seed for everything random")
     parser.add_argument("--runs", default=str(RUNS), help="folder for outputs and the base cache")
+    parser.add_argument("--compile", action="store_true",
+                        help="fine-tune through torch.compile (TrainConfig.compile)")
     if add_args:
         add_args(parser)
     args = parser.parse_args(argv)
@@ -224,7 +226,8 @@ def finetune_config(args, method: str = "lora", **overrides):
     """The shared TrainConfig for fine-tuning; --quick cuts it to a few steps."""
     steps = 6 if args.quick else FINETUNE_STEPS
     cfg = dict(max_steps=steps, lr=FINETUNE_LR[method], warmup_steps=min(50, steps // 3),
-               eval_every=max(1, steps // 5), seed=args.seed, progress=not args.quick)
+               eval_every=max(1, steps // 5), seed=args.seed, progress=not args.quick,
+               compile=args.compile)
     cfg.update(overrides)
     return TrainConfig(**cfg)
 

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -116,3 +118,21 @@ def test_loraplus_puts_lora_B_in_its_own_group_at_ratio_times_the_lr(small_model
     assert by_lr == {0.01: {"lora_A"}, 0.16: {"lora_B"}}
     with pytest.raises(ValueError, match="loraplus_lr_ratio"):
         TrainConfig(loraplus_lr_ratio=0)
+
+
+def test_compiled_training_steps_match_eager(small_model):
+    """TrainConfig(compile=True): the steps run through torch.compile and train the model's own
+    parameters to what eager steps give (float32; the kernels differ, not the math)."""
+    from tiny_gpt.data import get_batch
+    ids = torch.randint(0, 90, (4096,), generator=torch.Generator().manual_seed(0))
+    eager, compiled = small_model, copy.deepcopy(small_model)
+    runs = {}
+    for name, model, flag in (("eager", eager, False), ("compiled", compiled, True)):
+        cfg = TrainConfig(max_steps=3, lr=1e-3, warmup_steps=0, eval_every=0, progress=False,
+                          compile=flag)
+        runs[name] = train(model, lambda g: (*get_batch(ids, 4, 16, g), None), cfg, device="cpu")
+    assert runs["compiled"].losses == pytest.approx(runs["eager"].losses, rel=1e-4)
+    for (n, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), n
+    with pytest.raises(ValueError, match="TrainConfig.compile must be True or False"):
+        TrainConfig(compile="yes")

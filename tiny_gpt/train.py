@@ -53,6 +53,8 @@ class TrainConfig:
     progress: bool = True          # one-line progress display with ETA
     loraplus_lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): parameters named *lora_B* train
                                     # at this multiple of lr (16 in the paper); 1 = plain LoRA
+    compile: bool = False          # run the training steps through torch.compile (inductor);
+                                   # the first step compiles (tens of seconds on a 2-core CPU)
 
     def __post_init__(self):
         check_config(self)
@@ -82,7 +84,8 @@ def check_config(cfg) -> None:
              ("ckpt_every", is_whole_number(cfg.ckpt_every, 0), "a whole number >= 0"),
              ("seed", is_whole_number(cfg.seed, 0), "a whole number >= 0"),
              ("loraplus_lr_ratio", _real(cfg.loraplus_lr_ratio, 0, 1e6, low_open=True),
-              "finite and > 0 (1: the same lr for A and B)")]
+              "finite and > 0 (1: the same lr for A and B)"),
+             ("compile", isinstance(cfg.compile, bool), "True or False")]
     rules += [(name, getattr(cfg, name) in allowed, "one of " + ", ".join(map(repr, allowed)))
               for name, allowed in CHOICES.items()]
     for name, ok, allowed in rules:
@@ -284,6 +287,9 @@ class _Run:
 
     def __init__(self, model, cfg, batch_gen):
         self.model, self.cfg, self.batch_gen = model, cfg, batch_gen
+        # the compiled module shares the model's parameters: the optimizer, checkpoints and
+        # evaluation keep using the model itself
+        self.step_model = torch.compile(model) if cfg.compile else model
         self.optimizer = make_optimizer(model, cfg)
         self.scaler = cuda_grad_scaler() if cfg.precision == "fp16" else None
         self.state = {"step": 0, "tokens": 0, "best_score": None, "best_step": None,
@@ -295,7 +301,7 @@ class _Run:
         lr = lr_at(step, self.cfg)
         set_lr(self.optimizer, lr)
         micro = [get_batch(self.batch_gen) for _ in range(self.cfg.grad_accum)]
-        loss, n_tok = accumulate_gradients(self.model, micro, device, self.cfg.precision,
+        loss, n_tok = accumulate_gradients(self.step_model, micro, device, self.cfg.precision,
                                            self.scaler)
         optimizer_step(self.model, self.optimizer, self.scaler, self.cfg.grad_clip)
         self.state["step"], self.state["tokens"] = step + 1, self.state["tokens"] + n_tok
