@@ -47,3 +47,54 @@ def test_a_prompt_longer_than_the_block_is_refused():
         assert "block size 64" in str(e)
     else:
         raise AssertionError("a prompt of 60 + 10 tokens passed a block of 64")
+
+
+def test_kv_cache_gives_the_full_forwards_logits_at_every_new_position():
+    """One row decoded with the cache: each step's logits = the full (uncached) forward's at
+    that position, padding in the other rows unseen."""
+    from tiny_gpt.kv_cache import KVCache
+    model = tiny_model(1)
+    prompts = [encode('upper "cat" -> "'), encode("ab")]
+    lengths = torch.tensor([len(p) for p in prompts])
+    buffer = torch.zeros(2, int(lengths.max()), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        buffer[row, :len(p)] = torch.tensor(p)
+    cache = KVCache(lengths, buffer.shape[1])
+    with torch.no_grad():
+        model(buffer, cache=cache)
+        extra = torch.tensor([[5], [7]])
+        cached, _ = model(extra, cache=cache, positions=lengths[:, None])  # (2, 1, V)
+        for row, p in enumerate(prompts):
+            full, _ = model(torch.tensor([p + [int(extra[row])]]))
+            torch.testing.assert_close(cached[row, 0], full[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_cached_and_recomputed_decoding_agree_with_lora_and_a_4bit_base():
+    from lora import apply_lora, prepare_qlora
+    from tiny_gpt.evaluate import cached_steps, recomputed_steps
+    for prepare in (apply_lora, prepare_qlora):
+        model = prepare(tiny_model(2))
+        for layer in model.modules():
+            if hasattr(layer, "lora_B"):
+                torch.nn.init.normal_(layer.lora_B, std=0.2)  # adapters that change answers
+        idx = [encode(p) for p in PROMPTS]
+        lengths = torch.tensor([len(p) for p in idx])
+        buffer = torch.zeros(len(idx), int(lengths.max()), dtype=torch.long)
+        for row, p in enumerate(idx):
+            buffer[row, :len(p)] = torch.tensor(p)
+        with torch.no_grad():
+            fast = cached_steps(model.eval(), buffer, lengths, 10)
+            slow = recomputed_steps(model, buffer, lengths, 10)
+        assert torch.equal(fast, slow[:, :fast.shape[1]])
+
+
+def test_a_kv_cache_with_prefix_kv_is_refused():
+    from tiny_gpt.kv_cache import KVCache
+    model = tiny_model()
+    x = torch.zeros(1, 3, dtype=torch.long)
+    try:
+        model(x, prefix_kv=[None] * 2, cache=KVCache(torch.tensor([3]), 3))
+    except ValueError as e:
+        assert "cannot be combined" in str(e)
+    else:
+        raise AssertionError("cache and prefix_kv together were accepted")

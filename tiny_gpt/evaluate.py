@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import decode, encode, get_batch
-from .model import masked_cross_entropy
+from .kv_cache import KVCache
+from .model import GPT, masked_cross_entropy
 from .tasks import Example, make_batch
 
 
@@ -39,10 +40,13 @@ def greedy_answers(model, prompts: List[str], max_new_tokens: int, device="cpu")
     """Greedy completions, cut at the first newline, all prompts in one batch.
 
     Prompts of different lengths share one right-padded buffer (B, T): row i holds its prompt
-    and the tokens generated so far in positions 0 .. L_i - 1, padding after. Attention is
-    causal, so the logits at position L_i - 1 see nothing to their right: the padding changes
-    no row's prediction, and no position moves (left padding would shift the learned position
-    embeddings). Each step reads every row's next token at its own L_i - 1 and writes it at L_i.
+    in positions 0 .. L_i - 1, padding after. Attention is causal, so the logits at position
+    L_i - 1 see nothing to their right: the padding changes no row's prediction, and no
+    position moves (left padding would shift the learned position embeddings). A GPT then
+    decodes with a KV cache (tiny_gpt/kv_cache.py): the prompts run once, and each step runs
+    only the new tokens, row i's at its own position L_i + t. Any other model (a wrapper, such
+    as prefix tuning's) runs the whole buffer again at each step, writing row i's token at L_i.
+    Decoding stops early once every row has produced its newline.
     """
     lengths = torch.tensor([len(p) for p in prompts], device=device)            # (B,)
     width = int(lengths.max()) + max_new_tokens
@@ -52,14 +56,39 @@ def greedy_answers(model, prompts: List[str], max_new_tokens: int, device="cpu")
     buffer = torch.zeros((len(prompts), width), dtype=torch.long, device=device)  # (B, T)
     for row, prompt in enumerate(prompts):
         buffer[row, :len(prompt)] = torch.tensor(encode(prompt))
-    rows = torch.arange(len(prompts), device=device)
+    steps = cached_steps if isinstance(model, GPT) else recomputed_steps
+    new = steps(model, buffer[:, :int(lengths.max())], lengths, max_new_tokens)  # (B, n)
+    return [decode(row.tolist()).split("\n")[0] for row in new]
+
+
+NEWLINE = encode("\n")[0]
+
+
+def cached_steps(model, prompts, lengths, max_new_tokens):
+    """(B, W) right-padded prompts -> (B, max_new_tokens) greedy tokens, with a KV cache."""
+    cache = KVCache(lengths, prompts.shape[1])
+    rows = torch.arange(len(lengths), device=prompts.device)
+    logits, _ = model(prompts, cache=cache)                                      # (B, W, V)
+    token = logits[rows, lengths - 1].argmax(dim=-1)                             # (B,)
+    new = [token]
+    for t in range(1, max_new_tokens):
+        if (torch.stack(new, 1) == NEWLINE).any(1).all():
+            break
+        logits, _ = model(token[:, None], cache=cache, positions=(lengths + t - 1)[:, None])
+        token = logits[:, -1].argmax(dim=-1)
+        new.append(token)
+    return torch.stack(new, 1)
+
+
+def recomputed_steps(model, prompts, lengths, max_new_tokens):
+    """The same without a cache: the whole buffer again at every step."""
+    buffer = torch.cat([prompts, prompts.new_zeros(len(lengths), max_new_tokens)], dim=1)
+    rows, start = torch.arange(len(lengths), device=prompts.device), lengths.clone()
     for _ in range(max_new_tokens):
         logits, _ = model(buffer[:, :int(lengths.max())])                         # (B, T, V)
         buffer[rows, lengths] = logits[rows, lengths - 1].argmax(dim=-1)
         lengths = lengths + 1
-    starts = [len(p) for p in prompts]
-    return [decode(buffer[row, start:start + max_new_tokens].tolist()).split("\n")[0]
-            for row, start in enumerate(starts)]
+    return torch.stack([buffer[row, s:s + max_new_tokens] for row, s in enumerate(start)])
 
 
 def exact_match(model, examples: List[Example], device="cpu") -> float:

@@ -76,15 +76,20 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
 
-    def forward(self, x, prefix_kv=None):
+    def forward(self, x, prefix_kv=None, cache=None):
         """x: (B, T, C). ``prefix_kv``: optional (k, v), each (B, nh, P, hs), prepended to the
-        keys and values (prefix tuning); the prefix is visible from every position."""
+        keys and values (prefix tuning); the prefix is visible from every position.
+        ``cache``: a KVCache (decoding), which keeps this layer's keys and values between
+        calls and says which of them each new position may see."""
         B, T, C = x.shape
         q = self.split_heads(self.q_proj(x))  # (B, nh, T, hs)
         k = self.split_heads(self.k_proj(x))
         v = self.split_heads(self.v_proj(x))
         drop = self.dropout if self.training else 0.0
-        if prefix_kv is None:
+        if cache is not None:
+            k, v, mask = cache.attend(self, k, v)  # (B, nh, S, hs) x 2, (B, 1, T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif prefix_kv is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
         else:
             pk, pv = prefix_kv
@@ -115,8 +120,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, prefix_kv=None):
-        x = x + self.drop(self.attn(self.ln1(x), prefix_kv))
+    def forward(self, x, prefix_kv=None, cache=None):
+        x = x + self.drop(self.attn(self.ln1(x), prefix_kv, cache=cache))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -146,21 +151,28 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, loss_mask=None, prefix_kv=None):
+    def forward(self, idx, targets=None, loss_mask=None, prefix_kv=None, cache=None,
+                positions=None):
         """idx: (B, T) token ids. targets: (B, T) next-token ids or None. loss_mask: (B, T), 1
         where a target counts (e.g. answer tokens only); the loss is the mean over counted
         tokens. prefix_kv: optional list with one (k, v) pair per block (prefix tuning).
+        cache, positions: decoding with a KVCache (tiny_gpt/kv_cache.py): idx holds only the
+        new tokens, at `positions` (B, T) (default 0 .. T-1).
         Returns (logits (B, T, V), loss or None)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        if cache is not None and prefix_kv is not None:
+            raise ValueError("a KV cache and prefix_kv cannot be combined")
         check_token_ids(idx, self.config.vocab_size)
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(T, device=idx.device) if positions is None else positions
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             kv = None if prefix_kv is None else prefix_kv[i]
             if self.config.gradient_checkpointing and torch.is_grad_enabled():
                 x = run_checkpointed(block, x, kv, impl=self.config.checkpoint_impl)
+            elif cache is not None:
+                x = block(x, cache=cache)
             else:
                 x = block(x, kv)
         logits = F.linear(self.ln_f(x), self.tok_emb.weight)  # (B, T, V), tied head

@@ -146,10 +146,13 @@ class Checkpointed(nn.Module):
             raise ValueError(f"unknown checkpoint implementation {impl!r}; use one of {IMPLS}")
         self.module, self.impl = module, impl
 
-    def forward(self, *args):
-        if self.training and torch.is_grad_enabled():
+    def forward(self, *args, **kwargs):
+        """Keyword arguments that are set (the attention's KV cache, when decoding) go straight
+        to the module, without checkpointing: a cache is for inference, not for backward."""
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        if self.training and torch.is_grad_enabled() and not given:
             return run_checkpointed(self.module, *args, impl=self.impl)
-        return self.module(*args)
+        return self.module(*args, **given)
 
 
 def checkpoint_submodules(model, names, impl="manual"):
