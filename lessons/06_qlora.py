@@ -43,7 +43,7 @@ from lessons.seeds import add_seeds_flag, errorbars, over_seeds, paired_interval
 from lora import (LoRALinear, check_qlora_stack, count_parameters, dequantized_float_model,
                   disable_adapters, load_adapter, lora_layers, merge_lora, save_adapter)
 from quant import DequantMatmul, Linear4bit, quantize_model, quantize_nf4
-from quant.bench import benchmark_nf4
+from quant.bench import against_bitsandbytes, benchmark_nf4
 from quant.blockwise import unpack_nibbles
 from tiny_gpt import exact_match, get_task, make_batch
 from tiny_gpt.evaluate import validation_loss
@@ -299,7 +299,25 @@ def speed_table(args):
     print_table(f"NF4 speed on CPU: W {r['shape'][0]} x {r['shape'][1]}, {r['tokens']} tokens, "
                 f"{r['threads']} threads, medians of alternating runs (MB of float32 weight)",
                 ["operation", "measured", "target"], rows)
+    bitsandbytes_table(args)
     return r
+
+
+def bitsandbytes_table(args):
+    """Ours next to bitsandbytes' CPU kernels, when it is installed beside the project."""
+    b = against_bitsandbytes(256, 256, repeats=3) if args.quick else against_bitsandbytes()
+    if b is None:
+        print("bitsandbytes is not installed here: the comparison with its NF4 kernels is "
+              "skipped (pip install bitsandbytes in a separate environment to see it)\n")
+        return
+    s = b["seconds"]
+    print_table(f"NF4 next to bitsandbytes, W {b['shape'][0]} x {b['shape'][1]}, blocksize 64, "
+                "double-quantized scales (medians, taking turns)",
+                ["operation", "ours ms", "bitsandbytes ms", "ours / theirs"],
+                [[op, f"{1e3 * s[op]:.1f}", f"{1e3 * s[op + ' (bitsandbytes)']:.1f}",
+                  f"{b[op + '_ratio']:.2f}x"] for op in ("quantize", "dequantize")])
+    print(f"  packed 4-bit codes identical: {b['codes_identical']}; largest gap between the "
+          f"two dequantized weights: {b['max_dequant_gap']:.1e}\n")
 
 
 def plot(curves, spreads, lin, whole, out, window=25):

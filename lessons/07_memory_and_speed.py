@@ -61,7 +61,7 @@ from tiny_gpt.util.timing import round_robin_phase_medians
 
 NAME = "07_memory_and_speed"
 ACCUM_TOL = 1e-6  # float32 gradients summed in another order: ~1e-8 apart here
-MAIN_ROWS = ["full FT, AdamW", "full FT, SGD", "LoRA", "LoRA + ckpt", "LoRA + bf16",
+MAIN_ROWS = ["full FT, AdamW", "full FT, SGD", "LoRA", "LoRA r=64", "LoRA + ckpt", "LoRA + bf16",
              "QLoRA", "QLoRA + ckpt"]
 CKPT_ROWS = [  # (config, what is checkpointed, the config it is compared with)
     ("LoRA", "nothing", "LoRA"),
@@ -81,11 +81,11 @@ def checkpointed(model, impl):
     return model
 
 
-def adapted(base, impl=None, parts=None, quantized=False):
-    """A LoRA (or QLoRA) copy of the base, Q and V at r = 8, seed 0: the same adapters in every
-    configuration. impl: per-block checkpointing ("torch_reentrant" comes with its fix);
-    parts: submodules to checkpoint instead (selective checkpointing)."""
-    model = checkpointed(lora_copy(base, 0, quantized=quantized), impl)
+def adapted(base, impl=None, parts=None, quantized=False, r=8):
+    """A LoRA (or QLoRA) copy of the base, Q and V at rank r (alpha = 2r), seed 0: the same
+    adapters in every configuration. impl: per-block checkpointing ("torch_reentrant" comes
+    with its fix); parts: submodules to checkpoint instead (selective checkpointing)."""
+    model = checkpointed(lora_copy(base, 0, r=r, alpha=2 * r, quantized=quantized), impl)
     if impl == "torch_reentrant":
         enable_input_require_grads(model)
     if parts:
@@ -97,7 +97,8 @@ def build_configs(base, batch, micro, cuda):
     """name -> (model, optimizer, precision, micro-batches)."""
     models = {"full FT, AdamW": copy.deepcopy(base), "full FT, SGD": copy.deepcopy(base),
               "full FT + ckpt": checkpointed(copy.deepcopy(base), "torch"),
-              "LoRA": adapted(base), "LoRA + ckpt": adapted(base, "torch"),
+              "LoRA": adapted(base), "LoRA r=64": adapted(base, r=64),
+              "LoRA + ckpt": adapted(base, "torch"),
               "LoRA + ckpt (ours)": adapted(base, "manual"),
               "LoRA + ckpt (reentrant)": adapted(base, "torch_reentrant"),
               "LoRA + ckpt MLP": adapted(base, parts="mlp"),

@@ -42,8 +42,8 @@ from tiny_gpt.memory.ledger import MB, SavedTensorMeter, measure_step
 from tiny_gpt.train import make_optimizer
 
 NAME = "12_after_lora"
-STEPS = 60          # optimizer steps per run: short, so that speed of learning shows
-EVAL_EVERY = 20     # validation exact match on VAL_PROMPTS prompts, for steps to 90%
+STEPS = 80          # optimizer steps per run: short, so that speed of learning shows
+EVAL_EVERY = 10     # validation exact match on VAL_PROMPTS prompts, for steps to 90%
 VAL_PROMPTS = 32
 RANKS = (2, 8)
 BITS = (4, 3, 2)
@@ -125,7 +125,7 @@ def cost(base, args, splits):
     for name, options in COSTED.items():
         model = lora_copy(base, args.seed, **options).to(args.device).train()
         runs[name] = (model, make_optimizer(model, short_config(args, STEPS, 0)))
-    repeats = 3 if args.quick else 30
+    repeats = 3 if args.quick else 15
     seconds = median_step_seconds(runs, batches, repeats)
     ledgers = {k: measure_step(m, batches, o) for k, (m, o) in runs.items()}
     used = {k: training_bytes(led) for k, led in ledgers.items()}

@@ -334,7 +334,8 @@ def qlora_fsdp(rank, base, shares, micro):
         fully_shard(block)
     fully_shard(model)
     total = sum_over_ranks(count_loss_tokens(shares), DEVICE)
-    for x, y, mask in (to_device(share, DEVICE) for share in shares):  # FSDP averages over ranks as DDP does: hence W * S_r / N
+    # FSDP averages over ranks as DDP does: hence W * S_r / N
+    for x, y, mask in (to_device(share, DEVICE) for share in shares):
         logits, _ = model(x)
         (masked_cross_entropy(logits, y, mask, reduction="sum") * WORLD / total).backward()
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}

@@ -44,3 +44,30 @@ def benchmark_nf4(out_features=4096, in_features=4096, tokens=2048, repeats=5, b
 if __name__ == "__main__":
     for key, value in benchmark_nf4().items():
         print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
+
+
+@torch.no_grad()
+def against_bitsandbytes(out_features=4096, in_features=4096, repeats=5, seed=0):
+    """Our NF4 next to bitsandbytes' CPU kernels on one weight (blocksize 64, double-quantized
+    scales), taking turns: seconds of each, the ratios, and whether the packed 4-bit codes are
+    identical. None when bitsandbytes is not installed (it is never a dependency)."""
+    try:
+        import bitsandbytes.functional as bnb
+    except ImportError:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=gen) * 0.02
+    ours = quantize_nf4(w, 64, True)
+    theirs, state = bnb.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    seconds = round_robin_medians({
+        "quantize": lambda: quantize_nf4(w, 64, True),
+        "quantize (bitsandbytes)": lambda: bnb.quantize_4bit(
+            w, blocksize=64, compress_statistics=True, quant_type="nf4"),
+        "dequantize": lambda: ours.dequantize(torch.float32),
+        "dequantize (bitsandbytes)": lambda: bnb.dequantize_4bit(theirs, state)}, repeats)
+    return {"shape": (out_features, in_features), "seconds": seconds,
+            "quantize_ratio": seconds["quantize"] / seconds["quantize (bitsandbytes)"],
+            "dequantize_ratio": seconds["dequantize"] / seconds["dequantize (bitsandbytes)"],
+            "codes_identical": torch.equal(ours.codes, theirs.reshape(-1)),
+            "max_dequant_gap": (ours.dequantize(torch.float32)
+                                - bnb.dequantize_4bit(theirs, state)).abs().max().item()}

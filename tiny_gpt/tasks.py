@@ -9,6 +9,7 @@ split into train / validation / test before any example is made, so no prompt is
 between splits.
 """
 import random
+import string
 from dataclasses import dataclass
 from typing import Callable, List, Tuple
 
@@ -18,6 +19,7 @@ from .data import ADJECTIVES, ADVERBS, INTRANSITIVE, NOUNS, VERBS, encode
 from .util.checks import is_whole_number
 
 Example = Tuple[str, str]  # (prompt, answer); the answer ends with "\n"
+ATBASH = str.maketrans(string.ascii_lowercase, string.ascii_lowercase[::-1])
 
 
 def corpus_words(min_len: int = 3, max_len: int = 8) -> List[str]:
@@ -131,6 +133,9 @@ TASKS = {
     "upper": Task("upper", "upper-case one or two words", (1, 2), str.upper),
     "swap": Task("swap", "swap two words", (2,), lambda t: " ".join(t.split()[::-1])),
     "reverse": Task("reverse", "spell a word backwards", (1,), lambda w: w[::-1]),
+    # far from anything in the corpus: a fixed letter substitution (a <-> z, b <-> y, ...)
+    "atbash": Task("atbash", "mirror each letter in the alphabet", (1,),
+                   lambda w: w.translate(ATBASH)),
 }
 
 
@@ -159,3 +164,21 @@ def make_batch(examples: List[Example], pad_id: int = 0):
 def sample_batch(examples: List[Example], batch_size: int, generator=None):
     picks = torch.randint(len(examples), (batch_size,), generator=generator).tolist()
     return make_batch([examples[i] for i in picks])
+
+
+def epoch_batches(examples: List[Example], batch_size: int):
+    """A get_batch for train() that goes through `examples` in epochs: each epoch a new
+    order, drawn with the generator it is given, cut into len // batch_size batches (the
+    remainder left out). len(examples) // batch_size steps make one epoch. The position
+    within the epoch lives in the closure, so a resumed run would restart its epoch."""
+    if not is_whole_number(batch_size, 1) or batch_size > len(examples):
+        raise ValueError(f"epoch_batches: batch_size must be a whole number from 1 to the "
+                         f"{len(examples)} examples, got {batch_size!r}")
+    order, steps = [], len(examples) // batch_size
+
+    def get_batch(generator=None):
+        if not order:
+            perm = torch.randperm(len(examples), generator=generator).tolist()
+            order.extend(perm[i * batch_size:(i + 1) * batch_size] for i in range(steps))
+        return make_batch([examples[i] for i in order.pop(0)])
+    return get_batch
