@@ -119,7 +119,9 @@ class Linear4bit(nn.Module):
         (FSDP) that shards parameters, not buffers, splits the 4-bit base across ranks. A
         wrapper that flattens parameters into one buffer of one dtype (FSDP1, which refuses
         integer tensors) needs the float view; fsdp_qlora does the same with bitsandbytes'
-        quant_storage. dtype=torch.uint8 puts the codes back in a buffer. -> self"""
+        quant_storage. dtype=torch.uint8 puts the codes back in a buffer. While stored so, the
+        codes count among parameters() and the state_dict holds them in that float view
+        (n / 4 entries for float32): save and load a layer whose codes are uint8. -> self"""
         allowed = (torch.uint8,) + COMPUTE_DTYPES
         if dtype not in allowed:
             raise ValueError(f"store_codes_as: dtype must be one of {allowed}, got {dtype!r}")

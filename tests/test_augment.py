@@ -51,3 +51,18 @@ def test_epoch_batches_deal_every_example_once_per_epoch():
     assert [set(b) for b in batches[:3]] != [set(b) for b in batches[3:]]  # a new order
     with pytest.raises(ValueError, match="batch_size must be a whole number from 1 to the 10"):
         epoch_batches(examples, 11)
+
+
+def test_atbash_mirrors_every_letter():
+    task = get_task("atbash")
+    assert task.transform("abcxyz") == "zyxcba"
+    assert task.transform(task.transform("moves")) == "moves"  # its own inverse
+    assert task.example("az") == ('atbash "az" -> "', 'za"\n')
+
+
+def test_recombined_wants_a_whole_number():
+    task = get_task("upper")
+    examples = task.splits(n_train=20)["train"]
+    for bad in (2.5, True, -1):
+        with pytest.raises(ValueError, match="n_new must be a whole number"):
+            recombined(task, examples, bad)

@@ -71,7 +71,7 @@ def test_kv_cache_gives_the_full_forwards_logits_at_every_new_position():
 
 def test_cached_and_recomputed_decoding_agree_with_lora_and_a_4bit_base():
     from lora import apply_lora, prepare_qlora
-    from tiny_gpt.evaluate import cached_steps, recomputed_steps
+    from tiny_gpt.evaluate import NEWLINE, cached_steps, recomputed_steps
     for prepare in (apply_lora, prepare_qlora):
         model = prepare(tiny_model(2))
         for layer in model.modules():
@@ -86,6 +86,8 @@ def test_cached_and_recomputed_decoding_agree_with_lora_and_a_4bit_base():
             fast = cached_steps(model.eval(), buffer, lengths, 10)
             slow = recomputed_steps(model, buffer, lengths, 10)
         assert torch.equal(fast, slow[:, :fast.shape[1]])
+        stopped_early = fast.shape[1] < 10
+        assert not stopped_early or all(NEWLINE in row.tolist() for row in fast)
 
 
 def test_a_kv_cache_with_prefix_kv_is_refused():
@@ -98,3 +100,21 @@ def test_a_kv_cache_with_prefix_kv_is_refused():
         assert "cannot be combined" in str(e)
     else:
         raise AssertionError("cache and prefix_kv together were accepted")
+
+
+def test_bad_decoding_arguments_are_refused():
+    from tiny_gpt.kv_cache import KVCache
+    model = tiny_model()
+    for bad in (0, 2.5):
+        try:
+            greedy_answers(model, PROMPTS, bad)
+        except ValueError as e:
+            assert "max_new_tokens must be a whole number >= 1" in str(e)
+        else:
+            raise AssertionError(f"max_new_tokens={bad} was accepted")
+    try:
+        model(torch.zeros(1, 4, dtype=torch.long), cache=KVCache(torch.tensor([3]), 3))
+    except ValueError as e:
+        assert "width 3" in str(e)
+    else:
+        raise AssertionError("a cache for width 3 took a first pass of 4")

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lora import add_adapter, apply_lora
+from lora import add_adapter, apply_lora, prepare_qlora
 from tiny_gpt import GPT, GPTConfig, TrainConfig, train
 from tiny_gpt.model import masked_cross_entropy
 from tiny_gpt.parallel import (AllReduceCounter, all_reduce_gradients, broadcast_parameters,
@@ -77,9 +77,14 @@ def same_as_one_process(rank, world):
     single, data_parallel = tiny_lora(), DDP(tiny_lora())
     train(single, batch, cfg, device=CPU)
     result = train(data_parallel, sharded_batches(batch, rank, world), cfg, device=CPU)
+    try:
+        train(data_parallel, batch, TrainConfig(max_steps=1, log_path="x.jsonl"), device=CPU)
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
     return {"right": right, "wrong": wrong, "tokens": count_loss_tokens(shares),
             "weights": rel(weights(data_parallel.module), weights(single)),
-            "loss": result.losses[-1]}
+            "loss": result.losses[-1], "refused": refused}
 
 
 def test_two_ranks_give_one_process_gradient_and_weights():
@@ -90,13 +95,18 @@ def test_two_ranks_give_one_process_gradient_and_weights():
     assert r0["wrong"] > 1e-2  # averaging per-rank means weights rank 1's few tokens more
     assert r0["weights"] <= 1e-5
     assert r0["loss"] == r1["loss"]  # the logged loss is the global one, on every rank
+    assert "every rank would write the same" in r0["refused"]  # refused before any step
 
 
-def wire_counts(rank, world):
+def wire_counts(rank, world, quantized=False, buffer_sync=False):
     torch.set_num_threads(1)
     model = tiny_lora()
+    if quantized:  # QLoRA: the 4-bit codes and scales are buffers
+        torch.manual_seed(0)
+        model = prepare_qlora(GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)),
+                              r=4, alpha=8)
     with count_broadcast_bytes() as at_wrap:
-        ddp = DDP(model, **no_buffer_sync())
+        ddp = DDP(model, **({} if buffer_sync else no_buffer_sync()))
     counter = AllReduceCounter()
     ddp.register_comm_hook(None, counter.hook)
     with count_broadcast_bytes() as per_step:
@@ -112,8 +122,17 @@ def wire_counts(rank, world):
 def test_bytes_on_the_wire_are_the_trainable_gradients_and_the_model_once():
     r0, _ = spawn(wire_counts, 2)
     assert r0["allreduce"] == r0["trainable_bytes"] and r0["buckets"] >= 1
-    assert r0["wrap"] == r0["state"]
-    assert r0["per_step"] == 0  # buffers not re-sent before the forward
+    assert r0["wrap"] == r0["state"] and r0["per_step"] == 0  # a model without buffers
+
+
+def test_a_4bit_base_is_rebroadcast_every_step_unless_buffer_sync_is_off():
+    import inspect
+    synced, _ = spawn(wire_counts, 2, True, True)
+    quiet, _ = spawn(wire_counts, 2, True, False)
+    assert synced["per_step"] > 0 and quiet["per_step"] == 0
+    assert synced["allreduce"] == quiet["allreduce"] == quiet["trainable_bytes"]
+    if "forward_sync_buffers" in inspect.signature(DDP).parameters:  # see no_buffer_sync
+        assert quiet["wrap"] == quiet["state"]  # buffers still broadcast once, at wrapping
 
 
 def unused_adapter(rank, world):
@@ -162,7 +181,7 @@ def test_rank_share_is_disjoint_and_covers_the_batch():
     shares = [rank_share((x, None), r, 3) for r in range(3)]
     assert torch.equal(torch.cat([s[0] for s in shares]), x)
     assert [len(s[0]) for s in shares] == [4, 3, 3] and all(s[1] is None for s in shares)
-    with pytest.raises(ValueError, match="rank must be in"):
+    with pytest.raises(ValueError, match="rank must be a whole number in \\[0, world\\)"):
         rank_share((x,), 3, 3)
     with pytest.raises(ValueError, match="cannot give each of 11 ranks a row"):
         rank_share((x,), 0, 11)
@@ -189,3 +208,20 @@ def test_no_buffer_sync_names_an_option_ddp_takes():
     import inspect
     (name, value), = no_buffer_sync().items()
     assert name in inspect.signature(DDP).parameters and value is False
+
+
+def large_result(rank, world):
+    return torch.full((300_000,), float(rank))  # 1.2 MB: more than a pipe holds
+
+
+def test_spawn_reads_results_larger_than_a_pipe():
+    r0, r1 = spawn(large_result, 2)
+    assert r0.shape == (300_000,) and r0.max() == 0.0 and r1.min() == 1.0
+
+
+def test_ddp_of_looks_through_torch_compile():
+    from types import SimpleNamespace
+    from tiny_gpt.parallel.data_parallel import ddp_of, is_data_parallel
+    fake = DDP.__new__(DDP)  # an instance, never initialized: only its type matters here
+    assert ddp_of(SimpleNamespace(_orig_mod=fake)) is fake and is_data_parallel(fake)
+    assert ddp_of(tiny_lora()) is None

@@ -11,6 +11,7 @@ import random
 from typing import List
 
 from .tasks import Example, Task
+from .util.checks import is_whole_number
 
 
 def input_text(task: Task, example: Example) -> str:
@@ -27,9 +28,10 @@ def recombined(task: Task, examples: List[Example], n_new: int, seed: int = 0) -
     examples do not hold. Raises ValueError when the words cannot make that many."""
     words = sorted({w for e in examples for w in input_text(task, e).split()})
     possible = task.distinct_inputs(len(words)) - len(examples)
-    if not 0 <= n_new <= possible:
+    if not (is_whole_number(n_new) and n_new <= possible):
         raise ValueError(f"recombined: {len(words)} training words make {possible} new inputs "
-                         f"for task {task.name!r}; asked for {n_new}")
+                         f"for task {task.name!r}; n_new must be a whole number up to that, "
+                         f"got {n_new!r}")
     seen = {input_text(task, e) for e in examples}
     rng, inputs = random.Random(seed), []
     while len(inputs) < n_new:

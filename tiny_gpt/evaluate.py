@@ -32,6 +32,7 @@ from .data import decode, encode, get_batch
 from .kv_cache import KVCache
 from .model import GPT, masked_cross_entropy
 from .tasks import Example, make_batch
+from .util.checks import is_whole_number
 
 
 # --- tasks: exact match of greedy answers, answer loss ------------------------------------
@@ -48,6 +49,8 @@ def greedy_answers(model, prompts: List[str], max_new_tokens: int, device="cpu")
     as prefix tuning's) runs the whole buffer again at each step, writing row i's token at L_i.
     Decoding stops early once every row has produced its newline.
     """
+    if not is_whole_number(max_new_tokens, 1):
+        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
     lengths = torch.tensor([len(p) for p in prompts], device=device)            # (B,)
     width = int(lengths.max()) + max_new_tokens
     if width > model.config.block_size:

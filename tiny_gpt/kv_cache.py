@@ -32,6 +32,9 @@ class KVCache:
         B, _, T, _ = k.shape
         causal = torch.ones(T, T, dtype=torch.bool, device=k.device).tril()  # (T, T)
         if layer not in self.layers:  # the prompt pass: causal over the padded buffer
+            if T != self.prompt_seen.shape[1]:
+                raise ValueError(f"KVCache made for prompts of width {self.prompt_seen.shape[1]}"
+                                 f", but the first pass has {T} positions")
             self.layers[layer] = (k, v)
             return k, v, causal
         old_k, old_v = self.layers[layer]

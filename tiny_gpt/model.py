@@ -164,15 +164,18 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         if cache is not None and prefix_kv is not None:
             raise ValueError("a KV cache and prefix_kv cannot be combined")
+        if positions is not None and positions.shape != idx.shape:
+            raise ValueError(f"positions must have idx's shape {tuple(idx.shape)}, got "
+                             f"{tuple(positions.shape)}")
         check_token_ids(idx, self.config.vocab_size)
         pos = torch.arange(T, device=idx.device) if positions is None else positions
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             kv = None if prefix_kv is None else prefix_kv[i]
-            if self.config.gradient_checkpointing and torch.is_grad_enabled():
-                x = run_checkpointed(block, x, kv, impl=self.config.checkpoint_impl)
-            elif cache is not None:
+            if cache is not None:  # decoding: nothing to recompute, whatever the config says
                 x = block(x, cache=cache)
+            elif self.config.gradient_checkpointing and torch.is_grad_enabled():
+                x = run_checkpointed(block, x, kv, impl=self.config.checkpoint_impl)
             else:
                 x = block(x, kv)
         logits = F.linear(self.ln_f(x), self.tok_emb.weight)  # (B, T, V), tied head

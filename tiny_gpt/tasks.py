@@ -170,7 +170,9 @@ def epoch_batches(examples: List[Example], batch_size: int):
     """A get_batch for train() that goes through `examples` in epochs: each epoch a new
     order, drawn with the generator it is given, cut into len // batch_size batches (the
     remainder left out). len(examples) // batch_size steps make one epoch. The position
-    within the epoch lives in the closure, so a resumed run would restart its epoch."""
+    within the epoch lives in the closure, not in the generator: a run resumed from a
+    checkpoint draws the next epoch's order and skips the rest of the interrupted epoch, so it
+    does not end where an uninterrupted run would (sample_batch's runs do)."""
     if not is_whole_number(batch_size, 1) or batch_size > len(examples):
         raise ValueError(f"epoch_batches: batch_size must be a whole number from 1 to the "
                          f"{len(examples)} examples, got {batch_size!r}")

@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .model import masked_cross_entropy
-from .parallel.data_parallel import global_sum, sync_unless_last, world_size
+from .parallel.data_parallel import ddp_of, global_sum, sync_unless_last, world_size
 from .util.progress import Progress
 from .util.checks import is_number, is_whole_number
 from .util.safetensors import check_writable
@@ -250,6 +250,10 @@ def train(model, get_batch: Callable, cfg: TrainConfig, evaluate: Optional[Calla
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     device = pick_device(device) if isinstance(device, str) else device
     autocast_context(device, cfg.precision)  # refuses a precision this device cannot run
+    if ddp_of(model) is not None and (cfg.ckpt_path or cfg.log_path):
+        raise ValueError("train() under DistributedDataParallel: every rank would write the same "
+                         "ckpt_path / log_path; leave them unset and save from rank 0 (as lesson "
+                         "13 saves its adapter)")
     if cfg.ckpt_path:
         check_writable(cfg.ckpt_path)  # found now, not after all the training
     torch.manual_seed(cfg.seed)
@@ -309,7 +313,9 @@ class _Run:
 
     def validate(self, evaluate, step, monitor, mode, result):
         """Evaluate; keep the best weights; decide on early stopping."""
-        if _validate(self.model, evaluate, step, monitor, mode, self.state, result):
+        ddp = ddp_of(self.model)  # evaluate the model itself, not its DDP wrapper
+        evaluated = self.model if ddp is None else ddp.module
+        if _validate(evaluated, evaluate, step, monitor, mode, self.state, result):
             if self.cfg.restore_best:
                 self.best_weights = _trainable_copy(self.model)
         if self.cfg.patience is not None and self.state["bad_evals"] >= self.cfg.patience:

@@ -9,6 +9,8 @@ The gradients are flattened into one bucket first, so the ranks exchange one mes
 of one per tensor (DDP does the same with ~25 MiB buckets, and overlaps them with backward as
 each bucket's gradients become ready; this version waits for the whole backward).
 """
+import itertools
+
 import torch
 import torch.distributed as dist
 
@@ -16,7 +18,7 @@ import torch.distributed as dist
 def broadcast_parameters(model, src: int = 0) -> None:
     """Every tensor of the model's state (parameters and buffers) set to rank src's values."""
     with torch.no_grad():
-        for tensor in model.state_dict().values():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):  # unsaved ones too
             dist.broadcast(tensor, src)
 
 
@@ -25,9 +27,15 @@ def all_reduce_gradients(params, average: bool = False) -> int:
     by W, DDP's convention). Summing is right when each rank's loss is already its share of
     the global mean, S_r / N with N counted over all ranks; DDP averages instead, which is why
     its ranks multiply their loss by W (data_parallel.py). A parameter with no gradient on
-    this rank counts as zero: every rank must send a bucket of the same layout.
+    this rank counts as zero: every rank must send a bucket of the same layout (so one that no
+    rank used ends with a zero gradient, where DDP's find_unused_parameters leaves it None).
     Returns the bytes this rank put into the all-reduce."""
     params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("all_reduce_gradients: no parameter requires grad")
+    if len({p.dtype for p in params}) > 1:
+        raise ValueError(f"all_reduce_gradients: one bucket needs one dtype; the parameters "
+                         f"hold {sorted(str(d) for d in {p.dtype for p in params})}")
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
     bucket = torch.cat([g.reshape(-1) for g in grads])  # (sum of numels,)
     dist.all_reduce(bucket)

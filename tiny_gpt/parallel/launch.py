@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..util.checks import is_whole_number
+
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -58,8 +60,8 @@ def free_port() -> int:
 def run_like_torchrun(script, world_size: int, argv=()) -> int:
     """Start `script` world_size times with torchrun's variables set (RANK, WORLD_SIZE, ...;
     rank 0's output shown, the others' too); wait for all. If one fails, the others are
-    stopped rather than left waiting for it. Returns the first failure's exit status (0 when
-    all succeed)."""
+    stopped rather than left waiting for it, and so they are if this process is interrupted.
+    Returns the first failure's exit status (0 when all succeed)."""
     check_world_size(world_size)
     common = {"WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
@@ -67,7 +69,16 @@ def run_like_torchrun(script, world_size: int, argv=()) -> int:
                               env={**os.environ, **common, "RANK": str(rank),
                                    "LOCAL_RANK": str(rank)})
              for rank in range(world_size)]
-    codes, first_failure = [None] * world_size, 0
+    try:
+        return _wait_for_all(procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+
+
+def _wait_for_all(procs) -> int:
+    codes, first_failure = [None] * len(procs), 0
     while None in codes:
         for rank, proc in enumerate(procs):
             if codes[rank] is None:
@@ -84,21 +95,30 @@ def run_like_torchrun(script, world_size: int, argv=()) -> int:
 
 
 def check_world_size(world_size):
-    if not (isinstance(world_size, int) and not isinstance(world_size, bool)
-            and world_size >= 1):
+    if not is_whole_number(world_size, 1):
         raise ValueError(f"world_size must be a whole number >= 1, got {world_size!r}")
 
 
 def spawn(fn, world_size: int, *args, backend="gloo"):
     """Run fn(rank, world_size, *args) in world_size fresh processes joined in one group.
     Returns the list of what each rank returned (tensors come back as numpy arrays). fn must
-    be importable by name (defined at a module's top level): spawned interpreters import it."""
+    be importable by name (defined at a module's top level): spawned interpreters import it.
+    The results are read while the ranks run: a rank blocks on a full pipe until they are."""
     check_world_size(world_size)
     port = free_port()
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_run_rank, args=(fn, world_size, port, backend, args, queue), nprocs=world_size,
-             join=True)
-    results = dict(queue.get() for _ in range(world_size))
+    context = mp.spawn(_run_rank, args=(fn, world_size, port, backend, args, queue),
+                       nprocs=world_size, join=False)
+    results = {}
+    while True:
+        while not queue.empty():
+            rank, value = queue.get()
+            results[rank] = value
+        if context.join(timeout=0.1):  # every rank exited (an error in one is raised here)
+            break
+    while not queue.empty():
+        rank, value = queue.get()
+        results[rank] = value
     return [results[rank] for rank in range(world_size)]
 
 

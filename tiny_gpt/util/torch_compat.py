@@ -58,6 +58,22 @@ def cuda_grad_scaler(**kwargs):
     return torch.cuda.amp.GradScaler(**kwargs)
 
 
+def fully_shard_function():
+    """FSDP2's fully_shard: public as torch.distributed.fsdp.fully_shard since torch 2.6,
+    torch.distributed._composable.fsdp.fully_shard in 2.4 and 2.5; None before (torch 2.1 has
+    only FSDP1, FullyShardedDataParallel)."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+        return fully_shard
+    except ImportError:
+        pass
+    try:
+        from torch.distributed._composable.fsdp import fully_shard
+        return fully_shard
+    except ImportError:
+        return None
+
+
 def is_compiling() -> bool:
     """Is torch.compile tracing this code right now? (torch.compiler.is_compiling arrived in
     torch 2.3; torch 2.1 and 2.2 spell it torch._dynamo.is_compiling.)"""
@@ -68,9 +84,13 @@ def is_compiling() -> bool:
 
 
 def no_buffer_sync() -> dict:
-    """DistributedDataParallel's option for "do not re-send the buffers before every forward"
-    (they are still broadcast once, at wrapping): ``broadcast_buffers=False`` since torch 1.x,
-    spelled ``forward_sync_buffers=False`` by the newest torch, which warns at the old name."""
+    """DistributedDataParallel's option for "do not re-send the buffers before every forward":
+    ``forward_sync_buffers=False`` in the newest torch (2.13), which warns at the old name
+    ``broadcast_buffers=False``. They differ at wrapping: the new option still broadcasts the
+    buffers once from rank 0, the old one leaves them out of that broadcast too, so under an
+    older torch each rank keeps the buffers it built. (For a 4-bit base every rank quantizes
+    the same weights to the same codes, so nothing differs; lesson 13's count of the bytes
+    broadcast at wrapping then shows the parameters only.)"""
     import inspect
     from torch.nn.parallel import DistributedDataParallel
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters:
