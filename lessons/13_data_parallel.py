@@ -55,14 +55,14 @@ from lora import add_adapter, load_adapter, save_adapter, train_only_adapter
 from quant import Linear4bit
 from tiny_gpt import sample_batch
 from tiny_gpt.memory.checkpointing import enable_input_require_grads
-from tiny_gpt.model import masked_cross_entropy
 from tiny_gpt.parallel import (AllReduceCounter, all_reduce_gradients, backend_for,
                                broadcast_parameters, count_broadcast_bytes, launched_by_torchrun,
                                process_group_from_env, rank_share, run_like_torchrun,
                                sharded_batches, sum_over_ranks, sync_unless_last)
 from tiny_gpt.util.torch_compat import fully_shard_function, no_buffer_sync
 from tiny_gpt.train import (accumulate_gradients, count_loss_tokens, lr_at, make_optimizer,
-                            optimizer_step, set_lr, to_device, train)
+                            micro_batch_loss, optimizer_step, set_lr, to_device,
+                            train)
 
 NAME = "13_data_parallel"
 WORLD = 2
@@ -128,11 +128,9 @@ def micro_batches(splits, gen, n):
 def wrong_gradients(model, shares, device):
     """Each rank's own mean S_r / N_r, averaged by DDP: what an unmodified loop would do."""
     own_tokens = count_loss_tokens(shares)
-    for i, (x, y, mask) in enumerate(shares):
+    for i, share in enumerate(shares):
         with sync_unless_last(model, i == len(shares) - 1):
-            logits, _ = model(x.to(device))
-            (masked_cross_entropy(logits, y.to(device), mask.to(device), reduction="sum")
-             / own_tokens).backward()
+            micro_batch_loss(model, *to_device(share, device), own_tokens).backward()
     return gradients(model)
 
 
@@ -176,9 +174,8 @@ def train_by_hand(model, batches, cfg, rank, broadcast=True):
         set_lr(optimizer, lr_at(step, cfg))
         shares = [rank_share(batches(gen), rank, WORLD) for _ in range(cfg.grad_accum)]
         total = sum_over_ranks(count_loss_tokens(shares), DEVICE)
-        for x, y, mask in (to_device(share, DEVICE) for share in shares):
-            logits, _ = model(x)
-            (masked_cross_entropy(logits, y, mask, reduction="sum") / total).backward()
+        for share in shares:
+            micro_batch_loss(model, *to_device(share, DEVICE), total).backward()
         all_reduce_gradients(model.parameters())
         optimizer_step(model, optimizer, None, cfg.grad_clip)
     return trainable(model)
@@ -334,9 +331,8 @@ def qlora_fsdp(rank, base, shares, micro):
     fully_shard(model)
     total = sum_over_ranks(count_loss_tokens(shares), DEVICE)
     # FSDP averages over ranks as DDP does: hence W * S_r / N
-    for x, y, mask in (to_device(share, DEVICE) for share in shares):
-        logits, _ = model(x)
-        (masked_cross_entropy(logits, y, mask, reduction="sum") * WORLD / total).backward()
+    for share in shares:
+        (micro_batch_loss(model, *to_device(share, DEVICE), total) * WORLD).backward()
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
     return {"replicated": replicated, "sharded": state_bytes(model),
             "gap": rel_gap(grads, gradients(reference))}

@@ -13,11 +13,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lora import add_adapter, apply_lora, prepare_qlora
 from tiny_gpt import GPT, GPTConfig, TrainConfig, train
-from tiny_gpt.model import masked_cross_entropy
 from tiny_gpt.parallel import (AllReduceCounter, all_reduce_gradients, broadcast_parameters,
                                count_broadcast_bytes, rank_share, run_like_torchrun,
                                sharded_batches, spawn, sum_over_ranks)
-from tiny_gpt.train import accumulate_gradients, count_loss_tokens
+from tiny_gpt.train import accumulate_gradients, count_loss_tokens, micro_batch_loss
 from tiny_gpt.util.torch_compat import no_buffer_sync
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch without distributed")
@@ -69,7 +68,7 @@ def same_as_one_process(rank, world):
     for i, (x, y, m) in enumerate(shares):
         context = ddp.no_sync() if i == 0 else torch.enable_grad()
         with context:
-            (masked_cross_entropy(ddp(x)[0], y, m, reduction="sum") / own).backward()
+            micro_batch_loss(ddp, x, y, m, own).backward()
     wrong = rel(grads(ddp.module), grads(reference))
     cfg = TrainConfig(max_steps=3, lr=1e-2, warmup_steps=0, grad_accum=2, eval_every=0,
                       progress=False)
@@ -161,7 +160,7 @@ def by_hand_vs_ddp(rank, world):
     shares = [rank_share(unequal_batch(torch.Generator().manual_seed(5)), rank, world)]
     total = sum_over_ranks(count_loss_tokens(shares))
     for x, y, m in shares:
-        (masked_cross_entropy(hand(x)[0], y, m, reduction="sum") / total).backward()
+        micro_batch_loss(hand, x, y, m, total).backward()
     sent = all_reduce_gradients(hand.parameters())
     accumulate_gradients(ddp, shares, CPU)
     return {"gap": rel(grads(hand), grads(ddp.module)), "sent": sent,

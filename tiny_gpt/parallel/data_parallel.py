@@ -13,6 +13,10 @@ they are not. The right per-rank loss is  W * S_r / N,  with N summed over ranks
 all-reduce of a count): DDP's (1/W) sum_r W S_r / N = S / N. With gradient accumulation N
 also sums over the micro-batches, exactly as in tiny_gpt/train.py, and DDP's all-reduce is
 held back (``no_sync``) until the last micro-batch, so each step all-reduces once.
+
+The equality holds (up to the order of float sums) without dropout. With dropout, train()
+seeds torch's global generator alike on every rank, so row b of every rank draws the mask that
+row b of rank 0 draws, where one process would draw a fresh mask for every row of the batch.
 """
 from contextlib import nullcontext
 
@@ -20,42 +24,53 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from ..util.checks import is_whole_number
+
+
+def ddp_of(model):
+    """The DistributedDataParallel wrapper of `model`, looking through torch.compile's
+    OptimizedModule (TrainConfig.compile), or None when the model is not data parallel."""
+    inner = getattr(model, "_orig_mod", model)
+    return inner if isinstance(inner, DistributedDataParallel) else None
+
 
 def is_data_parallel(model) -> bool:
-    return isinstance(model, DistributedDataParallel)
+    return ddp_of(model) is not None
 
 
 def world_size(model) -> int:
     """W: the ranks DDP averages over (1 for a model that is not wrapped)."""
-    return dist.get_world_size(model.process_group) if is_data_parallel(model) else 1
+    ddp = ddp_of(model)
+    return 1 if ddp is None else dist.get_world_size(ddp.process_group)
 
 
-def sum_over_ranks(value: float, device="cpu") -> float:
-    """The sum of `value` over all ranks of the default group (one all-reduce of a number;
-    nccl reduces CUDA tensors only, hence the device)."""
+def sum_over_ranks(value: float, device="cpu", group=None) -> float:
+    """The sum of `value` over the ranks of `group` (default: all), in one all-reduce of a
+    number; nccl reduces CUDA tensors only, hence the device."""
     total = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
+    dist.all_reduce(total, group=group)
     return total.item()
 
 
 def global_sum(value: float, model) -> float:
     """The sum of `value` over the ranks of a DDP model (the value itself otherwise)."""
-    if not is_data_parallel(model):
+    ddp = ddp_of(model)
+    if ddp is None:
         return value
-    return sum_over_ranks(value, next(model.parameters()).device)
+    return sum_over_ranks(value, next(ddp.parameters()).device, ddp.process_group)
 
 
 def sync_unless_last(model, is_last: bool):
     """DDP's no_sync() for every micro-batch but the step's last: the gradients accumulate
     locally and the last backward all-reduces their sum once."""
-    return model.no_sync() if is_data_parallel(model) and not is_last else nullcontext()
+    ddp = ddp_of(model)
+    return ddp.no_sync() if ddp is not None and not is_last else nullcontext()
 
 
 def rank_share(tensors, rank: int, world: int):
     """Rank `rank`'s rows of a batch (x, y, mask...): contiguous, disjoint, covering it all.
     (B, ...) -> (B_r, ...) with the B_r differing by at most one."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    check_rank(rank, world)
     batch_rows = next(t for t in tensors if t is not None).shape[0]
     if batch_rows < world:
         raise ValueError(f"a batch of {batch_rows} rows cannot give each of {world} ranks a row")
@@ -65,4 +80,11 @@ def rank_share(tensors, rank: int, world: int):
 def sharded_batches(get_batch, rank: int, world: int):
     """get_batch(generator) -> the whole batch, turned into one that returns this rank's
     share of it (the generator advances the same way on every rank)."""
+    check_rank(rank, world)
     return lambda generator: rank_share(get_batch(generator), rank, world)
+
+
+def check_rank(rank, world):
+    if not (is_whole_number(world, 1) and is_whole_number(rank) and rank < world):
+        raise ValueError(f"rank must be a whole number in [0, world) with world >= 1; got "
+                         f"rank {rank!r}, world {world!r}")
