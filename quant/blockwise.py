@@ -138,41 +138,64 @@ def quantize_blocks(blocks, scales, code):
     return packed
 
 
-def pair_table(code, dtype=torch.float32):
-    """(256, 2) table: byte -> (level of its high nibble, level of its low nibble).
+def pair_table(code):
+    """(256, 2) float32 table: byte -> (level of its high nibble, level of its low nibble).
 
     With it one gather turns n packed bytes into 2n floats already in element order.
     Code books with fewer than 16 levels are padded with zeros (those codes never occur).
     """
-    levels = torch.zeros(16, dtype=dtype, device=code.device)
-    levels[: code.numel()] = code.to(dtype)
+    levels = torch.zeros(16, dtype=torch.float32, device=code.device)
+    levels[: code.numel()] = code
     byte = torch.arange(256, device=code.device)
     return torch.stack([levels[byte >> 4], levels[byte & 15]], dim=1)  # (256, 2)
+
+
+# Packed bytes decoded per step of dequantize_blocks: 2^18 bytes -> 2^19 values. Its temporaries
+# (1 MiB of int32 indices, 2 MiB of float32 pairs) stay in cache and are reused from step to
+# step, and a 4096 x 4096 weight takes 32 steps, so the fixed cost of each op is paid rarely.
+DECODE_BYTES = 1 << 18
 
 
 def dequantize_blocks(packed, scales, code, blocksize, dtype=torch.float32, table=None):
     """Packed codes and per-block scales -> (n_blocks, blocksize) values in `dtype`.
 
-    Chunk by chunk of whole blocks, CHUNK_ELEMENTS values at a time:
-        1. the chunk's bytes as int32 (the gather's index type; a chunk's worth, not the
-           whole weight's: 4 bytes per byte of codes would be more than a bf16 weight);
-        2. one gather through the (256, 2) float32 pair table: every byte becomes its two
-           levels, already in element order;
-        3. one multiply by the block scales, in float32, written straight into the output in
+    Step by step over DECODE_BYTES bytes of whole blocks, three ops each:
+        1. copy the step's bytes into a reused int32 buffer: index_select takes int32 or
+           int64 indices, never uint8 (which indexing would read as a mask);
+        2. gather through the (256, 2) float32 pair table *viewed as 256 float64 values*: one
+           8-byte load per byte brings both of its levels, already in element order.
+           index_select is the fastest gather torch has on CPU for this (a few times faster
+           than advanced indexing, take or gather, measured), and it writes into a reused
+           buffer;
+        3. multiply by the block scales in float32 and write the products into the output in
            `dtype` -- so a bf16 weight is rounded once, from the exact float32 product, and
            never exists in float32 at full size.
-    `table` is pair_table(code) when the caller keeps one (Linear4bit does, per device);
-    otherwise it is built here.
+    The output is the one full-size tensor, written once. `table` is pair_table(code) when
+    the caller keeps one (Linear4bit does, per device); otherwise it is built here.
     """
     if table is None:
         table = pair_table(code)
-    n_blocks = scales.numel()
+    pairs = table.view(torch.float64).view(-1)  # (256,): a byte's two float32 levels each
+    n_blocks, n_bytes = scales.numel(), packed.numel()
     out = torch.empty((n_blocks, blocksize), dtype=dtype, device=packed.device)
     scales = scales.float()
-    step = max(1, CHUNK_ELEMENTS // blocksize)  # blocks per chunk
-    for start in range(0, n_blocks, step):
-        stop = min(start + step, n_blocks)
-        chunk_bytes = packed[start * blocksize // 2: stop * blocksize // 2]
-        values = torch.nn.functional.embedding(chunk_bytes.int(), table)  # (bytes, 2) float32
-        torch.mul(values.view(-1, blocksize), scales[start:stop, None], out=out[start:stop])
+    bytes_per_block = blocksize // 2
+    step = max(1, DECODE_BYTES // bytes_per_block) * bytes_per_block  # whole blocks
+    if n_bytes <= step:  # one step (every weight of the tiny GPT): three ops, no buffers
+        values = torch.index_select(pairs, 0, packed.int())  # (n_bytes,) float64 = 2 levels
+        return torch.mul(values.view(torch.float32).view(-1, blocksize), scales[:, None],
+                         out=out)
+    index = torch.empty(step, dtype=torch.int32, device=packed.device)
+    values = torch.empty(step, dtype=torch.float64, device=packed.device)
+    for start in range(0, n_bytes, step):
+        stop = min(start + step, n_bytes)
+        blocks = slice(start // bytes_per_block, stop // bytes_per_block)
+        chunk_index, chunk_values = index[: stop - start], values[: stop - start]
+        chunk_index.copy_(packed[start:stop])
+        torch.index_select(pairs, 0, chunk_index, out=chunk_values)
+        levels = chunk_values.view(torch.float32).view(-1, blocksize)  # (blocks, blocksize)
+        if dtype == torch.float32:
+            torch.mul(levels, scales[blocks, None], out=out[blocks])
+        else:  # scale in place, then round while copying: a mixed-dtype mul would allocate
+            out[blocks].copy_(levels.mul_(scales[blocks, None]))  # a float32 temporary
     return out

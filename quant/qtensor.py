@@ -62,6 +62,8 @@ class Quantized4bit:
         """-> tensor of `shape` in `dtype` (default: the original dtype)."""
         blocks = dequantize_blocks(self.codes, self.block_scales(), self.code, self.blocksize,
                                    dtype or self.dtype, self.table)  # (n_blocks, blocksize)
+        if blocks.numel() == self.numel:  # no padded last block to cut off
+            return blocks.view(self.shape)
         return blocks.view(-1)[: self.numel].view(self.shape)
 
     def to_state_dict(self):

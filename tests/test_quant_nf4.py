@@ -244,15 +244,28 @@ def allocations_during(fn):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_dequantize_allocates_its_output_and_chunk_sized_temporaries_only(dtype):
-    from quant.blockwise import CHUNK_ELEMENTS
-    w = torch.randn(8 * CHUNK_ELEMENTS // 1024, 1024)  # 8 chunks
+def test_dequantize_allocates_its_output_and_one_step_of_buffers_only(dtype):
+    from quant.blockwise import DECODE_BYTES
+    w = torch.randn(8 * 2 * DECODE_BYTES // 1024, 1024)  # 8 decoding steps
     q = quantize_nf4(w)
     out_bytes = w.numel() * torch.empty((), dtype=dtype).element_size()
     sizes = allocations_during(lambda: q.dequantize(dtype))
-    # the output once, at full size; every temporary (the int32 bytes, the float32 pairs) is
-    # one chunk's: 4 bytes per value at most, never the whole weight's 4 or 8 bytes per value
-    assert sizes[0] == out_bytes
-    assert all(size <= 4 * CHUNK_ELEMENTS for size in sizes[1:]), sizes[:4]
+    # the output once, at full size; the int32 indices and the float64 pairs once each, one
+    # step's worth (4 and 8 bytes per packed byte), reused by every step; two decode the 8-bit
+    # scales (4 bytes per block of 64 values); the rest are a few bytes. A decoder that
+    # allocated per step, or made a whole-weight temporary, has more or larger allocations.
+    large = [size for size in sizes if size >= 64 * 1024]
+    assert large == [out_bytes, 8 * DECODE_BYTES, 4 * DECODE_BYTES] + 2 * [4 * w.numel() // 64]
+    assert sum(sizes) - sum(large) <= 16 * 1024, sizes
     # and the values are those of the float32 path, rounded once
     assert torch.equal(q.dequantize(dtype), q.dequantize(torch.float32).to(dtype))
+
+
+def test_dequantize_in_one_step_equals_dequantize_in_many(monkeypatch):
+    """The small-weight shortcut (one step, no buffers) and the stepped loop give the same
+    values, also when the last step is partial and the last block padded."""
+    import quant.blockwise as blockwise
+    q = quantize_nf4(torch.randn(301, 77))  # 23,177 values: 363 blocks, the last padded
+    whole = q.dequantize(torch.float32)
+    monkeypatch.setattr(blockwise, "DECODE_BYTES", 32 * 5)  # 5 blocks a step: 73 steps
+    assert torch.equal(q.dequantize(torch.float32), whole)
