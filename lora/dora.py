@@ -13,13 +13,15 @@ its base at step 0. Which norm: the paper writes W in (in, out) and normalizes i
 the (out, in) layout of nn.Linear those are rows, one length per output feature -- as in the
 authors' code (`weight.norm(p=2, dim=1)`) and PEFT's.
 
-Forward without forming x V^T from V: z = x W0^T + s (x A^T) B^T, so z costs what LoRA's forward
-costs, plus forming V once (out * in * r flops) for its row norms.
+Forward: V is formed anyway for its row norms (out * in * r flops), so in float32 and float64
+z = x V^T is one matmul, as the frozen layer's; a 16-bit W0 would round away the small update in
+V, so there z = x W0^T + s (x A^T) B^T (lora/function.py says the same of LoRA). u = x A^T is kept
+for dL/dB either way.
 
 Backward, with g = dL/dy (N, out) and g_z = g * c (dL/dz):
 
     dL/dm_k   = (sum_n g_nk z_nk) / n_k                         = gc_k / n_k
-    dL/dx     = g_z V = g_z W0 + s (g_z B) A                    (V never needed)
+    dL/dx     = g_z V, and v = g_z B beside it: one pass, g_z [V | B] (V formed again)
     through z:  dL/dV = g_z^T x, so
                 dL/dB = s (g_z^T x) A^T = s g_z^T u,  u = x A^T (N, r), saved
                 dL/dA = s B^T g_z^T x   = s (g_z B)^T x
@@ -29,18 +31,24 @@ Backward, with g = dL/dy (N, out) and g_z = g * c (dL/dz):
                 dL/dA += s B^T diag(d) V = s (dB)^T W0 + s^2 ((dB)^T B) A,   dB = d[:, None] * B
 
 The paper's memory-saving form (Sec. 4.3) treats n as a constant in backward: the "through n"
-terms are dropped, and nothing about V beyond n is needed. The gradient of m is exact in both
+terms are dropped, and nothing about V beyond n is saved. The gradient of m is exact in both
 forms; those of A and B differ by the dropped terms (measured in tests/test_dora.py). W0 and b
 are frozen: no gradient. Saved for backward: x, u, z (N, out), n, and W0, A, B, m themselves.
 """
 import torch
 
+from .function import token_sum_product
+
+
+def lora_weight(weight, lora_A, lora_B, scaling):
+    """V = W0 + s B A, (out, in), in at least float32 (a 16-bit V would lose the update)."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    return torch.addmm(weight.to(dtype), lora_B.to(dtype), lora_A.to(dtype), alpha=scaling)
+
 
 def dora_norm(weight, lora_A, lora_B, scaling):
     """n = ||W0 + s B A|| row by row, (out,), computed in at least float32."""
-    dtype = torch.promote_types(weight.dtype, torch.float32)
-    V = torch.addmm(weight.to(dtype), lora_B.to(dtype), lora_A.to(dtype), alpha=scaling)
-    return V.norm(dim=1)
+    return lora_weight(weight, lora_A, lora_B, scaling).norm(dim=1)
 
 
 class DoRAFunction(torch.autograd.Function):
@@ -49,9 +57,13 @@ class DoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, scaling, exact=False):
-        n = dora_norm(weight, lora_A, lora_B, scaling).to(x.dtype)      # (out,)
+        V = lora_weight(weight, lora_A, lora_B, scaling)                # (out, in)
+        n = V.norm(dim=1).to(x.dtype)                                    # (out,)
         u = x @ lora_A.t()                                               # (N, r)
-        z = torch.addmm(x @ weight.t(), u, lora_B.t(), alpha=scaling)   # (N, out) = x V^T
+        if V.dtype == x.dtype:                                           # float32 / float64
+            z = x @ V.t()                                                # (N, out) = x V^T
+        else:                                                            # 16-bit: V rounded
+            z = torch.addmm(x @ weight.t(), u, lora_B.t(), alpha=scaling)
         c = magnitude / n                                                # (out,)
         y = z * c if bias is None else torch.addcmul(bias, z, c)
         ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, u, z, n)
@@ -65,15 +77,18 @@ class DoRAFunction(torch.autograd.Function):
         c = magnitude / n
         g_z = g * c                                                      # (N, out)
         gc = (g * z).sum(0)                                              # (out,)
-        v = g_z @ lora_B                                                 # (N, r)
         grad_x = grad_A = grad_B = grad_m = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.addmm(g_z @ weight, v, lora_A, alpha=s)       # (N, in)
+        if ctx.needs_input_grad[0]:  # g_z [V | B]: dL/dx and v in one pass over g_z
+            V = lora_weight(weight, lora_A, lora_B, s).to(g.dtype)       # (out, in)
+            both = g_z @ torch.cat([V, lora_B], dim=1)                   # (N, in + r)
+            grad_x, v = both[:, :V.shape[1]], both[:, V.shape[1]:]       # (N, in), (N, r)
+        else:
+            v = g_z @ lora_B                                             # (N, r)
         if ctx.needs_input_grad[5]:
             grad_m = gc / n
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            grad_B = s * (g_z.t() @ u)                                   # (out, r)
-            grad_A = s * (v.t() @ x)                                     # (r, in)
+            grad_B = s * token_sum_product(u, g_z).t()                   # (out, r)
+            grad_A = s * token_sum_product(v, x)                         # (r, in)
             if ctx.exact:
                 d = -gc * magnitude / n ** 3                             # (out,)
                 dB = d[:, None] * lora_B                                 # (out, r)

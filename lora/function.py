@@ -27,10 +27,20 @@ Backward. With g = dL/dy (N, out), write y element-wise:
 Saved for backward: x_d (x itself when dropout is off, no copy), u, the mask, s B (out, r), and
 W0 and A themselves -- not the output y.
 
+A compressed base (QLoRA): `weight` may also be a frozen weight stored in another form, anything
+with .dequantize(dtype) -> (out, in) tensor, such as a 4-bit base's Quantized4bit. Then W0 is
+decoded in forward, used, and dropped; backward decodes it again instead of saving a float copy
+(the memory QLoRA exists to save), and the same two products run on it.
+
 Why it is fast: the frozen layer alone costs two big matmuls (x W0^T forward, g W0 backward);
 with r = 8 each rank-r product costs about one pass over an activation. The code adds as few
 passes as it can; the comments in forward and backward say where, and lora/bench.py measures
-the result against the frozen layer alone.
+the result against the frozen layer alone. Both big matmuls run on the summed weight W0 + sBA
+(forming it costs out * in * r flops, nothing next to N * out * in): in backward always, and in
+forward when there is no dropout mask and W0 is in float32 or float64, where rounding the sum
+costs ~1e-7 of W0. A 16-bit W0 would round away an update below its own step of ~1e-3, so there
+the forward keeps the two products apart; the gradients, checked at bf16 tolerance, take the
+sum either way.
 """
 import torch
 
@@ -40,22 +50,29 @@ class LoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, mask=None):
+        compressed = None if isinstance(weight, torch.Tensor) else weight
+        if compressed is not None:
+            weight = compressed.dequantize(x.dtype)            # (out, in), dropped after use
         x_d = x if mask is None else x * mask                  # (N, in)
         sB = lora_B * scaling                                  # (out, r): scale the small factor
         u = x_d @ lora_A.t()                                   # (N, r): one read of x
-        # s u B^T is y's initial value, written in the pass that broadcasts b anyway
-        if bias is None:
-            y = u @ sB.t()                                     # (N, out)
+        if mask is None and weight.dtype in (torch.float32, torch.float64):
+            # y = x (W0 + sBA)^T + b: the frozen layer's one matmul, on the summed weight
+            summed = torch.addmm(weight, sB, lora_A)           # (out, in), a new tensor
+            y = torch.nn.functional.linear(x, summed, bias)    # (N, out)
         else:
-            y = torch.addmm(bias, u, sB.t())                   # (N, out) = b + s u B^T
-        y.addmm_(x, weight.t())                                # y += x W0^T, in place: no add pass
-        ctx.save_for_backward(x_d, weight, lora_A, sB, u, mask)
-        ctx.scaling = scaling
+            # s u B^T is y's initial value, written in the pass that broadcasts b anyway
+            y = u @ sB.t() if bias is None else torch.addmm(bias, u, sB.t())  # (N, out)
+            y.addmm_(x, weight.t())                            # y += x W0^T, in place
+        ctx.save_for_backward(x_d, None if compressed else weight, lora_A, sB, u, mask)
+        ctx.scaling, ctx.compressed = scaling, compressed
         return y
 
     @staticmethod
     def backward(ctx, g):
         x_d, weight, lora_A, sB, u, mask = ctx.saved_tensors
+        if ctx.compressed is not None:
+            weight = ctx.compressed.dequantize(g.dtype)        # (out, in), decoded again
         need_x, need_A, need_B = (ctx.needs_input_grad[i] for i in (0, 3, 4))
         grad_x = grad_A = grad_B = None
         if need_x and mask is None:
@@ -65,12 +82,24 @@ class LoRAFunction(torch.autograd.Function):
             if need_x:  # the mask sits between the two terms, so they are summed explicitly
                 grad_x = torch.addcmul(g @ weight, v @ lora_A, mask)  # (N, in)
         if need_A:
-            grad_A = v.t() @ x_d                               # (r, in): one read of x
+            grad_A = token_sum_product(v, x_d)                 # (r, in) = v^T x_d: one read of x
         if need_B:
-            # (u^T g)^T rather than g^T u: the same numbers, but this way round MKL reads g
-            # row by row; measured several times faster here for r = 8.
-            grad_B = (u.t() @ g).t() * ctx.scaling             # (out, r): one read of g
+            grad_B = token_sum_product(u, g).t() * ctx.scaling  # (out, r) = s g^T u: one of g
         return grad_x, None, None, grad_A, grad_B, None, None
+
+
+def token_sum_product(a, b, parts=4):
+    """a^T b for a (N, r) and b (N, d): a sum over the N tokens, (r, d).
+
+    With r small, MKL runs this shape (a long sum, a small result) slowly and on few cores;
+    cutting the tokens into `parts` runs of N / parts, one batched matmul over the runs, then
+    adding their (r, d) results, measured 2-3x faster on 2 cores (4096 x 128 and 8192 x 512
+    tokens x features, r = 8). The same numbers, summed in another order."""
+    n = a.shape[0]
+    if n % parts:
+        return a.t() @ b
+    runs_a = a.view(parts, n // parts, a.shape[1]).transpose(1, 2)  # (parts, r, N / parts)
+    return torch.bmm(runs_a, b.view(parts, n // parts, b.shape[1])).sum(0)  # (r, d)
 
 
 def _input_grad_and_v(g, weight, lora_A, sB):

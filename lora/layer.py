@@ -12,12 +12,12 @@ Conventions (microsoft/LoRA, `loralib/layers.py`; used everywhere in this packag
 
 The update dW = s B A is never formed in the forward pass: x goes through A then B, so the base
 can be anything with `in_features`, `out_features` and a forward -- an nn.Linear, or the 4-bit
-Linear4bit of QLoRA that has no float weight. For an nn.Linear base with one active adapter the
-forward and backward run through LoRAFunction (lora/function.py, hand-derived backward, fewer
-passes over the activations); every other case -- several active adapters, a 4-bit base, a base
-left trainable, autocast -- uses plain autograd on the same expression. A 4-bit base gains
-little from fusing (its own dequantize-and-matmul costs more than the rank-r path, and W0 is not
-there to fold sBA into), and the plain expression is the reference LoRAFunction is tested against.
+Linear4bit of QLoRA that has no float weight. With one active adapter on a frozen nn.Linear or
+4-bit base the forward and backward run through LoRAFunction (lora/function.py, hand-derived
+backward, fewer passes over the activations; a 4-bit weight is decoded in forward and again in
+backward, never saved); every other case -- several active adapters, a base left trainable,
+autocast, mixed dtypes -- uses plain autograd on the same expression, the reference
+LoRAFunction is tested against.
 
 merge() folds s B A into W0 for inference at zero extra latency; unmerge() takes it out again.
 Both are explicit calls, never side effects of train() / eval().
@@ -59,6 +59,15 @@ def lora_scaling(r, alpha, use_rslora=False):
     """s = alpha / r (Hu et al. 2021, Sec. 4.1), or alpha / sqrt(r) with rank-stabilized LoRA
     (Kalajdzievski 2023), which keeps the update's size from shrinking as r grows."""
     return alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def compressed_weight(base):
+    """base.weight if the base stores it compressed -- an object with .dequantize(dtype), as a
+    4-bit base's Quantized4bit -- and computes in `base.compute_dtype`; else None."""
+    weight = getattr(base, "weight", None)
+    if callable(getattr(weight, "dequantize", None)) and hasattr(base, "compute_dtype"):
+        return weight
+    return None
 
 
 def float_weight(base):
@@ -205,16 +214,26 @@ class LoRALinear(nn.Module):
         return y + sum(a(x) for a in adapters).to(y.dtype)  # stacked: the updates add up
 
     def _fast_path_ok(self, x, adapter):
-        base = self.base
-        return (isinstance(base, nn.Linear) and not base.weight.requires_grad
-                and (base.bias is None or not base.bias.requires_grad)
-                and x.dtype == base.weight.dtype == adapter.lora_A.dtype
+        """LoRAFunction computes exactly what the plain expression would: the base is frozen,
+        one dtype throughout, no autocast, and the base computes y = x W0^T + b with W0 either
+        a float tensor (nn.Linear) or compressed (a 4-bit base: see compressed_weight)."""
+        base, bias = self.base, getattr(self.base, "bias", None)
+        if isinstance(base, nn.Linear):
+            dtype, frozen = base.weight.dtype, not base.weight.requires_grad
+        elif compressed_weight(base) is not None:
+            dtype, frozen = base.compute_dtype, True
+        else:
+            return False
+        return (frozen and (bias is None or (not bias.requires_grad and bias.dtype == dtype))
+                and x.dtype == dtype == adapter.lora_A.dtype
+                and not (dtype == torch.float16 and x.device.type != "cuda")
                 and not autocast_enabled(x.device.type))
 
     def _fused_forward(self, x, adapter):
         x2 = x.reshape(-1, self.in_features)  # (N, in), N = all leading dims
-        y = LoRAFunction.apply(x2, self.base.weight, self.base.bias, adapter.lora_A,
-                               adapter.lora_B, adapter.scaling, adapter.dropout_mask(x2))
+        weight = self.base.weight  # a float tensor, or a 4-bit base's compressed weight
+        y = LoRAFunction.apply(x2, weight, self.base.bias, adapter.lora_A, adapter.lora_B,
+                               adapter.scaling, adapter.dropout_mask(x2))
         return y.view(*x.shape[:-1], self.out_features)
 
     def _dora_forward(self, x, adapters):

@@ -3,7 +3,7 @@ agreement with autograd on the plain expression."""
 import pytest
 import torch
 
-from lora.function import LoRAFunction
+from lora.function import LoRAFunction, token_sum_product
 from tiny_gpt.util.finite_differences import central_differences
 
 # float64 finite differences with eps = 1e-6 agree with the exact gradient to about eps^2 plus
@@ -37,8 +37,9 @@ def plain(x, W, b, A, B, s, mask=None):
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dropout", [False, True])
-def test_gradcheck(bias, dropout):
-    x, W, b, A, B = make_inputs(bias=bias)
+@pytest.mark.parametrize("N", [5, 8])  # 8 tokens: dL/dA, dL/dB as 4 partial sums (bmm)
+def test_gradcheck(bias, dropout, N):
+    x, W, b, A, B = make_inputs(N=N, bias=bias)
     mask = fixed_mask(x.shape) if dropout else None
     fn = lambda x, A, B: LoRAFunction.apply(x, W, b, A, B, 1.5, mask)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, A, B), eps=1e-6, atol=FD_TOL)
@@ -81,3 +82,53 @@ def test_frozen_weight_and_bias_get_no_gradient():
     LoRAFunction.apply(x, W, b, A, B, 1.0, None).sum().backward()
     assert W.grad is None and b.grad is None
     assert A.grad is not None and B.grad is not None
+
+
+# --- a compressed base weight (QLoRA): decoded in forward, decoded again in backward -----------
+
+def compressed_inputs(dtype=torch.float64):
+    """make_inputs with W replaced by its NF4 form, which LoRAFunction decodes itself."""
+    from quant import quantize_nf4
+    x, W, b, A, B = make_inputs(N=6, n_in=64, n_out=5, r=2, dtype=dtype)
+    return x, quantize_nf4(W), b, A, B
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_gradcheck_with_a_compressed_weight(dropout):
+    x, q, b, A, B = compressed_inputs()
+    mask = fixed_mask(x.shape) if dropout else None
+    fn = lambda x, A, B: LoRAFunction.apply(x, q, b, A, B, 1.5, mask)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, A, B), eps=1e-6, atol=FD_TOL)
+
+
+def test_a_compressed_weight_computes_what_its_decoded_tensor_computes():
+    """The same numbers as LoRAFunction on the dense dequantized W: only where W comes from
+    differs, so outputs and gradients are equal to float32 rounding."""
+    x, q, b, A, B = compressed_inputs(torch.float32)
+    G = torch.randn(x.shape[0], q.shape[0])
+    results = []
+    for weight in (q, q.dequantize(torch.float32)):
+        y = LoRAFunction.apply(x, weight, b, A, B, 0.5, None)
+        results.append((y, *torch.autograd.grad((y * G).sum(), (x, A, B))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=F32_TOL, rtol=F32_TOL)
+
+
+def test_a_compressed_weight_is_not_saved_as_a_float_tensor():
+    """Saving the decoded (out, in) weight for backward would keep a float copy of the base
+    alive through the step -- the memory QLoRA exists to save."""
+    x, q, b, A, B = compressed_inputs(torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t,
+                                                  lambda t: t):
+        LoRAFunction.apply(x, q, b, A, B, 0.5, None)
+    assert saved and tuple(q.shape) not in [tuple(s) for s in saved], saved
+
+
+@pytest.mark.parametrize("N", [12, 7])  # split into 4 runs of 3 tokens; 7: the plain product
+def test_token_sum_product_is_a_transposed_times_b(N):
+    gen = torch.Generator().manual_seed(0)
+    both = torch.randn(N, 3 + 5, generator=gen, dtype=torch.float64)
+    a = both[:, 5:]  # a strided view, as v is in backward
+    b = torch.randn(N, 6, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(token_sum_product(a, b), a.t() @ b, rtol=1e-12, atol=1e-12)

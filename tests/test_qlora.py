@@ -158,3 +158,26 @@ def test_bad_targets_leave_the_model_untouched(small_model):
     with pytest.raises(ValueError, match="q_prj"):
         prepare_qlora(small_model, targets=("q_prj",))
     assert not any(isinstance(m, Linear4bit) for m in small_model.modules())
+
+
+def test_lora_on_a_4bit_base_runs_the_fused_function_and_equals_the_plain_expression(
+        monkeypatch):
+    """A LoRALinear over a Linear4bit takes LoRAFunction (the weight decoded in forward and
+    again in backward) and computes what base(x) + s B A x by plain autograd computes."""
+    from lora.function import LoRAFunction
+    torch.manual_seed(0)
+    layer = LoRALinear(Linear4bit.from_linear(nn.Linear(64, 48)), r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 0.1)
+    calls = []
+    real_apply = LoRAFunction.apply
+    monkeypatch.setattr(LoRAFunction, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    G = torch.randn(2, 7, 48)
+    results = []
+    for forward in (layer, lambda x: layer.base(x) + layer.adapters["default"](x)):
+        y = forward(x)
+        results.append((y, *torch.autograd.grad((y * G).sum(), (x, layer.lora_A, layer.lora_B))))
+    assert len(calls) == 1
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=1e-4)
