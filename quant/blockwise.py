@@ -170,23 +170,25 @@ def dequantize_blocks(packed, scales, code, blocksize, dtype=torch.float32, tabl
         3. multiply by the block scales in float32 and write the products into the output in
            `dtype` -- so a bf16 weight is rounded once, from the exact float32 product, and
            never exists in float32 at full size.
-    The output is the one full-size tensor, written once. `table` is pair_table(code) when
-    the caller keeps one (Linear4bit does, per device); otherwise it is built here.
+    The output is the one full-size tensor, written once. A weight that fits in one step
+    (every weight of the tiny GPT) skips the buffers: gather, then scale in place -- the fewest
+    ops, which matters more than bytes for small weights, decoded twice per layer per step.
+    `scales` are float32 (n_blocks,); `table` is pair_table(code) when the caller keeps one
+    (Linear4bit does, per device); otherwise it is built here.
     """
     if table is None:
         table = pair_table(code)
-    pairs = table.view(torch.float64).view(-1)  # (256,): a byte's two float32 levels each
+    pairs = table.view(torch.float64)  # (256, 1): a byte's two float32 levels in one value
     n_blocks, n_bytes = scales.numel(), packed.numel()
-    out = torch.empty((n_blocks, blocksize), dtype=dtype, device=packed.device)
-    scales = scales.float()
     bytes_per_block = blocksize // 2
     step = max(1, DECODE_BYTES // bytes_per_block) * bytes_per_block  # whole blocks
-    if n_bytes <= step:  # one step (every weight of the tiny GPT): three ops, no buffers
-        values = torch.index_select(pairs, 0, packed.int())  # (n_bytes,) float64 = 2 levels
-        return torch.mul(values.view(torch.float32).view(-1, blocksize), scales[:, None],
-                         out=out)
+    if n_bytes <= step:
+        levels = torch.index_select(pairs, 0, packed.int()).view(torch.float32)  # (n_bytes, 2)
+        values = levels.view(n_blocks, blocksize).mul_(scales[:, None])
+        return values if dtype == torch.float32 else values.to(dtype)
+    out = torch.empty((n_blocks, blocksize), dtype=dtype, device=packed.device)
     index = torch.empty(step, dtype=torch.int32, device=packed.device)
-    values = torch.empty(step, dtype=torch.float64, device=packed.device)
+    values = torch.empty((step, 1), dtype=torch.float64, device=packed.device)
     for start in range(0, n_bytes, step):
         stop = min(start + step, n_bytes)
         blocks = slice(start // bytes_per_block, stop // bytes_per_block)
