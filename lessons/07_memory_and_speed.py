@@ -34,16 +34,21 @@ task examples, 20-50 characters, would need padding). Step times are medians of 
 rounds, so that a shared machine's slow spells hit every configuration alike; optimizers run at
 lr 0: the same work, but the weights stay put, so gradients can be compared afterwards.
 
-torch.compile: the LoRA and the QLoRA step, compiled by inductor (the fine-tuning lessons' --compile
-flag), against the same eager steps, in default runs only (compiling takes 20-40 s a model).
+Speed, last: every speed target of the project side by side in one run (lessons/speed.py, also
+runnable alone as ``python -m lessons.speed``): NF4 against bitsandbytes' kernels, one LoRALinear
+against the frozen layer, a training step of our LoRA against PEFT's and of QLoRA against LoRA
+(bitsandbytes and PEFT where installed), and torch.compile -- graph breaks, and the LoRA and the
+QLoRA step compiled by inductor (the fine-tuning lessons' --compile flag) against the same eager
+steps, in default runs only (compiling takes about 30 s a model).
 
-Run: ``python lessons/07_memory_and_speed.py``: about 2 minutes on 2 CPU cores, base cached.
+Run: ``python lessons/07_memory_and_speed.py``: about 3 minutes on 2 CPU cores, base cached.
 """
 import copy
 import warnings
 
 import torch
 
+from lessons import speed
 from lessons.common import (Checks, base_recipe, get_base_model, lesson_dir, lora_copy,
                             matplotlib_pyplot, parse_args, print_table, run_main, save_figure,
                             write_summary)
@@ -316,36 +321,6 @@ def targets_section(run, qlora_linear, qlora_base, accum_diff):
     return numbers, checks
 
 
-COMPILED = ("LoRA", "QLoRA")
-
-
-def compile_section(run):
-    """A LoRA and a QLoRA training step through torch.compile (inductor) vs eager, taking turns.
-    -> {name: compiled / eager}, or None under --quick (compiling takes ~20-40 s a model here)."""
-    if run.args.quick:
-        print("torch.compile: not timed under --quick (compiling takes 20-40 s per model on a "
-              "2-core CPU)\n")
-        return None
-    steps = {}
-    for name in COMPILED:
-        model, opt, precision, micro = run.configs[name]
-        compiled = torch.compile(model)  # the same parameters: one optimizer serves both
-        for _ in range(2):  # the first calls compile (forward and backward graphs)
-            time_step(compiled, micro, opt, precision)
-        steps[name] = lambda m=model, o=opt, p=precision, mb=micro: time_step(m, mb, o, p)
-        steps[name + ", compiled"] = (lambda m=compiled, o=opt, p=precision, mb=micro:
-                                      time_step(m, mb, o, p))
-    times = {n: ph["total"] for n, ph in
-             round_robin_phase_medians(steps, run.repeats, 1).items()}
-    ratios = {n: times[n + ", compiled"] / times[n] for n in COMPILED}
-    print_table(f"torch.compile (inductor), one training step, batch {run.B} x {run.T} "
-                f"({run.device}; medians of {run.repeats}, taking turns)",
-                ["model", "eager ms", "compiled ms", "compiled / eager"],
-                [[n, f"{1e3 * times[n]:.1f}", f"{1e3 * times[n + ', compiled']:.1f}",
-                  f"{ratios[n]:.2f}x"] for n in COMPILED])
-    return ratios
-
-
 def plot(out, run):
     plt = matplotlib_pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [3, 2]})
@@ -385,10 +360,8 @@ def main(argv=None):
     pitfall_section(run)
     qlora_linear, qlora_base = qlora_section(run)
     offload_section(run)
-    compiled = compile_section(run)
     numbers, checks = targets_section(run, qlora_linear, qlora_base, accum_diff)
-    if compiled:
-        numbers.update({f"compiled/eager {n}": r for n, r in compiled.items()})
+    numbers.update(speed.report(base, args, checks))
     plot(lesson_dir(args, NAME), run)
     write_summary(args, NAME, {
         "batch": [run.B, run.T], **numbers, "accumulation_max_grad_diff": accum_diff,

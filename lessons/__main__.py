@@ -8,7 +8,6 @@ every lesson's printed tables and its plots, with the machine, the torch version
 """
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -85,24 +84,10 @@ def print_summary(results) -> None:
         print(f"\n{len(failed)} lesson(s) failed: {', '.join(failed)}")
 
 
-def machine_line() -> str:
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}; Python "
-            f"{platform.python_version()}, torch {torch.__version__}, {platform.system()}")
-
-
 def write_report(results, args) -> Path:
     """DIR/results.md: machine, date, then per lesson its status, time, output and plots
     (copied next to the page, so that the folder can be committed as it is)."""
+    from lessons.common import machine_line  # torch and the packages: only when reporting
     out = Path(args.report)
     out.mkdir(parents=True, exist_ok=True)
     mode = "--quick (smoke run: numbers meaningless)" if args.quick else "default budgets"

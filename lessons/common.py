@@ -8,6 +8,7 @@ same run, saves plots under ``runs/<lesson>/``, and writes ``summary.json`` ther
 import argparse
 import copy
 import json
+import platform
 import sys
 import time
 from contextlib import contextmanager
@@ -108,6 +109,20 @@ def get_base_model(args, log_path=None):
     model, result = pretrain(recipe, device=args.device, log_path=log_path)
     save_base(base_path(args), model, recipe, result)
     return load_base(base_path(args), recipe, device=args.device)
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}; Python "
+            f"{platform.python_version()}, torch {torch.__version__}, {platform.system()}")
 
 
 def print_table(title: str, headers, rows) -> str:

@@ -7,13 +7,17 @@ four ways:
   naive     the seed's F.linear(x, W0 + s B A) with autograd: it forms dW on every forward, and
             autograd then builds the (out, in) gradient of W0 + sBA, a third big matmul
   autograd  base(x) + s (x A^T) B^T with plain autograd, the way typical libraries write it
+  peft      PEFT's own LoRA layer with the same A and B, where peft is installed (it is never a
+            dependency: `peft_lora` returns None without it, and the variant is left out)
 
-The target for `lora` is at most 1.20x `frozen`. The extra work is a handful of rank-r products
-that read an (N, features) activation once each: memory passes, not arithmetic.
+The target for `lora` is at most 1.10x `frozen`. The extra work is a handful of rank-r products
+that read an (N, features) activation once each: memory passes, not arithmetic (function.py).
 
 Timings are medians over `repeats` rounds after a warm-up, and the four alternate inside every
 round, so a shared, noisy machine slows them alike: trust the ratios more than the seconds.
 """
+from collections import OrderedDict
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,6 +25,32 @@ import torch.nn.functional as F
 from tiny_gpt.util.timing import round_robin_medians
 
 from .layer import LoRALinear
+
+
+def peft_lora(model, targets, r, alpha):
+    """`model` (changed in place) with PEFT's LoRA layers on `targets` (peft's
+    inject_adapter_in_model: its layer classes, its forward; the base frozen, no dropout), or
+    None when peft is not installed. Only benchmarks use it: peft is never a dependency."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        return None
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+    return inject_adapter_in_model(config, model.requires_grad_(False))
+
+
+def copy_factors_to_peft(peft_model, model):
+    """Give every PEFT LoRA layer of `peft_model` the A and B of the same path in `model` (our
+    LoRALinear layers), so that the two compute the same function. -> number of layers."""
+    ours = dict(model.named_modules())
+    count = 0
+    with torch.no_grad():
+        for path, module in peft_model.named_modules():
+            if hasattr(module, "lora_A") and isinstance(module.lora_A, nn.ModuleDict):
+                module.lora_A["default"].weight.copy_(ours[path].lora_A)
+                module.lora_B["default"].weight.copy_(ours[path].lora_B)
+                count += 1
+    return count
 
 
 def benchmark_lora_linear(tokens=8192, features=512, r=8, alpha=16, repeats=10, seed=0,
@@ -50,6 +80,12 @@ def _benchmark(tokens, features, r, alpha, repeats, seed):
         "naive": lambda x: F.linear(x, W + s * B @ A, b),
         "autograd": lambda x: base(x) + s * (x @ A.t()) @ B.t(),
     }
+    theirs = peft_lora(nn.Sequential(OrderedDict(layer=nn.Linear(features, features))),
+                       ["layer"], r, alpha)
+    if theirs is not None:
+        theirs.layer.base_layer.load_state_dict(base.state_dict())
+        copy_factors_to_peft(theirs, nn.Sequential(OrderedDict(layer=layer)))
+        forwards["peft"] = theirs.layer
 
     def step(forward):
         def run():

@@ -1,0 +1,208 @@
+"""Speed, side by side in one run: every speed target of the project, as ratios on this machine.
+
+    python -m lessons.speed            # a few minutes on 2 CPU cores, most of it compiling
+    python -m lessons.speed --quick    # tiny sizes and no compiling: the code paths only
+
+Lesson 07 ends with this report. Times of one machine move 2.5x between machines of the same kind
+(and from hour to hour on a shared one), so each target is a ratio of two things timed taking
+turns in this run (tiny_gpt/util/timing.py), and every table names the CPU it ran on.
+bitsandbytes and PEFT join the tables where they are installed (`pip install bitsandbytes peft`
+in another environment); they are never dependencies, and a table says so when one is absent.
+
+1. NF4 (quant/bench.py): quantize and dequantize a 4096 x 4096 weight, ours against
+   bitsandbytes' CPU kernels, codes identical; the 4-bit matmul against the fp32 one.
+2. One LoRALinear 512 -> 512, r = 8, 8,192 tokens, forward + backward (lora/bench.py), against
+   the frozen nn.Linear alone; the seed's naive forward, plain autograd and PEFT's layer beside.
+3. One training step of the tiny GPT, 32 windows of 128 characters, AdamW: our LoRA against
+   PEFT's LoRA on the same model and the same A, B (the same loss, checked); QLoRA against LoRA.
+4. torch.compile (inductor): graph breaks of the LoRA and QLoRA forward (torch._dynamo.explain),
+   a full-graph compile of forward and backward, and compiled against eager per training step.
+"""
+import copy
+
+import torch
+
+from lessons.common import (Checks, base_recipe, get_base_model, lora_copy, machine_line,
+                            parse_args, print_table, run_main)
+from lora.bench import benchmark_lora_linear, copy_factors_to_peft, peft_lora
+from quant.bench import against_bitsandbytes, benchmark_nf4
+from tiny_gpt.data import get_batch
+from tiny_gpt.memory.step_time import time_step
+from tiny_gpt.pretrain import corpus_ids
+from tiny_gpt.train import micro_batch_loss
+from tiny_gpt.util.timing import round_robin_phase_medians
+
+TARGETS = {  # ratio: at most this (issue 13's targets)
+    "dequantize / bitsandbytes": 1.0,
+    "quantize / bitsandbytes": 0.5,
+    "LoRALinear / frozen nn.Linear": 1.10,
+    "LoRA step / PEFT's step": 0.85,
+    "QLoRA step / LoRA step": 1.05,
+}
+SAME_LOSS_TOL = 1e-5  # ours vs PEFT's loss, float32, the same weights: summation order only
+
+
+def nf4_section(quick):
+    """-> {ratio name: value}. NF4 throughput, and bitsandbytes' kernels where installed."""
+    size, repeats = (256, 3) if quick else (4096, 7)
+    ours = benchmark_nf4(size, size, tokens=64 if quick else 2048, repeats=repeats)
+    print_table(f"1. NF4, W {size} x {size}, blocksize 64, double-quantized ({machine_line()})",
+                ["", "value"],
+                [["quantize MB/s (fp32 weight read)", f"{ours['quantize_MB_per_s']:.0f}"],
+                 ["dequantize MB/s (fp32 weight written)", f"{ours['dequantize_MB_per_s']:.0f}"],
+                 [f"4-bit matmul / fp32 matmul, {ours['tokens']} tokens", f"{ours['ratio']:.2f}x"]])
+    theirs = against_bitsandbytes(size, size, repeats=repeats)
+    if theirs is None:
+        print("bitsandbytes is not installed here: its NF4 kernels are not compared\n")
+        return {"4-bit matmul / fp32": ours["ratio"]}
+    s = theirs["seconds"]
+    print_table("   ours next to bitsandbytes' CPU kernels (taking turns)",
+                ["operation", "ours ms", "bitsandbytes ms", "ours / theirs"],
+                [[op, f"{1e3 * s[op]:.1f}", f"{1e3 * s[op + ' (bitsandbytes)']:.1f}",
+                  f"{s[op] / s[op + ' (bitsandbytes)']:.2f}x"] for op in ("quantize", "dequantize")]
+                + [["4-bit codes identical", str(theirs["codes_identical"]), "", ""]])
+    return {"4-bit matmul / fp32": ours["ratio"], "codes identical": theirs["codes_identical"],
+            "quantize / bitsandbytes": theirs["quantize_ratio"],
+            "dequantize / bitsandbytes": theirs["dequantize_ratio"]}
+
+
+def lora_layer_section(quick):
+    """-> {ratio name: value}: one LoRALinear against the frozen layer (and PEFT's layer)."""
+    tokens, repeats = (512, 3) if quick else (8192, 15)
+    result = benchmark_lora_linear(tokens=tokens, repeats=repeats)
+    seconds, ratio = result["seconds"], result["ratio"]
+    print_table(f"2. One layer {result['features']} -> {result['features']}, r = {result['r']}, "
+                f"{tokens} tokens, forward + backward, float32 (medians of {repeats}, taking "
+                "turns)", ["layer", "ms", "/ frozen"],
+                [[name, f"{1e3 * seconds[name]:.2f}", f"{ratio[name]:.3f}x"] for name in seconds])
+    if "peft" not in seconds:
+        print("peft is not installed here: its LoRA layer is not compared\n")
+    found = {"LoRALinear / frozen nn.Linear": ratio["lora"]}
+    if "peft" in seconds:
+        found["LoRALinear / PEFT's layer"] = seconds["lora"] / seconds["peft"]
+    return found
+
+
+def step_models(base):
+    """{name: model}: LoRA (ours), QLoRA, and PEFT's LoRA with our A and B where installed."""
+    models = {"LoRA": lora_copy(base, 0), "QLoRA": lora_copy(base, 0, quantized=True)}
+    theirs = peft_lora(copy.deepcopy(base), ("q_proj", "v_proj"), r=8, alpha=16)
+    if theirs is not None:
+        with torch.no_grad():  # a trained-looking B, the same in both: neither skips a zero
+            for layer in (m for m in models["LoRA"].modules() if hasattr(m, "adapters")):
+                layer.lora_B.normal_(0.0, 0.02)
+        copy_factors_to_peft(theirs, models["LoRA"])
+        models["PEFT's LoRA"] = theirs
+    return models
+
+
+def training_step_section(base, args):
+    """-> {ratio name: value}, and the loss gap between our LoRA and PEFT's (or None)."""
+    B, T, repeats = (4, 32, 3) if args.quick else (32, 128, 15)
+    gen = torch.Generator().manual_seed(args.seed)
+    x, y = get_batch(corpus_ids(base_recipe(args))[0], B, T, gen)
+    batch = [(x.to(args.device), y.to(args.device), None)]
+    runs = {}
+    for name, model in step_models(base).items():
+        model.to(args.device).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        runs[name] = (model, torch.optim.AdamW(params, lr=0.0))  # lr 0: the same work each step
+    loss_gap = None
+    if "PEFT's LoRA" in runs:
+        losses = [micro_batch_loss(runs[n][0], *batch[0], B * T).item()
+                  for n in ("LoRA", "PEFT's LoRA")]
+        loss_gap = abs(losses[0] - losses[1])
+    steps = {n: (lambda m=m, o=o: time_step(m, batch, o)) for n, (m, o) in runs.items()}
+    seconds = {n: ph["total"] for n, ph in round_robin_phase_medians(steps, repeats).items()}
+    print_table(f"3. One training step of the tiny GPT, batch {B} x {T}, AdamW, {args.device} "
+                f"(medians of {repeats}, taking turns)", ["model", "ms", "/ LoRA"],
+                [[n, f"{1e3 * s:.1f}", f"{s / seconds['LoRA']:.3f}x"] for n, s in seconds.items()])
+    found = {"QLoRA step / LoRA step": seconds["QLoRA"] / seconds["LoRA"]}
+    if "PEFT's LoRA" in seconds:
+        found["LoRA step / PEFT's step"] = seconds["LoRA"] / seconds["PEFT's LoRA"]
+        print(f"   our LoRA and PEFT's compute the same loss: they differ by {loss_gap:.1e}\n")
+    else:
+        print("peft is not installed here: its LoRA step is not compared\n")
+    return found, loss_gap
+
+
+def graph_breaks(model, idx):
+    """(graphs, breaks, reasons) of torch._dynamo.explain on model(idx)'s logits."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda i: model(i)[0])(idx)
+    return (explained.graph_count, explained.graph_break_count,
+            [str(r.reason) for r in explained.break_reasons])
+
+
+def compile_section(base, args):
+    """-> ({name: graph breaks}, {name: compiled / eager step time}), or None under --quick
+    (compiling takes about half a minute a model on a 2-core CPU)."""
+    if args.quick:
+        print("4. torch.compile: skipped under --quick (compiling takes ~30 s a model here)\n")
+        return None
+    B, T, repeats = 16, 256, 7
+    gen = torch.Generator().manual_seed(args.seed)
+    x, y = get_batch(corpus_ids(base_recipe(args))[0], B, T, gen)
+    batch = [(x.to(args.device), y.to(args.device), None)]
+    breaks, steps = {}, {}
+    for name, options in (("LoRA", {}), ("QLoRA", {"quantized": True})):
+        model = lora_copy(base, 0, **options).to(args.device).train()
+        graphs, count, reasons = graph_breaks(model, x[:2].to(args.device))
+        breaks[name] = count
+        for reason in reasons[:3]:
+            print(f"   {name} graph break: {reason}")
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)  # a graph break here raises
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        for _ in range(2):  # the first call compiles the forward and the backward graphs
+            time_step(compiled, batch, opt)
+        steps[name] = lambda m=model, o=opt: time_step(m, batch, o)
+        steps[name + ", compiled"] = lambda m=compiled, o=opt: time_step(m, batch, o)
+    seconds = {n: ph["total"] for n, ph in round_robin_phase_medians(steps, repeats).items()}
+    ratios = {n: seconds[n + ", compiled"] / seconds[n] for n in breaks}
+    print_table(f"4. torch.compile (inductor, fullgraph=True), one training step, batch {B} x {T} "
+                f"(medians of {repeats}, taking turns)",
+                ["model", "graph breaks (forward)", "eager ms", "compiled ms", "compiled / eager"],
+                [[n, breaks[n], f"{1e3 * seconds[n]:.1f}", f"{1e3 * seconds[n + ', compiled']:.1f}",
+                  f"{ratios[n]:.2f}x"] for n in breaks])
+    return breaks, ratios
+
+
+def report(base, args, checks):
+    """Every section above; the targets go into `checks` (timings shown, never judged; the
+    graph breaks and PEFT's loss are properties of the code, judged). -> numbers for a summary."""
+    numbers = {**nf4_section(args.quick), **lora_layer_section(args.quick)}
+    steps, loss_gap = training_step_section(base, args)
+    numbers.update(steps)
+    for name, limit in TARGETS.items():
+        if name in numbers:
+            checks.shown(f"{name} <= {limit}", numbers[name] <= limit, f"{numbers[name]:.3f}x")
+        else:
+            checks.shown(f"{name} <= {limit}", None, "not measured", why="package not installed")
+    if "codes identical" in numbers:
+        checks.must("our NF4 codes = bitsandbytes' codes", numbers["codes identical"])
+    if loss_gap is not None:
+        checks.must(f"our LoRA's loss = PEFT's, same weights (float32, {SAME_LOSS_TOL:g})",
+                    loss_gap <= SAME_LOSS_TOL, f"{loss_gap:.1e}")
+    compiled = compile_section(base, args)
+    if compiled is not None:
+        breaks, ratios = compiled
+        for name in breaks:
+            checks.must(f"{name} forward compiles without a graph break", breaks[name] == 0,
+                        breaks[name])
+            checks.shown(f"{name} step compiled / eager < 1", ratios[name] < 1.0,
+                         f"{ratios[name]:.2f}x")
+            numbers[f"{name} compiled / eager"] = ratios[name]
+    return numbers
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv)
+    base, _ = get_base_model(args)
+    checks = Checks(args)
+    report(base, args, checks)
+    return checks.report("Speed targets")
+
+
+if __name__ == "__main__":
+    run_main(main)
