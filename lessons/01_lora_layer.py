@@ -6,7 +6,7 @@ row notation of lora/function.py, x (N, in) holds N tokens and s = alpha / r:
 
     dW = B A            A (r, in)    B (out, r)    r << min(in, out)
     W_eff = W0 + s B A                             W0 frozen, only A and B are trained
-    y = x W0^T + b + s (x A^T) B^T                 (N, out): the forward never needs W_eff
+    y = x W0^T + b + s (x A^T) B^T                 (N, out): no gradient ever needs W_eff
 
 For the 128 x 128 attention projections of our tiny GPT and r = 8 that is 2 * 8 * 128 = 2,048
 trainable numbers instead of 16,384. B starts at zero and A random (Kaiming-uniform), so
@@ -19,19 +19,19 @@ u = x A^T (N, r):
 and nothing for W0. This lesson checks that hand-written backward tensor by tensor against
 autograd and against central finite differences, in float64, and prints OK / max difference.
 
-Why not the seed's forward, F.linear(x, W0 + s B A)? It computes the same numbers, but
-  * it forms the full (out, in) matrix W0 + s B A on every forward pass, and
-  * autograd then differentiates through it: its backward builds the full (out, in)
-    gradient dL/dW_eff = g^T x -- a third big matmul, as costly as the forward itself --
-    and only then projects it down onto A and B.
-The factored form touches W0 only in the two matmuls the frozen layer needs anyway
-(x W0^T forward, g W0 backward); the rest are skinny products with r columns. The timing below
-measures the difference on one layer (its title gives the size and the number of tokens).
+Why not the seed's forward, F.linear(x, W0 + s B A)? It computes the same numbers, and forming
+W0 + s B A is cheap (out * in * r flops, nothing next to the N * out * in of the matmul). What
+costs is that autograd differentiates through the sum: its backward builds the full (out, in)
+gradient dL/dW_eff = g^T x -- a third big matmul, as costly as the forward itself -- and only
+then projects it down onto A and B. The hand-derived backward never builds it: it runs only the
+two matmuls the frozen layer needs anyway (x W_eff^T forward, g W_eff backward; in float32 it
+uses the summed W_eff for both, to save a pass), and the gradients of A and B are skinny
+products with r columns. The timing below measures the difference on one layer (its title gives
+the size and the number of tokens).
 
-And why it matters for QLoRA (lesson 06): the factored form only ever *calls* the base layer.
-The base can then be a 4-bit layer that has no float W0 at all -- it dequantizes a block at a
-time inside its own matmul. W0 + s B A needs W0 as a float matrix to add to, so the naive
-layer cannot sit on a 4-bit base without dequantizing all of it, every step.
+And QLoRA (lesson 06): there is no float W0 to add to, only 4-bit codes. LoRAFunction then
+dequantizes W0 for its forward and again for its backward, adds s B A to that passing copy, and
+keeps nothing in float -- the naive layer, through autograd, would keep its W_eff for backward.
 """
 import math
 

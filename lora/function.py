@@ -8,8 +8,8 @@ Shapes (the microsoft/LoRA convention of lora/layer.py), N = number of tokens, x
     B   (out, r)   lora_B                   s               scaling (alpha / r; rsLoRA: / sqrt(r))
     m   (N, in)    dropout mask, each entry 0 or 1/(1-p); None when dropout is off
 
-Forward (Hu et al. 2021, Sec. 4.1: h = W0 x + dW x with dW = s B A, never formed; the paper's
-column vectors written here as rows):
+Forward (Hu et al. 2021, Sec. 4.1: h = W0 x + dW x with dW = s B A; the paper's column vectors
+written here as rows; "Why it is fast" below says when the code sums W0 + sBA first):
 
     x_d = x * m                     (N, in)     dropout acts on the adapter's input only
     u   = x_d A^T                   (N, r)

@@ -10,14 +10,13 @@ Conventions (microsoft/LoRA, `loralib/layers.py`; used everywhere in this packag
                                            keeps the update's scale from shrinking as r grows
     forward        y = base(x) + s B A dropout(x)          dropout on the adapter's input only
 
-The update dW = s B A is never formed in the forward pass: x goes through A then B, so the base
-can be anything with `in_features`, `out_features` and a forward -- an nn.Linear, or the 4-bit
-Linear4bit of QLoRA that has no float weight. With one active adapter on a frozen nn.Linear or
-4-bit base the forward and backward run through LoRAFunction (lora/function.py, hand-derived
-backward, fewer passes over the activations; a 4-bit weight is decoded in forward and again in
-backward, never saved); every other case -- several active adapters, a base left trainable,
-autocast, mixed dtypes -- uses plain autograd on the same expression, the reference
-LoRAFunction is tested against.
+In the plain expression x goes through A then B, so the base can be anything with `in_features`,
+`out_features` and a forward -- an nn.Linear, or the 4-bit Linear4bit of QLoRA that has no
+float weight. With one active adapter on a frozen nn.Linear or 4-bit base, the forward and
+backward run through LoRAFunction instead (lora/function.py, hand-derived backward, fewer passes
+over the activations; a 4-bit weight is decoded in forward and again in backward, never saved);
+every other case -- several active adapters, a base left trainable, autocast, mixed dtypes --
+uses plain autograd on the same expression, the reference LoRAFunction is tested against.
 
 merge() folds s B A into W0 for inference at zero extra latency; unmerge() takes it out again.
 Both are explicit calls, never side effects of train() / eval().
