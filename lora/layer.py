@@ -64,7 +64,8 @@ def compressed_weight(base):
     """base.weight if the base stores it compressed -- an object with .dequantize(dtype), as a
     4-bit base's Quantized4bit -- and computes in `base.compute_dtype`; else None."""
     weight = getattr(base, "weight", None)
-    if callable(getattr(weight, "dequantize", None)) and hasattr(base, "compute_dtype"):
+    if (not isinstance(weight, torch.Tensor)  # a Tensor has a .dequantize of its own
+            and callable(getattr(weight, "dequantize", None)) and hasattr(base, "compute_dtype")):
         return weight
     return None
 
