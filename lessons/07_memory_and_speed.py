@@ -49,18 +49,16 @@ import warnings
 import torch
 
 from lessons import speed
-from lessons.common import (Checks, base_recipe, get_base_model, lesson_dir, lora_copy,
-                            matplotlib_pyplot, parse_args, print_table, run_main, save_figure,
+from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
+                            parse_args, print_table, run_main, save_figure, text_batch,
                             write_summary)
 from lora import lora_layers
 from quant import Linear4bit
-from tiny_gpt.data import get_batch
 from tiny_gpt.memory.checkpointing import checkpoint_submodules, enable_input_require_grads
 from tiny_gpt.memory.ledger import (MB, SavedTensorMeter, measure_step, tensor_bytes,
                                     weight_ledger)
 from tiny_gpt.memory.offload import FrozenBaseOffload
 from tiny_gpt.memory.step_time import time_step
-from tiny_gpt.pretrain import corpus_ids
 from tiny_gpt.train import accumulate_gradients
 from tiny_gpt.util.timing import round_robin_phase_medians
 
@@ -146,8 +144,7 @@ class Run:
     def __init__(self, args, base):
         self.args, self.device, self.base = args, args.device, base
         self.B, self.T, self.repeats, warmup = (4, 32, 1, 0) if args.quick else (16, 256, 7, 1)
-        gen = torch.Generator().manual_seed(args.seed)
-        x, y = get_batch(corpus_ids(base_recipe(args))[0], self.B, self.T, gen)
+        x, y = text_batch(args, self.B, self.T)
         self.batch = (x, y, None)
         self.micro = [(x[i::4], y[i::4], None) for i in range(4)]  # 4 micro-batches of B/4
         self.configs = build_configs(base, self.batch, self.micro, self.device.type == "cuda")

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from lora import apply_lora, prepare_qlora
+from tiny_gpt.data import get_batch
 from tiny_gpt.evaluate import exact_match
 from tiny_gpt.memory.step_time import time_step
-from tiny_gpt.pretrain import PretrainRecipe, load_base, pretrain, save_base
+from tiny_gpt.pretrain import PretrainRecipe, corpus_ids, load_base, pretrain, save_base
 from tiny_gpt.tasks import get_task, sample_batch
 from tiny_gpt.train import TrainConfig, pick_device, train
 from tiny_gpt.util.safetensors import atomic_write_bytes
@@ -90,6 +91,13 @@ def lesson_dir(args, name: str) -> Path:
 
 def base_recipe(args) -> PretrainRecipe:
     return QUICK_RECIPE if args.quick else BASE_RECIPE
+
+
+def text_batch(args, batch_size: int, block_size: int):
+    """(x, y), each (batch_size, block_size), on the CPU: random windows of the base's
+    pretraining text, drawn with args.seed -- the batch the memory and speed tables time."""
+    gen = torch.Generator().manual_seed(args.seed)
+    return get_batch(corpus_ids(base_recipe(args))[0], batch_size, block_size, gen)
 
 
 def base_path(args) -> Path:

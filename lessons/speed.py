@@ -22,13 +22,11 @@ import copy
 
 import torch
 
-from lessons.common import (Checks, base_recipe, get_base_model, lora_copy, machine_line,
-                            parse_args, print_table, run_main)
+from lessons.common import (Checks, get_base_model, lora_copy, machine_line, parse_args,
+                            print_table, run_main, text_batch)
 from lora.bench import benchmark_lora_linear, copy_factors_to_peft, peft_lora
 from quant.bench import against_bitsandbytes, benchmark_nf4
-from tiny_gpt.data import get_batch
 from tiny_gpt.memory.step_time import time_step
-from tiny_gpt.pretrain import corpus_ids
 from tiny_gpt.train import micro_batch_loss
 from tiny_gpt.util.timing import round_robin_phase_medians
 
@@ -83,6 +81,12 @@ def lora_layer_section(quick):
     return found
 
 
+def idle_adamw(model):
+    """AdamW over the trainable parameters at lr 0: every step does the full work, and the
+    weights stay put, so the steps timed in turn stay comparable."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+
+
 def step_models(base):
     """{name: model}: LoRA (ours), QLoRA, and PEFT's LoRA with our A and B where installed."""
     models = {"LoRA": lora_copy(base, 0), "QLoRA": lora_copy(base, 0, quantized=True)}
@@ -99,14 +103,11 @@ def step_models(base):
 def training_step_section(base, args):
     """-> {ratio name: value}, and the loss gap between our LoRA and PEFT's (or None)."""
     B, T, repeats = (4, 32, 3) if args.quick else (32, 128, 15)
-    gen = torch.Generator().manual_seed(args.seed)
-    x, y = get_batch(corpus_ids(base_recipe(args))[0], B, T, gen)
-    batch = [(x.to(args.device), y.to(args.device), None)]
+    x, y = (t.to(args.device) for t in text_batch(args, B, T))
+    batch = [(x, y, None)]
     runs = {}
     for name, model in step_models(base).items():
-        model.to(args.device).train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        runs[name] = (model, torch.optim.AdamW(params, lr=0.0))  # lr 0: the same work each step
+        runs[name] = (model.to(args.device).train(), idle_adamw(model))
     loss_gap = None
     if "PEFT's LoRA" in runs:
         losses = [micro_batch_loss(runs[n][0], *batch[0], B * T).item()
@@ -141,19 +142,18 @@ def compile_section(base, args):
         print("4. torch.compile: skipped under --quick (compiling takes ~30 s a model here)\n")
         return None
     B, T, repeats = 16, 256, 7
-    gen = torch.Generator().manual_seed(args.seed)
-    x, y = get_batch(corpus_ids(base_recipe(args))[0], B, T, gen)
-    batch = [(x.to(args.device), y.to(args.device), None)]
+    x, y = (t.to(args.device) for t in text_batch(args, B, T))
+    batch = [(x, y, None)]
     breaks, steps = {}, {}
     for name, options in (("LoRA", {}), ("QLoRA", {"quantized": True})):
         model = lora_copy(base, 0, **options).to(args.device).train()
-        graphs, count, reasons = graph_breaks(model, x[:2].to(args.device))
+        graphs, count, reasons = graph_breaks(model, x[:2])
         breaks[name] = count
         for reason in reasons[:3]:
             print(f"   {name} graph break: {reason}")
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True)  # a graph break here raises
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        opt = idle_adamw(model)
         for _ in range(2):  # the first call compiles the forward and the backward graphs
             time_step(compiled, batch, opt)
         steps[name] = lambda m=model, o=opt: time_step(m, batch, o)
