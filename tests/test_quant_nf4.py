@@ -56,11 +56,49 @@ def test_every_level_quantizes_to_itself(absmax):
     assert torch.equal(dequantize_nf4(q), w)  # same float32 product: exact
 
 
-def test_counting_and_binary_search_agree():
-    # nearest_level counts comparisons for 4-bit code books and bisects for larger ones
+def test_lookup_and_binary_search_agree():
+    # nearest_level looks 4-bit code books up by cells and bisects larger ones
     x = torch.cat([torch.rand(10_000) * 2 - 1, midpoints(NF4_CODE), NF4_CODE])
     assert torch.equal(nearest_level(x, NF4_CODE).int(),
                        torch.bucketize(x, midpoints(NF4_CODE), right=False, out_int32=True))
+
+
+def awkward_values(code):
+    """Values where a lookup goes wrong first: on every midpoint and one float32 step to each
+    side of it, on and beside every cell edge of every grid tried, the ends, beyond the ends,
+    signed zeros and the tiniest floats; plus a fine sweep of [-1, 1]."""
+    mids = midpoints(code)
+    edges = torch.cat([torch.arange(-h, h + 1) / h for h in (32, 64, 128, 4096)]).float()
+    spots = torch.cat([mids, edges, torch.tensor([-1.0, 1.0, 0.0, -0.0, 1e-45, -1e-45])])
+    up, down = torch.tensor(3.0), torch.tensor(-3.0)
+    return torch.cat([spots, spots.nextafter(up), spots.nextafter(down),
+                      torch.tensor([1.5, -1.5, 1e30, -1e30]), torch.linspace(-1, 1, 100_003)])
+
+
+@pytest.mark.parametrize("name", ["nf4", "int4", "fp4", "nf3", "nf2"])
+def test_cell_lookup_equals_counting_midpoints(name):
+    from quant.baselines import FP4_CODE, INT4_CODE
+    from quant.blockwise import count_midpoints_below, level_cells, nearest_level_by_cells
+    from quant.nf4 import normal_float_levels
+    code = {"nf4": NF4_CODE, "int4": INT4_CODE, "fp4": FP4_CODE,
+            "nf3": normal_float_levels(3), "nf2": normal_float_levels(2)}[name]
+    cells = level_cells(code)
+    assert cells is not None and cells[0] == 32  # every code book here fits the first grid
+    x = awkward_values(code)
+    assert torch.equal(nearest_level_by_cells(x, cells), count_midpoints_below(x, midpoints(code)))
+
+
+def test_cell_lookup_refines_the_grid_or_falls_back_to_counting():
+    from quant.blockwise import count_midpoints_below, level_cells
+    close = torch.tensor([-1.0, 0.0, 0.01, 0.0101, 1.0])  # midpoints 0.005 and 0.01005 apart
+    h, _, _ = level_cells(close)
+    assert h == 128  # cells of 1/32 and 1/64 hold both midpoints, 1/128 parts them
+    x = awkward_values(close)
+    assert torch.equal(nearest_level(x, close), count_midpoints_below(x, midpoints(close)))
+    too_close = torch.tensor([-1.0, 0.0, 1e-6, 2e-6, 1.0])
+    assert level_cells(too_close) is None
+    x = awkward_values(too_close)
+    assert torch.equal(nearest_level(x, too_close), count_midpoints_below(x, midpoints(too_close)))
 
 
 def test_midpoint_goes_to_lower_level_and_just_above_to_upper():
