@@ -6,10 +6,23 @@ from tiny_gpt.util.timing import median_seconds, round_robin_medians
 
 def test_functions_take_turns_and_warmup_rounds_come_first():
     calls = []
-    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    medians = round_robin_medians(fns, repeats=3, warmup=2)
-    assert calls == ["a", "b"] * 5
-    assert set(medians) == {"a", "b"}
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    medians = round_robin_medians(fns, repeats=12, warmup=2)
+    assert calls[:6] == list("abc") * 2  # the untimed warm-up rounds
+    rounds = [calls[i:i + 3] for i in range(6, len(calls), 3)]
+    assert len(rounds) == 12 and all(sorted(r) == list("abc") for r in rounds)  # each once
+    assert set(medians) == {"a", "b", "c"}
+
+
+def test_the_order_changes_from_round_to_round_and_repeats_from_run_to_run():
+    def visits():
+        calls = []
+        round_robin_medians({n: (lambda n=n: calls.append(n)) for n in "abc"}, 12, warmup=0)
+        return calls
+    calls = visits()
+    assert calls == visits()  # seeded: the same order again
+    followers = {(calls[i], calls[i + 1]) for i in range(len(calls) - 1)}
+    assert all((x, y) in followers for x in "abc" for y in "abc" if x != y)  # each after each
 
 
 def test_the_median_ignores_one_slow_call():

@@ -1,10 +1,11 @@
 """Timing on a shared, noisy machine: medians of calls that take turns.
 
 A busy machine has slow spells. Timing A ten times and then B ten times lets a spell land on
-one of them only; taking turns (A, B, A, B, ...) spreads it over both, and the median drops the
-outliers. So the lessons report ratios measured this way, and trust them more than the seconds.
+one of them only; taking turns (A, B, then B, A, in a new order each round) spreads it over
+both, and the median drops the outliers. So the lessons report ratios measured this way, and trust them more than the seconds.
 On CUDA every timed call is synchronized before and after (``seconds``).
 """
+import random
 import statistics
 import time
 
@@ -27,16 +28,22 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def _rounds(fns: dict, repeats: int, warmup: int, measure) -> dict:
+def _rounds(fns: dict, repeats: int, warmup: int, measure, seed: int = 0) -> dict:
     """{name: [measure(fn) for each timed round]}: `warmup` untimed rounds (first calls
-    allocate memory and pick kernels), then `repeats` rounds, each visiting every fn once."""
+    allocate memory and pick kernels), then `repeats` rounds, each visiting every fn once in a
+    new order. In one fixed order each fn would always run right after the same other one, and
+    what a call leaves behind (freed memory the next call must fault in again, a cache full of
+    its own data) would always land on that same neighbour; a shuffled order spreads it. The
+    shuffle is seeded, so a run can be repeated call for call."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    shuffler, names = random.Random(seed), list(fns)
     results = {name: [] for name in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():
-            results[name].append(measure(fn))
+        shuffler.shuffle(names)
+        for name in names:
+            results[name].append(measure(fns[name]))
     return results
 
 
