@@ -244,7 +244,7 @@ def dequantize_blocks(packed, scales, code, blocksize, dtype=torch.float32, tabl
     step = max(1, DECODE_BYTES // bytes_per_block) * bytes_per_block  # whole blocks
     if n_bytes <= step:
         levels = torch.index_select(pairs, 0, packed.int()).view(torch.float32)  # (2 n_bytes,)
-        values = levels.view(n_blocks, blocksize).mul_(scales[:, None])
+        values = levels.view(n_blocks, blocksize).mul_(scales.unsqueeze(1))
         return values if dtype == torch.float32 else values.to(dtype)
     out = torch.empty((n_blocks, blocksize), dtype=dtype, device=packed.device)
     index = torch.empty(step, dtype=torch.int32, device=packed.device)

@@ -67,8 +67,8 @@ class DoubleQuantScales:
         # index_select takes int32 indices (a quarter of int64's bytes); multiply and add in
         # place on the one new tensor
         scales = torch.index_select(levels, 0, self.codes.int()).view(-1, SCALE_BLOCKSIZE)
-        scales.mul_(self.absmax[:, None]).add_(self.offset)  # (n_groups, 256)
-        return scales.view(-1)[: self.count]
+        scales = scales.mul_(self.absmax.unsqueeze(1)).add_(self.offset).view(-1)
+        return scales if scales.numel() == self.count else scales[: self.count]
 
 
 def quantize_scales(scales):
