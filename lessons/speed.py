@@ -5,7 +5,10 @@
 
 Lesson 07 ends with this report. Times of one machine move 2.5x between machines of the same kind
 (and from hour to hour on a shared one), so each target is a ratio of two things timed taking
-turns in this run (tiny_gpt/util/timing.py), and every table names the CPU it ran on.
+turns in this run (tiny_gpt/util/timing.py), and every table names the CPU it ran on. A target
+is read from the ratios of the single rounds, each round timing both sides once: "met" when
+the upper quartile of those ratios is within it, "not met" when the lower quartile is above
+it, and "cannot tell" when the middle half of the rounds straddles it.
 bitsandbytes and PEFT join the tables where they are installed (`pip install bitsandbytes peft`
 in another environment); they are never dependencies, and a table says so when one is absent.
 
@@ -29,7 +32,7 @@ from lora.bench import benchmark_lora_linear, copy_factors_to_peft, peft_lora
 from quant.bench import against_bitsandbytes, benchmark_nf4
 from tiny_gpt.memory.step_time import time_step
 from tiny_gpt.train import micro_batch_loss
-from tiny_gpt.util.timing import round_robin_phase_medians
+from tiny_gpt.util.timing import RatioSpread, medians, ratio_spread, round_robin_times
 
 TARGETS = {  # ratio: at most this (issue 13's targets)
     "dequantize / bitsandbytes": 1.0,
@@ -42,7 +45,8 @@ SAME_LOSS_TOL = 1e-5  # ours vs PEFT's loss, float32, the same weights: summatio
 
 
 def nf4_section(quick):
-    """-> {ratio name: value}. NF4 throughput, and bitsandbytes' kernels where installed."""
+    """-> {ratio name: value or RatioSpread}. NF4 throughput, and bitsandbytes' kernels where
+    installed."""
     size, repeats = (256, 3) if quick else (4096, 7)
     ours = benchmark_nf4(size, size, tokens=64 if quick else 2048, repeats=repeats)
     print_table(f"1. NF4, W {size} x {size}, blocksize 64, double-quantized ({machine_line()})",
@@ -61,12 +65,13 @@ def nf4_section(quick):
                   f"{s[op] / s[op + ' (bitsandbytes)']:.2f}x"] for op in ("quantize", "dequantize")]
                 + [["4-bit codes identical", str(theirs["codes_identical"]), "", ""]])
     return {"4-bit matmul / fp32": ours["ratio"], "codes identical": theirs["codes_identical"],
-            "quantize / bitsandbytes": theirs["quantize_ratio"],
-            "dequantize / bitsandbytes": theirs["dequantize_ratio"]}
+            "quantize / bitsandbytes": theirs["spread"]["quantize"],
+            "dequantize / bitsandbytes": theirs["spread"]["dequantize"]}
 
 
 def lora_layer_section(quick):
-    """-> {ratio name: value}: one LoRALinear against the frozen layer (and PEFT's layer)."""
+    """-> {ratio name: RatioSpread or value}: one LoRALinear against the frozen layer (and
+    PEFT's layer)."""
     tokens, repeats = (512, 3) if quick else (8192, 15)
     result = benchmark_lora_linear(tokens=tokens, repeats=repeats)
     seconds, ratio = result["seconds"], result["ratio"]
@@ -76,7 +81,7 @@ def lora_layer_section(quick):
                 [[name, f"{1e3 * seconds[name]:.2f}", f"{ratio[name]:.3f}x"] for name in seconds])
     if "peft" not in seconds:
         print("peft is not installed here: its LoRA layer is not compared\n")
-    found = {"LoRALinear / frozen nn.Linear": ratio["lora"]}
+    found = {"LoRALinear / frozen nn.Linear": result["spread"]["lora"]}
     if "peft" in seconds:
         found["LoRALinear / PEFT's layer"] = seconds["lora"] / seconds["peft"]
     return found
@@ -102,7 +107,7 @@ def step_models(base):
 
 
 def training_step_section(base, args):
-    """-> {ratio name: value}, and the loss gap between our LoRA and PEFT's (or None)."""
+    """-> {ratio name: RatioSpread}, and the loss gap between our LoRA and PEFT's (or None)."""
     B, T, repeats = (4, 32, 3) if args.quick else (32, 128, 15)
     x, y = (t.to(args.device) for t in text_batch(args, B, T))
     batch = [(x, y, None)]
@@ -115,13 +120,14 @@ def training_step_section(base, args):
                   for n in ("LoRA", "PEFT's LoRA")]
         loss_gap = abs(losses[0] - losses[1])
     steps = {n: (lambda m=m, o=o: time_step(m, batch, o)) for n, (m, o) in runs.items()}
-    seconds = {n: ph["total"] for n, ph in round_robin_phase_medians(steps, repeats).items()}
+    times = round_robin_times(steps, repeats, measure=lambda step: step()["total"])
+    seconds = medians(times)
     print_table(f"3. One training step of the tiny GPT, batch {B} x {T}, AdamW, {args.device} "
                 f"(medians of {repeats}, taking turns)", ["model", "ms", "/ LoRA"],
                 [[n, f"{1e3 * s:.1f}", f"{s / seconds['LoRA']:.3f}x"] for n, s in seconds.items()])
-    found = {"QLoRA step / LoRA step": seconds["QLoRA"] / seconds["LoRA"]}
+    found = {"QLoRA step / LoRA step": ratio_spread(times, "QLoRA", "LoRA")}
     if "PEFT's LoRA" in seconds:
-        found["LoRA step / PEFT's step"] = seconds["LoRA"] / seconds["PEFT's LoRA"]
+        found["LoRA step / PEFT's step"] = ratio_spread(times, "LoRA", "PEFT's LoRA")
         print(f"   our LoRA and PEFT's compute the same loss: they differ by {loss_gap:.1e}\n")
     else:
         print("peft is not installed here: its LoRA step is not compared\n")
@@ -138,8 +144,8 @@ def graph_breaks(model, idx):
 
 def compile_section(base, args):
     """-> ({name: graph breaks}, {name: compiled / eager step time}, QLoRA / LoRA step time
-    with both compiled), or None under --quick (compiling takes about half a minute a model on
-    a 2-core CPU)."""
+    with both compiled; the ratios as RatioSpread), or None under --quick (compiling takes
+    about half a minute a model on a 2-core CPU)."""
     if args.quick:
         print("4. torch.compile: skipped under --quick (compiling takes ~30 s a model here)\n")
         return None
@@ -160,51 +166,70 @@ def compile_section(base, args):
             time_step(compiled, batch, opt)
         steps[name] = lambda m=model, o=opt: time_step(m, batch, o)
         steps[name + ", compiled"] = lambda m=compiled, o=opt: time_step(m, batch, o)
-    seconds = {n: ph["total"] for n, ph in round_robin_phase_medians(steps, repeats).items()}
-    ratios = {n: seconds[n + ", compiled"] / seconds[n] for n in breaks}
+    times = round_robin_times(steps, repeats, measure=lambda step: step()["total"])
+    seconds = medians(times)
+    ratios = {n: ratio_spread(times, n + ", compiled", n) for n in breaks}
     print_table(f"4. torch.compile (inductor, fullgraph=True), one training step, batch {B} x {T} "
                 f"(medians of {repeats}, taking turns)",
                 ["model", "graph breaks (forward)", "eager ms", "compiled ms", "compiled / eager"],
                 [[n, breaks[n], f"{1e3 * seconds[n]:.1f}", f"{1e3 * seconds[n + ', compiled']:.1f}",
-                  f"{ratios[n]:.2f}x"] for n in breaks])
+                  f"{ratios[n].median:.2f}x"] for n in breaks])
     # Compiled, the decoding's small ops are fused into the kernels around them, so this ratio
     # shows what the 4-bit base costs once the per-op overhead of eager mode is gone.
-    qlora_over_lora = {mode: seconds["QLoRA" + mode] / seconds["LoRA" + mode]
+    qlora_over_lora = {mode: ratio_spread(times, "QLoRA" + mode, "LoRA" + mode)
                        for mode in ("", ", compiled")}
-    print(f"   QLoRA step / LoRA step at {B} x {T}: eager {qlora_over_lora['']:.3f}x, "
-          f"compiled {qlora_over_lora[', compiled']:.3f}x\n")
+    print(f"   QLoRA step / LoRA step at {B} x {T} (median [quartiles] of the rounds): eager "
+          f"{qlora_over_lora['']}, compiled {qlora_over_lora[', compiled']}\n")
     return breaks, ratios, qlora_over_lora[", compiled"]
 
 
 def report(base, args, checks):
     """Every section above; the targets go into `checks` (timings shown, never judged; the
-    graph breaks and PEFT's loss are properties of the code, judged). -> numbers for a summary."""
-    numbers = {**nf4_section(args.quick), **lora_layer_section(args.quick)}
+    graph breaks and PEFT's loss are properties of the code, judged). A timing target reads
+    "met" only when the upper quartile of its per-round ratios is within it, "not met" when even
+    the lower quartile is above it, and "cannot tell" between. -> numbers for a summary."""
+    found = {**nf4_section(args.quick), **lora_layer_section(args.quick)}
     steps, loss_gap = training_step_section(base, args)
-    numbers.update(steps)
+    found.update(steps)
     for name, limit in TARGETS.items():
-        if name in numbers:
-            checks.shown(f"{name} <= {limit}", numbers[name] <= limit, f"{numbers[name]:.3f}x")
+        if name in found:
+            show_ratio(checks, f"{name} <= {limit}", found[name], limit)
         else:
             checks.shown(f"{name} <= {limit}", None, "not measured", why="package not installed")
-    if "codes identical" in numbers:
-        checks.must("our NF4 codes = bitsandbytes' codes", numbers["codes identical"])
+    if "codes identical" in found:
+        checks.must("our NF4 codes = bitsandbytes' codes", found["codes identical"])
     if loss_gap is not None:
         checks.must(f"our LoRA's loss = PEFT's, same weights (float32, {SAME_LOSS_TOL:g})",
                     loss_gap <= SAME_LOSS_TOL, f"{loss_gap:.1e}")
     compiled = compile_section(base, args)
     if compiled is not None:
-        breaks, ratios, found = compiled
+        breaks, ratios, qlora_over_lora = compiled
         for name in breaks:
             checks.must(f"{name} forward compiles without a graph break", breaks[name] == 0,
                         breaks[name])
-            checks.shown(f"{name} step compiled / eager < 1", ratios[name] < 1.0,
-                         f"{ratios[name]:.2f}x")
-            numbers[f"{name} compiled / eager"] = ratios[name]
-        limit = TARGETS["QLoRA step / LoRA step"]
-        checks.shown(f"QLoRA step / LoRA step <= {limit}, both compiled", found <= limit,
-                     f"{found:.3f}x")
-        numbers["QLoRA / LoRA, compiled"] = found
+            show_ratio(checks, f"{name} step compiled / eager <= 1", ratios[name], 1.0)
+            found[f"{name} compiled / eager"] = ratios[name]
+        show_ratio(checks, f"QLoRA step / LoRA step <= {TARGETS['QLoRA step / LoRA step']}, "
+                   "both compiled", qlora_over_lora, TARGETS["QLoRA step / LoRA step"])
+        found["QLoRA / LoRA, compiled"] = qlora_over_lora
+    return summary_numbers(found)
+
+
+def show_ratio(checks, what, spread, limit):
+    """A timing ratio and its verdict against `limit`, shown but never judged."""
+    checks.shown(what, spread.at_most(limit), f"{spread} (quartiles)")
+
+
+def summary_numbers(found):
+    """Plain numbers for the lesson's summary file: a RatioSpread becomes its median and a
+    "(quartiles)" entry beside it."""
+    numbers = {}
+    for name, value in found.items():
+        if isinstance(value, RatioSpread):
+            numbers[name] = value.median
+            numbers[f"{name} (quartiles)"] = [value.low, value.high]
+        else:
+            numbers[name] = value
     return numbers
 
 

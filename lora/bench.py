@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tiny_gpt.util.timing import round_robin_medians
+from tiny_gpt.util.timing import medians, ratio_spread, round_robin_times
 
 from .layer import LoRALinear
 
@@ -92,9 +92,12 @@ def _benchmark(tokens, features, r, alpha, repeats, seed):
             forward(x.detach().requires_grad_()).backward(g)
         return run
 
-    seconds = round_robin_medians({k: step(f) for k, f in forwards.items()}, repeats)
+    times = round_robin_times({k: step(f) for k, f in forwards.items()}, repeats)
+    seconds = medians(times)
+    spread = ({k: ratio_spread(times, k, "frozen") for k in times} if repeats > 1 else None)
     return {"tokens": tokens, "features": features, "r": r, "threads": torch.get_num_threads(),
-            "seconds": seconds, "ratio": {k: v / seconds["frozen"] for k, v in seconds.items()}}
+            "seconds": seconds, "ratio": {k: v / seconds["frozen"] for k, v in seconds.items()},
+            "spread": spread}
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ the seconds. MB = 10^6 bytes of the float32 weight (read by quantize, written by
 import torch
 import torch.nn.functional as F
 
-from tiny_gpt.util.timing import round_robin_medians
+from tiny_gpt.util.timing import medians, ratio_spread, round_robin_medians, round_robin_times
 
 from .linear4bit import DequantMatmul
 from .nf4 import quantize_nf4
@@ -41,10 +41,6 @@ def benchmark_nf4(out_features=4096, in_features=4096, tokens=2048, repeats=5, b
             "ratio": dequant_matmul_s / matmul_s}
 
 
-if __name__ == "__main__":
-    for key, value in benchmark_nf4().items():
-        print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
-
 
 @torch.no_grad()
 def against_bitsandbytes(out_features=4096, in_features=4096, repeats=5, seed=0):
@@ -59,15 +55,23 @@ def against_bitsandbytes(out_features=4096, in_features=4096, repeats=5, seed=0)
     w = torch.randn(out_features, in_features, generator=gen) * 0.02
     ours = quantize_nf4(w, 64, True)
     theirs, state = bnb.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    seconds = round_robin_medians({
+    times = round_robin_times({
         "quantize": lambda: quantize_nf4(w, 64, True),
         "quantize (bitsandbytes)": lambda: bnb.quantize_4bit(
             w, blocksize=64, compress_statistics=True, quant_type="nf4"),
         "dequantize": lambda: ours.dequantize(torch.float32),
         "dequantize (bitsandbytes)": lambda: bnb.dequantize_4bit(theirs, state)}, repeats)
+    seconds = medians(times)
     return {"shape": (out_features, in_features), "seconds": seconds,
             "quantize_ratio": seconds["quantize"] / seconds["quantize (bitsandbytes)"],
             "dequantize_ratio": seconds["dequantize"] / seconds["dequantize (bitsandbytes)"],
+            "spread": {op: ratio_spread(times, op, op + " (bitsandbytes)")
+                       for op in ("quantize", "dequantize")} if repeats > 1 else None,
             "codes_identical": torch.equal(ours.codes, theirs.reshape(-1)),
             "max_dequant_gap": (ours.dequantize(torch.float32)
                                 - bnb.dequantize_4bit(theirs, state)).abs().max().item()}
+
+
+if __name__ == "__main__":
+    for key, value in benchmark_nf4().items():
+        print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")

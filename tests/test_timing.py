@@ -1,6 +1,8 @@
 """tiny_gpt/timing.py: the functions take turns, warm-up calls are not timed."""
 import time
 
+import pytest
+
 from tiny_gpt.util.timing import median_seconds, round_robin_medians
 
 
@@ -28,3 +30,18 @@ def test_the_order_changes_from_round_to_round_and_repeats_from_run_to_run():
 def test_the_median_ignores_one_slow_call():
     delays = iter([0.3, 0.0, 0.3, 0.0, 0.0, 0.0])  # a slow warm-up call, then one outlier
     assert median_seconds(lambda: time.sleep(next(delays)), repeats=5, warmup=1) < 0.15
+
+
+def test_ratio_spread_pairs_the_rounds():
+    from tiny_gpt.util.timing import RatioSpread, ratio_spread
+    # b is always twice a, but the machine slows down round by round: paired, the ratio is exact
+    times = {"a": [1.0, 2.0, 3.0, 4.0, 5.0], "b": [2.0, 4.0, 6.0, 8.0, 10.0]}
+    assert ratio_spread(times, "a", "b") == RatioSpread(0.5, 0.5, 0.5)
+    # one ratio per round: [0.9, 1.0, 1.1, 1.2, 1.3] -> median 1.1, quartiles 0.95 and 1.25
+    spread = ratio_spread({"a": [0.9, 1.0, 1.1, 1.2, 1.3], "b": [1.0] * 5}, "a", "b")
+    assert abs(spread.median - 1.1) < 1e-12
+    assert abs(spread.low - 0.95) < 1e-12 and abs(spread.high - 1.25) < 1e-12
+    assert spread.at_most(1.3) is True and spread.at_most(0.9) is False
+    assert spread.at_most(1.1) is None  # the middle half straddles the limit: cannot tell
+    with pytest.raises(ValueError, match="at least 2 rounds"):
+        ratio_spread({"a": [1.0], "b": [1.0]}, "a", "b")

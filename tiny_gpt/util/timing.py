@@ -8,6 +8,7 @@ On CUDA every timed call is synchronized before and after (``seconds``).
 import random
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -28,13 +29,15 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def _rounds(fns: dict, repeats: int, warmup: int, measure, seed: int = 0) -> dict:
+def round_robin_times(fns: dict, repeats: int = 5, warmup: int = 1, measure=seconds,
+                      seed: int = 0) -> dict:
     """{name: [measure(fn) for each timed round]}: `warmup` untimed rounds (first calls
     allocate memory and pick kernels), then `repeats` rounds, each visiting every fn once in a
     new order. In one fixed order each fn would always run right after the same other one, and
     what a call leaves behind (freed memory the next call must fault in again, a cache full of
     its own data) would always land on that same neighbour; a shuffled order spreads it. The
-    shuffle is seeded, so a run can be repeated call for call."""
+    shuffle is seeded, so a run can be repeated call for call. `measure` is `seconds`, or for
+    a fn that times itself, e.g. `lambda fn: fn()["total"]`."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -47,19 +50,53 @@ def _rounds(fns: dict, repeats: int, warmup: int, measure, seed: int = 0) -> dic
     return results
 
 
+def medians(times: dict) -> dict:
+    """{name: [values]} -> {name: their median}."""
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def round_robin_medians(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
     """{name: fn} -> {name: median seconds of fn()}, the fns taking turns."""
-    times = _rounds(fns, repeats, warmup, seconds)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return medians(round_robin_times(fns, repeats, warmup))
 
 
 def round_robin_phase_medians(steps: dict, repeats: int = 5, warmup: int = 1) -> dict:
     """Like round_robin_medians for step functions that time their own phases: each fn()
     returns a dict of seconds (like memory.time_step). Returns name -> {phase: median}, the
     median being the middle value (the upper one of two for an even count)."""
-    runs = _rounds(steps, repeats, warmup, lambda fn: fn())
+    runs = round_robin_times(steps, repeats, warmup, measure=lambda fn: fn())
     return {name: {key: sorted(r[key] for r in rs)[len(rs) // 2] for key in rs[0]}
             for name, rs in runs.items()}
+
+
+@dataclass(frozen=True)
+class RatioSpread:
+    """A ratio of two timings from the rounds of one run: its median and the middle half."""
+    median: float
+    low: float   # first quartile of the per-round ratios
+    high: float  # third quartile
+
+    def at_most(self, limit):
+        """True if even the upper quartile is within `limit`, False if even the lower one is
+        above it, None when the middle half straddles it: this run cannot tell."""
+        if self.high <= limit:
+            return True
+        return False if self.low > limit else None
+
+    def __str__(self):
+        return f"{self.median:.3f}x [{self.low:.3f}, {self.high:.3f}]"
+
+
+def ratio_spread(times: dict, numerator: str, denominator: str) -> RatioSpread:
+    """times[numerator][i] / times[denominator][i] for every round i of round_robin_times: the
+    two ran in the same round, close together in time, so a slow spell of the machine that
+    lasts a round slows both, and the round's ratio keeps what the code does. -> their median
+    and quartiles: how far apart the rounds of this run put the ratio."""
+    ratios = [a / b for a, b in zip(times[numerator], times[denominator])]
+    if len(ratios) < 2:
+        raise ValueError(f"ratio_spread needs at least 2 rounds, got {len(ratios)}")
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return RatioSpread(statistics.median(ratios), low, high)
 
 
 def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
