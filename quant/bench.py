@@ -41,7 +41,6 @@ def benchmark_nf4(out_features=4096, in_features=4096, tokens=2048, repeats=5, b
             "ratio": dequant_matmul_s / matmul_s}
 
 
-
 @torch.no_grad()
 def against_bitsandbytes(out_features=4096, in_features=4096, repeats=5, seed=0):
     """Our NF4 next to bitsandbytes' CPU kernels on one weight (blocksize 64, double-quantized

@@ -2,7 +2,8 @@
 
 A busy machine has slow spells. Timing A ten times and then B ten times lets a spell land on
 one of them only; taking turns (A, B, then B, A, in a new order each round) spreads it over
-both, and the median drops the outliers. So the lessons report ratios measured this way, and trust them more than the seconds.
+both, and the median drops the outliers. So the lessons report ratios measured this way, and
+trust them more than the seconds; ratio_spread reads a ratio round by round, with its spread.
 On CUDA every timed call is synchronized before and after (``seconds``).
 """
 import random
