@@ -17,7 +17,9 @@ in another environment); they are never dependencies, and a table says so when o
 2. One LoRALinear 512 -> 512, r = 8, 8,192 tokens, forward + backward (lora/bench.py), against
    the frozen nn.Linear alone; the seed's naive forward, plain autograd and PEFT's layer beside.
 3. One training step of the tiny GPT, 32 windows of 128 characters, AdamW: our LoRA against
-   PEFT's LoRA on the same model and the same A, B (the same loss, checked); QLoRA against LoRA.
+   PEFT's LoRA on the same model and the same A, B (the same loss, checked); QLoRA against LoRA;
+   and the floor, the same step with no adapter work (floor_model): what LoRA adds, and the
+   best LoRA / PEFT's step that any LoRA layer could reach here.
 4. torch.compile (inductor): graph breaks of the LoRA and QLoRA forward (torch._dynamo.explain),
    a full-graph compile of forward and backward, compiled against eager per training step, and
    QLoRA against LoRA with both compiled.
@@ -93,9 +95,25 @@ def idle_adamw(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
 
 
+FLOOR = "no adapter (floor)"
+
+
+def floor_model(base):
+    """The step with no adapter work at all: every weight frozen but the position embedding,
+    so backward still runs through every layer, as LoRA's must to reach block 0's q_proj, and
+    only the adapters' own products are missing (it runs one layer norm's backward more). No
+    LoRA layer can make a step cheaper than this one, so floor / PEFT's step is the best
+    LoRA / PEFT's step any implementation could read on this model and batch."""
+    model = copy.deepcopy(base).requires_grad_(False)
+    model.pos_emb.weight.requires_grad_(True)
+    return model
+
+
 def step_models(base):
-    """{name: model}: LoRA (ours), QLoRA, and PEFT's LoRA with our A and B where installed."""
-    models = {"LoRA": lora_copy(base, 0), "QLoRA": lora_copy(base, 0, quantized=True)}
+    """{name: model}: LoRA (ours), QLoRA, the floor, and PEFT's LoRA with our A and B where
+    installed."""
+    models = {"LoRA": lora_copy(base, 0), "QLoRA": lora_copy(base, 0, quantized=True),
+              FLOOR: floor_model(base)}
     theirs = peft_lora(copy.deepcopy(base), ("q_proj", "v_proj"), r=8, alpha=16)
     if theirs is not None:
         with torch.no_grad():  # a trained-looking B, the same in both: neither skips a zero
@@ -125,9 +143,14 @@ def training_step_section(base, args):
     print_table(f"3. One training step of the tiny GPT, batch {B} x {T}, AdamW, {args.device} "
                 f"(medians of {repeats}, taking turns)", ["model", "ms", "/ LoRA"],
                 [[n, f"{1e3 * s:.1f}", f"{s / seconds['LoRA']:.3f}x"] for n, s in seconds.items()])
-    found = {"QLoRA step / LoRA step": ratio_spread(times, "QLoRA", "LoRA")}
+    found = {"QLoRA step / LoRA step": ratio_spread(times, "QLoRA", "LoRA"),
+             "LoRA step / floor": ratio_spread(times, "LoRA", FLOOR)}
+    print(f"   per round, median [quartiles]: LoRA / floor {found['LoRA step / floor']}")
     if "PEFT's LoRA" in seconds:
         found["LoRA step / PEFT's step"] = ratio_spread(times, "LoRA", "PEFT's LoRA")
+        best = found["floor / PEFT's step"] = ratio_spread(times, FLOOR, "PEFT's LoRA")
+        print(f"   floor / PEFT's step {best}: the least LoRA / PEFT's step that any LoRA layer "
+              "could read here")
         print(f"   our LoRA and PEFT's compute the same loss: they differ by {loss_gap:.1e}\n")
     else:
         print("peft is not installed here: its LoRA step is not compared\n")
@@ -196,6 +219,10 @@ def report(base, args, checks):
             show_ratio(checks, f"{name} <= {limit}", found[name], limit)
         else:
             checks.shown(f"{name} <= {limit}", None, "not measured", why="package not installed")
+    if "floor / PEFT's step" in found:  # could any LoRA layer meet that target on this model?
+        limit = TARGETS["LoRA step / PEFT's step"]
+        show_ratio(checks, f"floor / PEFT's step <= {limit} (reachable at all)",
+                   found["floor / PEFT's step"], limit)
     if "codes identical" in found:
         checks.must("our NF4 codes = bitsandbytes' codes", found["codes identical"])
     if loss_gap is not None:
