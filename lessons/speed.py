@@ -35,6 +35,7 @@ from quant.bench import against_bitsandbytes, benchmark_nf4
 from tiny_gpt.memory.step_time import time_step
 from tiny_gpt.train import micro_batch_loss
 from tiny_gpt.util.timing import RatioSpread, medians, ratio_spread, round_robin_times
+from tiny_gpt.util.torch_compat import dynamo_traces_function_backward
 
 TARGETS = {  # ratio: at most this (issue 13's targets)
     "dequantize / bitsandbytes": 1.0,
@@ -171,6 +172,10 @@ def compile_section(base, args):
     about half a minute a model on a 2-core CPU)."""
     if args.quick:
         print("4. torch.compile: skipped under --quick (compiling takes ~30 s a model here)\n")
+        return None
+    if not dynamo_traces_function_backward():
+        print(f"4. torch.compile: skipped: torch {torch.__version__} breaks the graph at every "
+              "custom autograd.Function, and cannot compile a 4-bit model (torch >= 2.4 can)\n")
         return None
     B, T, repeats = 16, 256, 7
     x, y = (t.to(args.device) for t in text_batch(args, B, T))

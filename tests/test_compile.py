@@ -7,12 +7,16 @@ import torch
 
 from lora import apply_lora, prepare_qlora
 from tiny_gpt import GPT, GPTConfig
+from tiny_gpt.util.torch_compat import dynamo_traces_function_backward
 
 dynamo = pytest.importorskip("torch._dynamo")
 
 
 @pytest.mark.parametrize("variant", ["base", "lora", "qlora"])
 def test_forward_has_no_graph_break(variant):
+    if variant == "qlora" and not dynamo_traces_function_backward():
+        pytest.skip(f"torch {torch.__version__} cannot compile a 4-bit model (torch 2.1.2 fails "
+                    "inside dynamo; train(compile=True) refuses it there)")
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
     if variant == "lora":
@@ -21,5 +25,10 @@ def test_forward_has_no_graph_break(variant):
         model = prepare_qlora(copy.deepcopy(model), targets=("q_proj", "v_proj"), r=4)
     dynamo.reset()
     explained = dynamo.explain(model)(torch.randint(0, 96, (2, 16)))
+    if variant == "lora" and not dynamo_traces_function_backward():
+        # torch < 2.4 breaks the graph at each custom autograd.Function: the compat module says
+        # so, and this holds it to that (the gate would be wrong if these traced whole)
+        assert explained.graph_break_count > 0
+        return
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1

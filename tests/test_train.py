@@ -136,3 +136,21 @@ def test_compiled_training_steps_match_eager(small_model):
         assert torch.allclose(a, b, atol=1e-5), n
     with pytest.raises(ValueError, match="TrainConfig.compile must be True or False"):
         TrainConfig(compile="yes")
+
+
+def test_compile_of_a_4bit_model_is_refused_where_torch_cannot_compile_it(small_model,
+                                                                         monkeypatch):
+    """Under torch < 2.4 compiling a 4-bit base fails inside torch (seen on 2.1.2): train()
+    says so before it changes anything; a float model still compiles there."""
+    import importlib
+    from quant import quantize_model
+    train_module = importlib.import_module("tiny_gpt.train")  # tiny_gpt.train: the function
+    monkeypatch.setattr(train_module, "dynamo_traces_function_backward", lambda: False)
+    four_bit = quantize_model(copy.deepcopy(small_model), targets=("q_proj",))
+    before = {k: v.clone() for k, v in four_bit.state_dict().items()}
+    cfg = TrainConfig(max_steps=1, eval_every=0, progress=False, compile=True)
+    with pytest.raises(ValueError, match=r"cannot compile a model with a compressed \(4-bit\) "
+                                         r"weight, such as 'blocks.0.attn.q_proj'"):
+        train(four_bit, _batches, cfg, device="cpu")
+    assert all(torch.equal(before[k], v) for k, v in four_bit.state_dict().items())
+    train_module.check_compilable(small_model)  # float weights only: allowed

@@ -26,7 +26,7 @@ from .parallel.data_parallel import ddp_of, global_sum, sync_unless_last, world_
 from .util.progress import Progress
 from .util.checks import is_number, is_whole_number
 from .util.safetensors import check_writable
-from .util.torch_compat import autocast, cuda_grad_scaler
+from .util.torch_compat import autocast, cuda_grad_scaler, dynamo_traces_function_backward
 
 
 @dataclass
@@ -256,6 +256,8 @@ def train(model, get_batch: Callable, cfg: TrainConfig, evaluate: Optional[Calla
                          "13 saves its adapter)")
     if cfg.ckpt_path:
         check_writable(cfg.ckpt_path)  # found now, not after all the training
+    if cfg.compile:
+        check_compilable(model)
     torch.manual_seed(cfg.seed)
     run = _Run(model.to(device).train(), cfg, torch.Generator().manual_seed(cfg.seed))
     if cfg.resume and cfg.ckpt_path and Path(cfg.ckpt_path).exists():
@@ -283,6 +285,22 @@ def train(model, get_batch: Callable, cfg: TrainConfig, evaluate: Optional[Calla
         if log:
             log.close()
     return run.finish(result, t0)
+
+
+def check_compilable(model):
+    """Refuse compile=True where this torch cannot compile the model: torch.compile before 2.4
+    breaks the graph at every custom autograd.Function and, in torch 2.1, fails on a weight
+    stored compressed (a 4-bit base: a module whose .weight has .dequantize and is no tensor).
+    A float model with LoRA compiles there, in pieces."""
+    if dynamo_traces_function_backward():
+        return
+    compressed = [name for name, module in model.named_modules()
+                  if hasattr(getattr(module, "weight", None), "dequantize")
+                  and not isinstance(module.weight, torch.Tensor)]
+    if compressed:
+        raise ValueError(f"compile=True: torch {torch.__version__} cannot compile a model with a "
+                         f"compressed (4-bit) weight, such as {compressed[0]!r}; torch >= 2.4 "
+                         "can, or train with compile=False")
 
 
 class _Run:
