@@ -316,9 +316,10 @@ def state_bytes(model) -> int:
 
 def qlora_fsdp(rank, base, shares, micro):
     """fully_shard every block and the root, the packed codes held as float32 parameters."""
-    fully_shard = fully_shard_function()
+    fully_shard = fully_shard_function(DEVICE.type)
     if fully_shard is None:
-        return {"error": f"torch {torch.__version__} has no FSDP2 fully_shard (torch >= 2.4)"}
+        return {"error": f"torch {torch.__version__} has no FSDP2 fully_shard for {DEVICE.type} "
+                         "(torch >= 2.6; on CUDA >= 2.4)"}
     reference = lora_copy(base, quantized=True)
     accumulate_gradients(reference, micro, DEVICE)
     model = lora_copy(base, quantized=True)

@@ -281,6 +281,8 @@ def allocations_during(fn):
                    if e.name != "[memory]" and e.self_cpu_memory_usage > 0), reverse=True)
 
 
+@pytest.mark.skipif(torch.__version__ < (2, 4), reason="torch 2.1.2's profiler listed the same "
+                    "call with and without its 1 MB index buffer, from run to run (2026-12-03)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_dequantize_allocates_its_output_and_one_step_of_buffers_only(dtype):
     from quant.blockwise import DECODE_BYTES

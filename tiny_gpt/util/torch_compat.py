@@ -73,15 +73,19 @@ def cuda_grad_scaler(**kwargs):
     return torch.cuda.amp.GradScaler(**kwargs)
 
 
-def fully_shard_function():
-    """FSDP2's fully_shard: public as torch.distributed.fsdp.fully_shard since torch 2.6,
-    torch.distributed._composable.fsdp.fully_shard in 2.4 and 2.5; None before (torch 2.1 has
-    only FSDP1, FullyShardedDataParallel)."""
+def fully_shard_function(device_type: str = "cpu"):
+    """FSDP2's fully_shard for modules on `device_type`, or None where this torch has none that
+    runs there. Public as torch.distributed.fsdp.fully_shard since torch 2.6, CPU included (run
+    here on torch 2.13). In 2.4 and 2.5 it was torch.distributed._composable.fsdp.fully_shard,
+    for CUDA only: on CPU, torch 2.4.1's made a CUDA stream at the first forward and failed
+    (seen 2026-12-03). torch 2.1 has only FSDP1, FullyShardedDataParallel."""
     try:
         from torch.distributed.fsdp import fully_shard
         return fully_shard
     except ImportError:
         pass
+    if device_type != "cuda":
+        return None
     try:
         from torch.distributed._composable.fsdp import fully_shard
         return fully_shard
