@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tiny_gpt.util.checks import is_number, is_whole_number
-from tiny_gpt.util.modules import is_linear_like
+from tiny_gpt.util.modules import is_compressed_weight, is_linear_like
 from tiny_gpt.util.torch_compat import autocast_enabled
 
 from .dora import DoRAFunction, dora_norm, dora_reference
@@ -64,10 +64,7 @@ def compressed_weight(base):
     """base.weight if the base stores it compressed -- an object with .dequantize(dtype), as a
     4-bit base's Quantized4bit -- and computes in `base.compute_dtype`; else None."""
     weight = getattr(base, "weight", None)
-    if (not isinstance(weight, torch.Tensor)  # a Tensor has a .dequantize of its own
-            and callable(getattr(weight, "dequantize", None)) and hasattr(base, "compute_dtype")):
-        return weight
-    return None
+    return weight if is_compressed_weight(weight) and hasattr(base, "compute_dtype") else None
 
 
 def float_weight(base):

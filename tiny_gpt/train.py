@@ -25,6 +25,7 @@ from .model import masked_cross_entropy
 from .parallel.data_parallel import ddp_of, global_sum, sync_unless_last, world_size
 from .util.progress import Progress
 from .util.checks import is_number, is_whole_number
+from .util.modules import is_compressed_weight
 from .util.safetensors import check_writable
 from .util.torch_compat import autocast, cuda_grad_scaler, dynamo_traces_function_backward
 
@@ -290,13 +291,12 @@ def train(model, get_batch: Callable, cfg: TrainConfig, evaluate: Optional[Calla
 def check_compilable(model):
     """Refuse compile=True where this torch cannot compile the model: torch.compile before 2.4
     breaks the graph at every custom autograd.Function and, in torch 2.1, fails on a weight
-    stored compressed (a 4-bit base: a module whose .weight has .dequantize and is no tensor).
+    stored compressed (a 4-bit base: util.modules.is_compressed_weight).
     A float model with LoRA compiles there, in pieces."""
     if dynamo_traces_function_backward():
         return
     compressed = [name for name, module in model.named_modules()
-                  if hasattr(getattr(module, "weight", None), "dequantize")
-                  and not isinstance(module.weight, torch.Tensor)]
+                  if is_compressed_weight(getattr(module, "weight", None))]
     if compressed:
         raise ValueError(f"compile=True: torch {torch.__version__} cannot compile a model with a "
                          f"compressed (4-bit) weight, such as {compressed[0]!r}; torch >= 2.4 "

@@ -5,9 +5,11 @@ model (tiny_gpt/memory/checkpointing.py) and QLoRA (lora/qlora.py).
 A target names a module by its full dotted path ("blocks.0.attn.q_proj") or by the last parts
 of it ("q_proj", "attn.q_proj"). QLoRA hands the same targets to the quantizer and to LoRA, so
 both must read them the same way; a target that names nothing is an error that lists what
-exists, raised before any module is touched.
+exists, raised before any module is touched. Beside the rule, what kind a module or weight is.
 """
 from typing import Iterable, List
+
+import torch
 
 
 def path_matches(path: str, target: str) -> bool:
@@ -18,6 +20,14 @@ def path_matches(path: str, target: str) -> bool:
 def is_linear_like(module) -> bool:
     """Anything that maps in_features -> out_features (nn.Linear, Linear4bit, LoRALinear)."""
     return all(isinstance(getattr(module, a, None), int) for a in ("in_features", "out_features"))
+
+
+def is_compressed_weight(weight) -> bool:
+    """Is `weight` a frozen weight stored compressed -- no tensor, but something with
+    .dequantize(dtype), as a 4-bit base's Quantized4bit? (A Tensor has a .dequantize of its
+    own, for torch's quantized tensors, so tensors are ruled out first.)"""
+    return (not isinstance(weight, torch.Tensor)
+            and callable(getattr(weight, "dequantize", None)))
 
 
 def as_names(targets, role: str = "target") -> tuple:
