@@ -184,14 +184,14 @@ def quantize_blocks(blocks, scales, code):
     """
     n_blocks, blocksize = blocks.shape
     inverse = reciprocal_scales(scales)
-    cells = level_cells(code)  # built once, not per chunk
+    cells, mids = level_cells(code), midpoints(code)  # built once, not per chunk
     packed = torch.empty(n_blocks * blocksize // 2, dtype=torch.uint8, device=blocks.device)
     step = max(1, CHUNK_ELEMENTS // blocksize)  # blocks per chunk
     for start in range(0, n_blocks, step):
         stop = min(start + step, n_blocks)
         scaled = blocks[start:stop] * inverse[start:stop, None]  # (chunk, blocksize) in [-1, 1]
         levels = (nearest_level_by_cells(scaled, cells) if cells is not None
-                  else nearest_level(scaled, code))
+                  else count_midpoints_below(scaled, mids))  # a 4-bit code book: <= 15 mids
         byte_range = slice(start * blocksize // 2, stop * blocksize // 2)
         packed[byte_range] = pack_nibbles(levels)
     return packed

@@ -309,3 +309,16 @@ def test_dequantize_in_one_step_equals_dequantize_in_many(monkeypatch):
     whole = q.dequantize(torch.float32)
     monkeypatch.setattr(blockwise, "DECODE_BYTES", 32 * 5)  # 5 blocks a step: 73 steps
     assert torch.equal(q.dequantize(torch.float32), whole)
+
+
+def test_quantizing_with_a_code_book_no_grid_fits_counts_the_midpoints():
+    from quant.blockwise import (block_absmax, count_midpoints_below, level_cells,
+                                 reciprocal_scales)
+    from quant.qtensor import quantize_4bit
+    too_close = torch.tensor([-1.0, 0.0, 1e-6, 2e-6, 1.0])
+    assert level_cells(too_close) is None
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(3)) * 1e-5
+    blocks = to_blocks(w, 64)
+    scaled = blocks * reciprocal_scales(block_absmax(blocks))[:, None]
+    expected = count_midpoints_below(scaled, midpoints(too_close)).reshape(-1)
+    assert torch.equal(unpack_nibbles(quantize_4bit(w, too_close, 64, False).codes), expected)
