@@ -96,6 +96,11 @@ def idle_adamw(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
 
 
+def step_times(steps, repeats):
+    """{name: [seconds of each round]} for time_step calls taking turns (their "total")."""
+    return round_robin_times(steps, repeats, measure=lambda step: step()["total"])
+
+
 FLOOR = "no adapter (floor)"
 
 
@@ -139,7 +144,7 @@ def training_step_section(base, args):
                   for n in ("LoRA", "PEFT's LoRA")]
         loss_gap = abs(losses[0] - losses[1])
     steps = {n: (lambda m=m, o=o: time_step(m, batch, o)) for n, (m, o) in runs.items()}
-    times = round_robin_times(steps, repeats, measure=lambda step: step()["total"])
+    times = step_times(steps, repeats)
     seconds = medians(times)
     print_table(f"3. One training step of the tiny GPT, batch {B} x {T}, AdamW, {args.device} "
                 f"(medians of {repeats}, taking turns)", ["model", "ms", "/ LoRA"],
@@ -194,7 +199,7 @@ def compile_section(base, args):
             time_step(compiled, batch, opt)
         steps[name] = lambda m=model, o=opt: time_step(m, batch, o)
         steps[name + ", compiled"] = lambda m=compiled, o=opt: time_step(m, batch, o)
-    times = round_robin_times(steps, repeats, measure=lambda step: step()["total"])
+    times = step_times(steps, repeats)
     seconds = medians(times)
     ratios = {n: ratio_spread(times, n + ", compiled", n) for n in breaks}
     print_table(f"4. torch.compile (inductor, fullgraph=True), one training step, batch {B} x {T} "
