@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from tiny_gpt.util.modules import replace_module, select_paths
 
-from .blockwise import pair_table
+from .kernels import decode_table
 from .double_quant import DYNAMIC_MAP, DoubleQuantScales
 from .nf4 import normal_float_levels, quantize_nf4
 from .qtensor import Quantized4bit, quantize_4bit
@@ -78,7 +78,7 @@ class Linear4bit(nn.Module):
             self.register_buffer(name, tensor)
         # Tables derived from the code books, built once here and moved with the module by
         # .to(device); not saved, since they follow from what is.
-        self.register_buffer("pair_levels", pair_table(self.code), persistent=False)
+        self.register_buffer("pair_levels", decode_table(self.code), persistent=False)
         if qweight.double_quant:
             self.register_buffer("scale_levels", DYNAMIC_MAP.clone(), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
@@ -109,33 +109,8 @@ class Linear4bit(nn.Module):
                              self.pair_levels)
 
     def packed_codes(self) -> torch.Tensor:
-        """The packed codes as uint8 bytes, whichever dtype they are stored in (see
-        store_codes_as)."""
+        """The packed codes as uint8 bytes (quant/sharding.py may hold them in a float view)."""
         return self.codes if self.codes.dtype == torch.uint8 else self.codes.view(torch.uint8)
-
-    def store_codes_as(self, dtype=torch.float32):
-        """Hold the packed codes as a frozen nn.Parameter whose bytes are viewed as `dtype`
-        (the bytes are unchanged: 4 of them per float32 entry), so that a sharding wrapper
-        (FSDP) that shards parameters, not buffers, splits the 4-bit base across ranks. A
-        wrapper that flattens parameters into one buffer of one dtype (FSDP1, which refuses
-        integer tensors) needs the float view; fsdp_qlora does the same with bitsandbytes'
-        quant_storage. dtype=torch.uint8 puts the codes back in a buffer. While stored so, the
-        codes count among parameters() and the state_dict holds them in that float view
-        (n / 4 entries for float32): save and load a layer whose codes are uint8. -> self"""
-        allowed = (torch.uint8,) + COMPUTE_DTYPES
-        if dtype not in allowed:
-            raise ValueError(f"store_codes_as: dtype must be one of {allowed}, got {dtype!r}")
-        packed = self.packed_codes().detach()
-        width = torch.empty((), dtype=dtype).element_size()
-        if packed.numel() % width:
-            raise ValueError(f"store_codes_as: {packed.numel()} code bytes do not fill whole "
-                             f"{dtype} entries of {width} bytes")
-        delattr(self, "codes")
-        if dtype == torch.uint8:
-            self.register_buffer("codes", packed)
-        else:
-            self.codes = nn.Parameter(packed.view(dtype), requires_grad=False)
-        return self
 
     def dequantized_weight(self, dtype=None):
         """(out, in) float weight in `dtype` (default: compute dtype), as forward uses it."""
@@ -157,22 +132,21 @@ class Linear4bit(nn.Module):
         a table derived from the old one would dequantize with the wrong levels."""
         super()._load_from_state_dict(*args, **kwargs)
         with torch.no_grad():
-            self.pair_levels.copy_(pair_table(self.code))
+            self.pair_levels.copy_(decode_table(self.code))
 
     def _apply(self, fn, recurse=True):
-        """Let .to(device) move the 4-bit buffers, but never let .to(dtype) / .half() round
-        the float32 scales or the code book: the weight's precision is fixed at quantization."""
-        before = dict(self.named_buffers(recurse=False))
-        codes_param = isinstance(self.codes, nn.Parameter)
-        if codes_param:  # codes stored as float bytes (store_codes_as): never cast them either
-            before["codes"] = self.codes.detach()  # the tensor, not the Parameter, which
-        super()._apply(fn, recurse)                # _apply may change in place
-        for name, old in before.items():
+        """Let .to(device) move the 4-bit storage, but never let .to(dtype) / .half() round
+        the float32 scales or the code book: the weight's precision is fixed at quantization.
+        (The codes may be a frozen Parameter in a float view: quant/sharding.py.)"""
+        stored = {name: t.detach() for name, t in self.named_buffers(recurse=False)}
+        stored["codes"] = self.codes.detach()
+        super()._apply(fn, recurse)
+        for name, old in stored.items():
             new = getattr(self, name)
             if new.dtype != old.dtype:
                 moved = old.to(new.device)
                 setattr(self, name, nn.Parameter(moved, requires_grad=False)
-                        if name == "codes" and codes_param else moved)
+                        if isinstance(new, nn.Parameter) else moved)
         return self
 
     def extra_repr(self):

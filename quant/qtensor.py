@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from .blockwise import (block_absmax, check_blocksize, check_finite, dequantize_blocks,
-                        quantize_blocks, to_blocks)
+from .blockwise import check_blocksize, check_finite, to_blocks
+from .kernels import block_absmax, dequantize_blocks, quantize_blocks
 from .double_quant import DoubleQuantScales, quantize_scales
 
 

@@ -188,14 +188,14 @@ def test_forward_and_backward_build_no_table(monkeypatch):
     # the pair table and the scales' 8-bit map are built once, at construction, and moved
     # with the module: a forward that rebuilt them (or copied the map to the device) would
     # hit these
-    import quant.blockwise as blockwise
     import quant.double_quant as double_quant
+    import quant.tuned as tuned
     layer = Linear4bit.from_linear(make_linear(), double_quant=True)
     x = torch.randn(3, layer.in_features, requires_grad=True)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a look-up table was built during forward or backward")
-    monkeypatch.setattr(blockwise, "pair_table", refuse)
+    monkeypatch.setattr(tuned, "pair_table", refuse)
     monkeypatch.setattr(double_quant, "DYNAMIC_MAP", None)  # .to() on it would fail
     layer(x).sum().backward()
     assert x.grad is not None
@@ -204,7 +204,7 @@ def test_forward_and_backward_build_no_table(monkeypatch):
 def test_loading_another_code_book_rebuilds_the_cached_table():
     # the pair table is derived from the code book; loading a state dict with other levels
     # must dequantize with those levels, not with the table built at construction
-    from quant.blockwise import pair_table
+    from quant.tuned import pair_table
     layer = Linear4bit.from_linear(make_linear(), double_quant=False)
     state = layer.state_dict()
     state["code"] = state["code"] * 0.5
@@ -216,20 +216,22 @@ def test_loading_another_code_book_rebuilds_the_cached_table():
 
 
 def test_codes_stored_as_float_bytes_are_the_same_weight_and_stay_uncast():
-    """store_codes_as: the packed bytes become a frozen float parameter (for FSDP to shard),
+    """quant.sharding.store_codes_as: the packed bytes become a frozen float parameter (for
+    FSDP to shard),
     the layer computes exactly as before, a dtype cast leaves those bytes alone, and going
     back to uint8 restores the buffer."""
     torch.manual_seed(0)
     layer = Linear4bit.from_linear(nn.Linear(64, 32))
     x = torch.randn(5, 64)
     before, packed = layer(x), layer.codes.clone()
-    layer.store_codes_as(torch.float32)
+    from quant.sharding import store_codes_as
+    store_codes_as(layer, torch.float32)
     assert isinstance(layer.codes, nn.Parameter) and not layer.codes.requires_grad
     assert layer.codes.dtype == torch.float32 and layer.codes.numel() == packed.numel() // 4
     assert "codes" in dict(layer.named_parameters()) and torch.equal(layer(x), before)
     layer.to(torch.float64)
     assert layer.codes.dtype == torch.float32 and torch.equal(layer.packed_codes(), packed)
-    layer.store_codes_as(torch.uint8)
+    store_codes_as(layer, torch.uint8)
     assert "codes" in dict(layer.named_buffers()) and torch.equal(layer.codes, packed)
     with pytest.raises(ValueError, match="dtype must be one of"):
-        layer.store_codes_as(torch.int32)
+        store_codes_as(layer, torch.int32)

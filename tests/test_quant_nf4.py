@@ -20,6 +20,15 @@ PUBLISHED_NF4 = [
 FP32_SLACK = 1e-6
 
 
+def count_midpoints_below(x, mids):
+    """sum_j [x > mids_j] for every value of x: the definition of the nearest level, counted
+    one midpoint at a time (the oracle every faster form is held against)."""
+    index = torch.zeros(x.shape, dtype=torch.uint8)
+    for boundary in mids.tolist():  # float32 values: the comparison stays exact
+        index += x > boundary
+    return index
+
+
 def block_absmax_per_element(w, blocksize):
     """Each element's block absmax, shaped like w (the scale its error is measured against)."""
     blocks = to_blocks(w, blocksize)
@@ -56,11 +65,11 @@ def test_every_level_quantizes_to_itself(absmax):
     assert torch.equal(dequantize_nf4(q), w)  # same float32 product: exact
 
 
-def test_lookup_and_binary_search_agree():
-    # nearest_level looks 4-bit code books up by cells and bisects larger ones
+def test_binary_search_equals_counting_midpoints():
+    # the reference nearest_level bisects; a tie must count as "not below", as counting does
     x = torch.cat([torch.rand(10_000) * 2 - 1, midpoints(NF4_CODE), NF4_CODE])
-    assert torch.equal(nearest_level(x, NF4_CODE).int(),
-                       torch.bucketize(x, midpoints(NF4_CODE), right=False, out_int32=True))
+    assert torch.equal(nearest_level(x, NF4_CODE), count_midpoints_below(x, midpoints(NF4_CODE))
+                       .int())
 
 
 def awkward_values(code):
@@ -78,7 +87,7 @@ def awkward_values(code):
 @pytest.mark.parametrize("name", ["nf4", "int4", "fp4", "nf3", "nf2"])
 def test_cell_lookup_equals_counting_midpoints(name):
     from quant.baselines import FP4_CODE, INT4_CODE
-    from quant.blockwise import count_midpoints_below, level_cells, nearest_level_by_cells
+    from quant.tuned import level_cells, nearest_level_by_cells
     from quant.nf4 import normal_float_levels
     code = {"nf4": NF4_CODE, "int4": INT4_CODE, "fp4": FP4_CODE,
             "nf3": normal_float_levels(3), "nf2": normal_float_levels(2)}[name]
@@ -89,16 +98,15 @@ def test_cell_lookup_equals_counting_midpoints(name):
 
 
 def test_cell_lookup_refines_the_grid_or_falls_back_to_counting():
-    from quant.blockwise import count_midpoints_below, level_cells
+    from quant.tuned import level_cells, nearest_level_by_cells
     close = torch.tensor([-1.0, 0.0, 0.01, 0.0101, 1.0])  # midpoints 0.005 and 0.01005 apart
-    h, _, _ = level_cells(close)
-    assert h == 128  # cells of 1/32 and 1/64 hold both midpoints, 1/128 parts them
+    cells = level_cells(close)
+    assert cells[0] == 128  # cells of 1/32 and 1/64 hold both midpoints, 1/128 parts them
     x = awkward_values(close)
-    assert torch.equal(nearest_level(x, close), count_midpoints_below(x, midpoints(close)))
+    assert torch.equal(nearest_level_by_cells(x, cells),
+                       count_midpoints_below(x, midpoints(close)))
     too_close = torch.tensor([-1.0, 0.0, 1e-6, 2e-6, 1.0])
-    assert level_cells(too_close) is None
-    x = awkward_values(too_close)
-    assert torch.equal(nearest_level(x, too_close), count_midpoints_below(x, midpoints(too_close)))
+    assert level_cells(too_close) is None  # the tuned quantizer then bisects (next test)
 
 
 def test_midpoint_goes_to_lower_level_and_just_above_to_upper():
@@ -285,7 +293,7 @@ def allocations_during(fn):
                     "call with and without its 1 MB index buffer, from run to run (2026-12-03)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_dequantize_allocates_its_output_and_one_step_of_buffers_only(dtype):
-    from quant.blockwise import DECODE_BYTES
+    from quant.tuned import DECODE_BYTES
     w = torch.randn(8 * 2 * DECODE_BYTES // 1024, 1024)  # 8 decoding steps
     q = quantize_nf4(w)
     out_bytes = w.numel() * torch.empty((), dtype=dtype).element_size()
@@ -304,16 +312,16 @@ def test_dequantize_allocates_its_output_and_one_step_of_buffers_only(dtype):
 def test_dequantize_in_one_step_equals_dequantize_in_many(monkeypatch):
     """The small-weight shortcut (one step, no buffers) and the stepped loop give the same
     values, also when the last step is partial and the last block padded."""
-    import quant.blockwise as blockwise
+    import quant.tuned as tuned
     q = quantize_nf4(torch.randn(301, 77))  # 23,177 values: 363 blocks, the last padded
     whole = q.dequantize(torch.float32)
-    monkeypatch.setattr(blockwise, "DECODE_BYTES", 32 * 5)  # 5 blocks a step: 73 steps
+    monkeypatch.setattr(tuned, "DECODE_BYTES", 32 * 5)  # 5 blocks a step: 73 steps
     assert torch.equal(q.dequantize(torch.float32), whole)
 
 
 def test_quantizing_with_a_code_book_no_grid_fits_counts_the_midpoints():
-    from quant.blockwise import (block_absmax, count_midpoints_below, level_cells,
-                                 reciprocal_scales)
+    from quant.blockwise import block_absmax, reciprocal_scales
+    from quant.tuned import level_cells
     from quant.qtensor import quantize_4bit
     too_close = torch.tensor([-1.0, 0.0, 1e-6, 2e-6, 1.0])
     assert level_cells(too_close) is None
