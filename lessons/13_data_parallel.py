@@ -53,6 +53,7 @@ from lessons.common import (Checks, TASK_BATCH, get_base_model, lesson_dir, lora
                             task_splits, write_summary)
 from lora import add_adapter, load_adapter, save_adapter, train_only_adapter
 from quant import Linear4bit
+from quant.sharding import store_codes_as
 from tiny_gpt import sample_batch
 from tiny_gpt.memory.checkpointing import enable_input_require_grads
 from tiny_gpt.parallel import (AllReduceCounter, all_reduce_gradients, backend_for,
@@ -326,7 +327,7 @@ def qlora_fsdp(rank, base, shares, micro):
     replicated = state_bytes(model)
     for layer in model.modules():
         if isinstance(layer, Linear4bit):
-            layer.store_codes_as(torch.float32)
+            store_codes_as(layer, torch.float32)
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
