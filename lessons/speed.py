@@ -20,6 +20,10 @@ in another environment); they are never dependencies, and a table says so when o
    PEFT's LoRA on the same model and the same A, B (the same loss, checked); QLoRA against LoRA;
    and the floor, the same step with no adapter work (floor_model): what LoRA adds, and the
    best LoRA / PEFT's step that any LoRA layer could reach here.
+5. Tuned against reference: each tuned loop kept beside its reference (quant/tuned.py beside
+   quant/blockwise.py) against that reference, on the operation it serves: quantize and
+   dequantize a 4096 x 4096 weight, and a QLoRA training step of the tiny GPT. A tuned form stays
+   only where it buys at least 10% (ratio <= 0.90).
 4. torch.compile (inductor): graph breaks of the LoRA and QLoRA forward (torch._dynamo.explain),
    a full-graph compile of forward and backward, compiled against eager per training step, and
    QLoRA against LoRA with both compiled.
@@ -31,7 +35,7 @@ import torch
 from lessons.common import (Checks, get_base_model, lora_copy, machine_line, parse_args,
                             print_table, run_main, text_batch)
 from lora.bench import benchmark_lora_linear, copy_factors_to_peft, peft_lora
-from quant.bench import against_bitsandbytes, benchmark_nf4
+from quant.bench import against_bitsandbytes, benchmark_nf4, tuned_against_reference, with_kernels
 from tiny_gpt.memory.step_time import time_step
 from tiny_gpt.train import micro_batch_loss
 from tiny_gpt.util.timing import RatioSpread, medians, ratio_spread, round_robin_times
@@ -44,6 +48,7 @@ TARGETS = {  # ratio: at most this (issue 13's targets)
     "LoRA step / PEFT's step": 0.85,
     "QLoRA step / LoRA step": 1.05,
 }
+TUNED_MUST_BUY = 0.90  # a tuned form stays only where tuned / reference <= this
 SAME_LOSS_TOL = 1e-5  # ours vs PEFT's loss, float32, the same weights: summation order only
 
 
@@ -163,6 +168,28 @@ def training_step_section(base, args):
     return found, loss_gap
 
 
+def tuned_section(base, args):
+    """-> {"<op> tuned / reference": RatioSpread}: each tuned quant loop against its reference,
+    on the kernel itself and on the QLoRA training step it serves (same batch, taking turns)."""
+    size, repeats = (256, 3) if args.quick else (4096, 7)
+    kernel = tuned_against_reference(size, size, repeats=repeats)
+    B, T = (4, 32) if args.quick else (32, 128)
+    x, y = (t.to(args.device) for t in text_batch(args, B, T))
+    model = lora_copy(base, 0, quantized=True).to(args.device).train()
+    opt = idle_adamw(model)
+    steps = {label: with_kernels(tuned, lambda: time_step(model, [(x, y, None)], opt))
+             for label, tuned in (("tuned", True), ("reference", False))}
+    times = step_times(steps, repeats)
+    found = {f"{op} {size}^2, tuned / reference": spread
+             for op, spread in kernel["spread"].items()}
+    found[f"QLoRA step {B} x {T}, tuned / reference"] = ratio_spread(times, "tuned", "reference")
+    print_table(f"5. Tuned quant loops against the reference, taking turns ({machine_line()})",
+                ["operation", "tuned / reference, median [quartiles]"],
+                [[name, str(spread)] for name, spread in found.items()]
+                + [["codes and values identical", str(kernel["identical"])]])
+    return found, kernel["identical"]
+
+
 def graph_breaks(model, idx):
     """(graphs, breaks, reasons) of torch._dynamo.explain on model(idx)'s logits."""
     torch._dynamo.reset()
@@ -238,6 +265,11 @@ def report(base, args, checks):
     if loss_gap is not None:
         checks.must(f"our LoRA's loss = PEFT's, same weights (float32, {SAME_LOSS_TOL:g})",
                     loss_gap <= SAME_LOSS_TOL, f"{loss_gap:.1e}")
+    tuned, identical = tuned_section(base, args)
+    checks.must("tuned quant loops give the reference's codes and values", identical)
+    for name, spread in tuned.items():
+        show_ratio(checks, f"{name} <= {TUNED_MUST_BUY}", spread, TUNED_MUST_BUY)
+    found.update(tuned)
     compiled = compile_section(base, args)
     if compiled is not None:
         breaks, ratios, qlora_over_lora = compiled

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from tiny_gpt.util.timing import medians, ratio_spread, round_robin_medians, round_robin_times
 
+from . import kernels
 from .linear4bit import DequantMatmul
 from .nf4 import quantize_nf4
 
@@ -69,6 +70,37 @@ def against_bitsandbytes(out_features=4096, in_features=4096, repeats=5, seed=0)
             "codes_identical": torch.equal(ours.codes, theirs.reshape(-1)),
             "max_dequant_gap": (ours.dequantize(torch.float32)
                                 - bnb.dequantize_4bit(theirs, state)).abs().max().item()}
+
+
+def with_kernels(tuned, fn):
+    """fn, run with quant.kernels' tuned loops on or off (put back as they were after)."""
+    def run():
+        before, kernels.TUNED = kernels.TUNED, tuned
+        try:
+            return fn()
+        finally:
+            kernels.TUNED = before
+    return run
+
+
+@torch.no_grad()
+def tuned_against_reference(out_features=4096, in_features=4096, repeats=5, seed=0):
+    """quantize_nf4 and dequantize with the tuned loops (quant/tuned.py) against the reference
+    (quant/blockwise.py), taking turns on one N(0, 0.02^2) weight, double-quantized:
+    {"seconds": medians, "spread": {op: tuned / reference per round}, "identical": bool}."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=gen) * 0.02
+    q = quantize_nf4(w)
+    runs = {}
+    for label, tuned in (("tuned", True), ("reference", False)):
+        runs[f"quantize, {label}"] = with_kernels(tuned, lambda: quantize_nf4(w))
+        runs[f"dequantize, {label}"] = with_kernels(tuned, lambda: q.dequantize(torch.float32))
+    times = round_robin_times(runs, repeats)
+    identical = (torch.equal(runs["quantize, tuned"]().codes, runs["quantize, reference"]().codes)
+                 and torch.equal(runs["dequantize, tuned"](), runs["dequantize, reference"]()))
+    return {"seconds": medians(times), "identical": identical,
+            "spread": {op: ratio_spread(times, f"{op}, tuned", f"{op}, reference")
+                       for op in ("quantize", "dequantize")}}
 
 
 if __name__ == "__main__":
