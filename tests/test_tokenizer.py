@@ -276,3 +276,121 @@ def test_bad_arguments_are_refused(tmp_path):
         tok.decode([1, 301])
     with pytest.raises(ValueError, match="decode: True is not a token id"):
         tok.decode([True])
+
+
+# -- against the real thing: byte-level BPEs trained with `tokenizers` -------------------------
+
+STYLES = ("gpt2", "gpt2 prefix space", "smollm", "llama3", "qwen2")
+SPECIAL = ["<|endoftext|>", "<|begin_of_text|>"]
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return pytest.importorskip("tokenizers", reason="tokenizers is not installed (an optional "
+                                                    "test extra): no comparison with it")
+
+
+def pre_tokenizer(hf, style: str):
+    """Each family's pre-tokenizer, as its tokenizer.json writes it."""
+    pre = hf.pre_tokenizers
+    if style.startswith("gpt2"):
+        return pre.ByteLevel(add_prefix_space=style.endswith("prefix space"))
+    if style == "smollm":
+        return pre.Sequence([pre.Digits(individual_digits=True), pre.ByteLevel(add_prefix_space=False)])
+    pattern = LLAMA3_PATTERN if style == "llama3" else QWEN2_PATTERN
+    return pre.Sequence([pre.Split(hf.Regex(pattern), behavior="isolated", invert=False),
+                         pre.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def train(hf, style: str):
+    """A ~800-entry byte-level BPE in `style`, trained on English-like text and VARIED_TEXT,
+    with added tokens: specials, one taking the spaces beside it, one matched after NFC."""
+    tok = hf.Tokenizer(hf.models.BPE(ignore_merges=style == "llama3"))
+    tok.pre_tokenizer = pre_tokenizer(hf, style)
+    tok.normalizer = hf.normalizers.NFC() if style == "qwen2" else None
+    tok.decoder = hf.decoders.ByteLevel()
+    trainer = hf.trainers.BpeTrainer(vocab_size=800, special_tokens=SPECIAL, show_progress=False,
+                                     initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(make_corpus(30_000).split("\n") + VARIED_TEXT.split("\n") * 3, trainer)
+    if style == "llama3":
+        tok.post_processor = hf.processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[(SPECIAL[1], tok.token_to_id(SPECIAL[1]))])
+    tok.add_tokens([hf.AddedToken("<tool>", lstrip=True, rstrip=True, normalized=False, special=True),
+                    hf.AddedToken("naïve", normalized=True, special=False)])
+    return tok
+
+
+@pytest.fixture(scope="module", params=STYLES)
+def trained(request, hf, tmp_path_factory):
+    """(tokenizers' tokenizer, ours read from the tokenizer.json it saved)."""
+    folder = tmp_path_factory.mktemp(request.param.replace(" ", "_"))
+    reference = train(hf, request.param)
+    reference.save(str(folder / "tokenizer.json"))
+    return request.param, reference, load_tokenizer(folder)
+
+
+def varied_texts(n: int = 300, added_tokens: bool = True) -> list:
+    """VARIED_TEXT, and random strings of the characters and pieces where tokenizers go wrong
+    (with or without the added tokens)."""
+    rng = random.Random(0)
+    pool = list("aAzZ éßø中文🙂👍\u0301\u093f \t\n\r\x1c'sStT0123456789½²Ⅻ.,!?-_()\u00a0\u3000") + \
+        ["'s", "'S", "'ll", "  ", "\r\n"]
+    added = ["<|endoftext|>", " <tool> ", "<tool>", "naïve", "nai\u0308ve"] if added_tokens else []
+    return [VARIED_TEXT] * added_tokens + ["".join(rng.choice(pool + added) for _ in range(
+        rng.randint(0, 40))) for _ in range(n)]
+
+
+def test_encodings_equal_tokenizers_id_for_id(trained):
+    style, reference, ours = trained
+    for text in varied_texts():
+        assert ours.encode(text) == reference.encode(text).ids, (style, text)
+
+
+def test_decode_equals_tokenizers_for_every_id_and_for_random_sequences(trained):
+    """Single ids include the halves of multi-byte characters: invalid UTF-8 on its own."""
+    style, reference, ours = trained
+    assert ours.vocab_size == reference.get_vocab_size(with_added_tokens=True)
+    rng = random.Random(1)
+    sequences = [[i] for i in range(ours.vocab_size)] + \
+        [[rng.randrange(ours.vocab_size) for _ in range(rng.randint(1, 12))] for _ in range(300)]
+    for ids in sequences:
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=False), (style, ids)
+        assert ours.decode(ids, skip_special_tokens=True) == reference.decode(ids), (style, ids)
+
+
+def test_decode_of_encode_is_the_text(trained):
+    """The text comes back (in NFC where the normalizer is NFC; with add_prefix_space, with a
+    space in front). Texts with added tokens are left out: <tool> takes the spaces beside it,
+    and "naïve" is written in characters that are also byte symbols, so decoding sends it
+    through the byte map, as tokenizers does (the test above holds that)."""
+    style, _, ours = trained
+    without_added = re.sub("<tool>|<\\|endoftext\\|>|naïve|nai\u0308ve", "", VARIED_TEXT)
+    for text in [without_added] + varied_texts(100, added_tokens=False):
+        expected = unicodedata.normalize("NFC", text) if style == "qwen2" else text
+        if style == "gpt2 prefix space" and text and not text.startswith(" "):
+            expected = " " + text
+        assert ours.decode(ours.encode(text, add_bos=False)) == expected, (style, text)
+
+
+def test_bos_as_the_template_says(trained):
+    style, reference, ours = trained
+    ids = ours.encode("hello")
+    assert ours.add_bos == (style == "llama3") and ids == reference.encode("hello").ids
+    assert (ids[0] == reference.token_to_id(SPECIAL[1])) == (style == "llama3")
+
+
+def test_merges_as_strings_or_as_pairs_load_to_the_same_encodings(trained, tmp_path):
+    """tokenizers writes pairs; older files (GPT-2's) write "a b" strings. Both, read by ours
+    and by tokenizers, give the same ids."""
+    style, reference, ours = trained
+    spec = json.loads(reference.to_str())
+    assert all(isinstance(merge, list) for merge in spec["model"]["merges"])
+    spec["model"]["merges"] = [" ".join(merge) for merge in spec["model"]["merges"]]
+    write(tmp_path, spec)
+    from_strings = load_tokenizer(tmp_path)
+    reference_from_strings = pytest.importorskip("tokenizers").Tokenizer.from_file(
+        str(tmp_path / "tokenizer.json"))
+    assert from_strings.bpe.ranks == ours.bpe.ranks and len(ours.bpe.ranks) > 400
+    for text in varied_texts(50):
+        assert from_strings.encode(text) == ours.encode(text) == \
+            reference_from_strings.encode(text).ids
