@@ -15,7 +15,8 @@ import pytest
 
 from tiny_gpt.data import make_corpus
 from tiny_gpt.pretrained.bpe import (GPT2_PATTERN, TokenizerFileError, bytes_to_unicode,
-                                     category_class, split_isolated, to_stdlib_re)
+                                     category_class, read_pre_tokenizer, split_isolated,
+                                     to_stdlib_re)
 from tiny_gpt.pretrained.tokenizer import load_tokenizer
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -181,6 +182,17 @@ def test_the_patterns_split_as_gpt2_and_llama3_do():
         ["Hello", " ", " world", "'s", " 1234", " ½", "!!", "\n"]
     assert split_isolated(llama3, "IT'S 1234567 ...\n\nok") == \
         ["IT", "'S", " ", "123", "456", "7", " ...\n\n", "ok"]
+    # '²' and '½' are numbers, not letters: a letter next to them is a piece apart
+    assert split_isolated(gpt2, "x²+y³ ½a") == ["x", "²", "+", "y", "³", " ½", "a"]
+
+
+def test_digits_split_one_by_one_or_in_runs_as_the_file_says():
+    steps = [{"type": "Digits", "individual_digits": True}, BYTE_LEVEL]
+    one_by_one = read_pre_tokenizer({"type": "Sequence", "pretokenizers": steps})
+    steps[0] = {"type": "Digits", "individual_digits": False}
+    runs = read_pre_tokenizer({"type": "Sequence", "pretokenizers": steps})
+    assert one_by_one("a 12½") == ["a", "Ġ", "1", "2", "Â½"]  # '½' is two bytes, C2 BD
+    assert runs("a 12½") == ["a", "Ġ", "12Â½"]
 
 
 @pytest.mark.parametrize("pattern, message", [
