@@ -133,7 +133,8 @@ def test_merges_written_as_strings_or_as_pairs_give_the_same_ids(tmp_path):
 
 def test_bos_and_eos_as_the_files_say(tmp_path):
     template = {"type": "TemplateProcessing", "single": [
-        {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}]}
+        {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+        {"Sequence": {"id": "A", "type_id": 0}}]}
     folders = [tmp_path / name for name in ("template", "config", "ids")]
     [folder.mkdir() for folder in folders]
     tok = load_tokenizer(write(folders[0], tiny_spec(post_processor=template),
@@ -217,13 +218,14 @@ BAD_FILES = {
     "unigram": (with_model(type="Unigram"), "model type 'Unigram' is not supported; supported: "
                                             "byte-level BPE as GPT-2, Llama 3"),
     "byte fallback": (with_model(byte_fallback=True), SENTENCEPIECE),
-    "metaspace": (tiny_spec(pre_tokenizer={"type": "Metaspace", "replacement": "▁"}), SENTENCEPIECE),
+    "metaspace": (tiny_spec(pre_tokenizer={"type": "Metaspace", "replacement": "▁"}),
+                  SENTENCEPIECE),
     "replace": (tiny_spec(normalizer={"type": "Sequence", "normalizers": [
         {"type": "Prepend", "prepend": "▁"}]}), SENTENCEPIECE),
     "lowercase": (tiny_spec(normalizer={"type": "Lowercase"}), "normalizer 'Lowercase' is not "
                                                                 "supported; supported: NFC"),
     "merge, 3 parts": (with_model(merges=["h e l"]), "model.merges[0] is 'h e l': a merge is "
-                                                     'written as "left right" or as ["left", "right"]'),
+                       'written as "left right" or as ["left", "right"]'),
     "merge, 1 part": (with_model(merges=[["he"]]), "model.merges[0] is ['he']"),
     "merges as a dict": (with_model(merges={"h e": 0}), "model.merges must be a list, not dict"),
     "merge, no such part": (with_model(merges=["q xy"]),
@@ -260,7 +262,8 @@ def test_a_bad_tokenizer_file_is_refused_with_what_is_wrong(tmp_path, name):
 
 def test_bad_config_files_are_refused(tmp_path):
     for configs, message in [
-            ({"tokenizer_config": {"bos_token": "<s>"}}, "bos_token '<s>' is not in the vocabulary"),
+            ({"tokenizer_config": {"bos_token": "<s>"}},
+             "bos_token '<s>' is not in the vocabulary"),
             ({"tokenizer_config": {"add_bos_token": True}}, "add BOS but name no BOS token"),
             ({"config": {"eos_token_id": "2"}}, "config.json: eos_token_id must be an integer")]:
         folder = tmp_path / message[:8].replace(" ", "_")
@@ -308,7 +311,8 @@ def pre_tokenizer(hf, style: str):
     if style.startswith("gpt2"):
         return pre.ByteLevel(add_prefix_space=style.endswith("prefix space"))
     if style == "smollm":
-        return pre.Sequence([pre.Digits(individual_digits=True), pre.ByteLevel(add_prefix_space=False)])
+        return pre.Sequence([pre.Digits(individual_digits=True),
+                             pre.ByteLevel(add_prefix_space=False)])
     pattern = LLAMA3_PATTERN if style == "llama3" else QWEN2_PATTERN
     return pre.Sequence([pre.Split(hf.Regex(pattern), behavior="isolated", invert=False),
                          pre.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -326,9 +330,11 @@ def train(hf, style: str):
     tok.train_from_iterator(make_corpus(30_000).split("\n") + VARIED_TEXT.split("\n") * 3, trainer)
     if style == "llama3":
         tok.post_processor = hf.processors.TemplateProcessing(
-            single="<|begin_of_text|> $A", special_tokens=[(SPECIAL[1], tok.token_to_id(SPECIAL[1]))])
-    tok.add_tokens([hf.AddedToken("<tool>", lstrip=True, rstrip=True, normalized=False, special=True),
-                    hf.AddedToken("naïve", normalized=True, special=False)])
+            single="<|begin_of_text|> $A",
+            special_tokens=[(SPECIAL[1], tok.token_to_id(SPECIAL[1]))])
+    tok.add_tokens([
+        hf.AddedToken("<tool>", lstrip=True, rstrip=True, normalized=False, special=True),
+        hf.AddedToken("naïve", normalized=True, special=False)])
     return tok
 
 

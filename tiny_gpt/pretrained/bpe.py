@@ -1,4 +1,5 @@
-"""Byte-level BPE, the algorithm: from a piece of text to token ids.
+"""Byte-level BPE, the algorithm: from a span of text to token ids (with the reader of the
+pre_tokenizer section of tokenizer.json, which says how the text is cut).
 
 GPT-2, Llama 3, SmolLM/SmolLM2 and Qwen2/2.5 all tokenize the same way:
 
@@ -9,7 +10,8 @@ GPT-2, Llama 3, SmolLM/SmolLM2 and Qwen2/2.5 all tokenize the same way:
 The pre-tokenizer's regular expression keeps merges from crossing word, number and space
 boundaries; it is written for a regex engine with Unicode classes (\\p{L}, \\p{N}), which the
 standard library's `re` lacks, so `to_stdlib_re` rewrites it (see there for what it uses).
-tokenizer.py reads these parts out of a tokenizer.json file and adds what surrounds them.
+tokenizer.py reads the file and adds what surrounds these steps (added tokens, normalizer,
+BOS and EOS, decoding).
 """
 import functools
 import re
@@ -66,6 +68,20 @@ def to_byte_symbols(piece: str) -> str:
     """The piece's UTF-8 bytes, each written as its byte-map character."""
     byte_map = bytes_to_unicode()
     return "".join(byte_map[b] for b in piece.encode("utf-8"))
+
+
+@functools.lru_cache(maxsize=None)
+def unicode_to_bytes() -> dict:
+    """{character: byte}, the byte map read backwards."""
+    return {symbol: byte for byte, symbol in bytes_to_unicode().items()}
+
+
+def from_byte_symbols(symbols: str) -> "bytes | None":
+    """The bytes that `symbols` write, or None where a character is not a byte symbol."""
+    byte_of = unicode_to_bytes()
+    if not all(symbol in byte_of for symbol in symbols):
+        return None
+    return bytes(byte_of[symbol] for symbol in symbols)
 
 
 # -- the pre-tokenizer's pattern, in the standard library's `re` ------------------------------
@@ -133,10 +149,11 @@ def to_stdlib_re(pattern: str) -> "re.Pattern":
 
     `re` has no \p{L} or \p{N}. The usual stand-ins, [^\W\d_] for letters and \d for numbers,
     are wrong on real text: [^\W\d_] also takes numbers that are not decimal digits ('½', '²',
-    'Ⅻ', '①') as letters, and \d misses them as numbers. So each \p{X} becomes the explicit class
-    of every code point in general category X, read from Python's unicodedata (category_class),
-    and \s the explicit White_Space class (Python's \s also takes \x1c-\x1f). Marks such as the
-    Devanagari vowel signs are neither letters nor numbers in either engine.
+    'Ⅻ', '①') as letters, and \d misses them as numbers. So each \p{X} becomes the explicit
+    class of every code point in general category X, read from Python's unicodedata
+    (category_class), and \s the explicit White_Space class (Python's \s also takes
+    \x1c-\x1f). Marks such as the Devanagari vowel signs are neither letters nor numbers in
+    either engine, nor in the stand-in.
     Where it can still differ: the Unicode version. Python's database (unicodedata.unidata_version)
     and the regex engine tokenizers was built with may not be the same version, and a code point
     assigned in the newer one only is a letter there and unassigned in the other.
@@ -220,33 +237,6 @@ def read_pre_tokenizer(spec):
 
 # -- BPE: merges by rank ---------------------------------------------------------------------
 
-def read_merges(merges, vocab: dict) -> list:
-    """[(left, right), ...] in rank order, from either layout tokenizer.json uses: "left right"
-    strings (older files) or ["left", "right"] pairs (newer ones). Anything else is refused, and
-    so is a merge whose parts, or whose result, are not in the vocabulary: a file read the wrong
-    way fails here instead of loading with no merges."""
-    if not isinstance(merges, list):
-        raise TokenizerFileError(f"model.merges must be a list, not {type(merges).__name__}")
-    pairs = []
-    for rank, merge in enumerate(merges):
-        if isinstance(merge, str) and merge.count(" ") == 1:
-            pair = tuple(merge.split(" "))
-        elif isinstance(merge, list) and len(merge) == 2 and all(isinstance(p, str) for p in merge):
-            pair = tuple(merge)
-        else:
-            raise TokenizerFileError(f"model.merges[{rank}] is {merge!r}: a merge is written "
-                                     'as "left right" or as ["left", "right"]')
-        missing = [part for part in (*pair, "".join(pair)) if part not in vocab]
-        if "" in pair or missing:
-            raise TokenizerFileError(f"model.merges[{rank}] {merge!r}: {missing or 'empty part'}"
-                                     " not in the vocabulary")
-        pairs.append(pair)
-    if not pairs and any(len(token) > 1 for token in vocab):
-        raise TokenizerFileError("model.merges is empty but the vocabulary has tokens longer "
-                                 "than one symbol, which only merges can produce")
-    return pairs
-
-
 def merge_pair(symbols: list, pair: tuple) -> list:
     """Every occurrence of the adjacent `pair` joined into one symbol, left to right."""
     merged, i = [], 0
@@ -267,8 +257,10 @@ class BytePairEncoding:
         symbols = one per byte
         repeat: among adjacent pairs, take the one with the lowest rank (earliest merge);
                 if no pair is a merge, stop; else join all its occurrences, left to right
-    (the training order replayed: the rank says when training joined the pair). Llama 3's files
-    set ignore_merges: a piece that is itself in the vocabulary is taken whole. A piece's ids
+    (the training order replayed: the rank says when training joined the pair). tokenizers pops
+    one occurrence at a time from a queue ordered by rank, then position; where every merge's
+    parts exist before it, as in any trained file, that gives the same. Llama 3's files set
+    ignore_merges: a piece that is itself in the vocabulary is taken whole. A piece's ids
     are cached: real text repeats the same words.
     """
 
@@ -282,7 +274,8 @@ class BytePairEncoding:
         """The piece's symbols after every merge that applies, lowest rank first."""
         parts = list(symbols)
         while len(parts) > 1:
-            best = min(zip(parts, parts[1:]), key=lambda pair: self.ranks.get(pair, len(self.ranks)))
+            never = len(self.ranks)  # the rank of a pair that is no merge
+            best = min(zip(parts, parts[1:]), key=lambda pair: self.ranks.get(pair, never))
             if best not in self.ranks:
                 break
             parts = merge_pair(parts, best)
@@ -294,5 +287,6 @@ class BytePairEncoding:
             if len(self.cache) >= 100_000:  # bound the memory a long text can take
                 self.cache.clear()
             whole = self.ignore_merges and symbols in self.vocab
-            self.cache[symbols] = [self.vocab[s] for s in ([symbols] if whole else self.merge(symbols))]
+            parts = [symbols] if whole else self.merge(symbols)
+            self.cache[symbols] = [self.vocab[part] for part in parts]
         return self.cache[symbols]

@@ -24,7 +24,7 @@ import unicodedata
 from pathlib import Path
 
 from .bpe import (SENTENCEPIECE, SUPPORTED, WHITE_SPACE, BytePairEncoding, TokenizerFileError,
-                  bytes_to_unicode, read_merges, read_pre_tokenizer, section)
+                  bytes_to_unicode, from_byte_symbols, read_pre_tokenizer, section)
 
 CONFIG_FILES = ("tokenizer_config.json", "config.json", "generation_config.json")
 
@@ -37,6 +37,33 @@ def read_json(path: Path) -> dict:
     if not isinstance(spec, dict):
         raise TokenizerFileError(f"{path} must hold a JSON object, not {type(spec).__name__}")
     return spec
+
+
+def read_merges(merges, vocab: dict) -> list:
+    """[(left, right), ...] in rank order, from either layout tokenizer.json uses: "left right"
+    strings (older files) or ["left", "right"] pairs (newer ones). Anything else is refused, and
+    so is a merge whose parts, or whose result, are not in the vocabulary: a file read the wrong
+    way fails here instead of loading with no merges."""
+    if not isinstance(merges, list):
+        raise TokenizerFileError(f"model.merges must be a list, not {type(merges).__name__}")
+    pairs = []
+    for rank, merge in enumerate(merges):
+        if isinstance(merge, str) and merge.count(" ") == 1:
+            pair = tuple(merge.split(" "))
+        elif isinstance(merge, list) and len(merge) == 2 and all(isinstance(p, str) for p in merge):
+            pair = tuple(merge)
+        else:
+            raise TokenizerFileError(f"model.merges[{rank}] is {merge!r}: a merge is written "
+                                     'as "left right" or as ["left", "right"]')
+        missing = [part for part in (*pair, "".join(pair)) if part not in vocab]
+        if "" in pair or missing:
+            raise TokenizerFileError(f"model.merges[{rank}] {merge!r}: {missing or 'empty part'}"
+                                     " not in the vocabulary")
+        pairs.append(pair)
+    if not pairs and any(len(token) > 1 for token in vocab):
+        raise TokenizerFileError("model.merges is empty but the vocabulary has tokens longer "
+                                 "than one symbol, which only merges can produce")
+    return pairs
 
 
 def read_model(model) -> BytePairEncoding:
@@ -68,8 +95,6 @@ def read_normalizer(spec):
             text = unicodedata.normalize(form, text)
         return text
     return normalize
-
-
 
 
 # -- added tokens ------------------------------------------------------------------------------
@@ -155,16 +180,16 @@ def config_ids(configs: dict, key: str) -> list:
 
 def special_id(name: str, configs: dict, template: list, token_id) -> "int | None":
     """The id of the BOS or EOS token (name "bos" or "eos"): tokenizer_config.json's token,
-    else the one the template adds, else config.json's / generation_config.json's id."""
+    else the one the template adds, else generation_config.json's / config.json's id."""
     token = configs.get("tokenizer_config.json", {}).get(f"{name}_token")
     token = token.get("content") if isinstance(token, dict) else token
-    for text in ([token] if isinstance(token, str) else []) + template:
-        found = token_id(text)
-        if found is None:
-            raise TokenizerFileError(f"{name}_token {text!r} is not in the vocabulary")
-        return found
-    ids = config_ids(configs, f"{name}_token_id")
-    return ids[0] if ids else None
+    named = [token] if isinstance(token, str) else template
+    if not named:
+        ids = config_ids(configs, f"{name}_token_id")
+        return ids[0] if ids else None
+    if token_id(named[0]) is None:
+        raise TokenizerFileError(f"{name}_token {named[0]!r} is not in the vocabulary")
+    return token_id(named[0])
 
 
 def add_flag(name: str, configs: dict, template: list) -> bool:
@@ -194,10 +219,12 @@ class Tokenizer:
         before, after = template_tokens(spec.get("post_processor"))
         self.bos_id = special_id("bos", configs, before, self.token_id)
         self.eos_id = special_id("eos", configs, after, self.token_id)
-        self.eos_ids = tuple(dict.fromkeys(
-            ([self.eos_id] if self.eos_id is not None else []) + config_ids(configs, "eos_token_id")))
-        self.add_bos, self.add_eos = add_flag("bos", configs, before), add_flag("eos", configs, after)
-        for name, flag, i in (("BOS", self.add_bos, self.bos_id), ("EOS", self.add_eos, self.eos_id)):
+        first = [self.eos_id] if self.eos_id is not None else []
+        self.eos_ids = tuple(dict.fromkeys(first + config_ids(configs, "eos_token_id")))
+        self.add_bos = add_flag("bos", configs, before)
+        self.add_eos = add_flag("eos", configs, after)
+        for name, flag, i in (("BOS", self.add_bos, self.bos_id),
+                              ("EOS", self.add_eos, self.eos_id)):
             if flag and i is None:
                 raise TokenizerFileError(f"the files ask to add {name} but name no {name} token")
 
@@ -230,14 +257,13 @@ class Tokenizer:
         if bad:
             raise ValueError(f"decode: {bad[0]!r} is not a token id of this vocabulary "
                              f"(ids are whole numbers below {self.vocab_size})")
-        symbol_to_byte = {s: b for b, s in bytes_to_unicode().items()}
         data = bytearray()
         for i in ids:
             if skip_special_tokens and i in self.added.special:
                 continue
             token = self.id_to_token[i]
-            in_symbols = all(s in symbol_to_byte for s in token)
-            data += bytes(symbol_to_byte[s] for s in token) if in_symbols else token.encode()
+            as_bytes = from_byte_symbols(token)
+            data += token.encode("utf-8") if as_bytes is None else as_bytes
         return data.decode("utf-8", errors="replace")
 
 
