@@ -143,8 +143,9 @@ def test_bos_and_eos_as_the_files_say(tmp_path):
         (END, True, END, (END, 5), False)
     assert tok.encode("abc") == [END, ord("a"), BC]
     assert tok.encode("abc", add_bos=False, add_eos=True) == [ord("a"), BC, END]
-    tok = load_tokenizer(write(folders[1], tiny_spec(post_processor=template),
-                               tokenizer_config={"add_bos_token": False, "bos_token": "a"}))
+    write(folders[1], tiny_spec(post_processor=template),
+          tokenizer_config={"add_bos_token": False, "bos_token": "a"})
+    tok = load_tokenizer(folders[1] / "tokenizer.json")  # the file named: configs beside it
     assert (tok.bos_id, tok.add_bos, tok.encode("abc")) == (ord("a"), False, [ord("a"), BC])
     tok = load_tokenizer(write(folders[2], tiny_spec(), config={"bos_token_id": 7}))
     assert (tok.bos_id, tok.add_bos, tok.eos_id, tok.vocab_size) == (7, False, None, END + 1)
@@ -245,6 +246,8 @@ BAD_FILES = {
     "decoder": (tiny_spec(decoder={"type": "WordPiece"}), "decoder 'WordPiece' is not supported"),
     "added token": (tiny_spec(added_tokens=[{"content": "<x>"}]),
                     "added_tokens[0] needs a non-empty 'content' and an integer 'id'"),
+    "single word": (tiny_spec(added_tokens=[{"id": 300, "content": "<x>", "single_word": True}]),
+                    "added token '<x>': single_word is not supported"),
     "roberta": (tiny_spec(post_processor={"type": "RobertaProcessing"}),
                 "post_processor 'RobertaProcessing' is not supported"),
     "two before": (tiny_spec(post_processor={"type": "TemplateProcessing", "single": [
@@ -328,10 +331,11 @@ def train(hf, style: str):
     trainer = hf.trainers.BpeTrainer(vocab_size=800, special_tokens=SPECIAL, show_progress=False,
                                      initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(make_corpus(30_000).split("\n") + VARIED_TEXT.split("\n") * 3, trainer)
-    if style == "llama3":
-        tok.post_processor = hf.processors.TemplateProcessing(
-            single="<|begin_of_text|> $A",
-            special_tokens=[(SPECIAL[1], tok.token_to_id(SPECIAL[1]))])
+    if style == "llama3":  # as Llama 3's file: ByteLevel (offsets only), then the template
+        tok.post_processor = hf.processors.Sequence([
+            hf.processors.ByteLevel(trim_offsets=False), hf.processors.TemplateProcessing(
+                single="<|begin_of_text|> $A",
+                special_tokens=[(SPECIAL[1], tok.token_to_id(SPECIAL[1]))])])
     tok.add_tokens([
         hf.AddedToken("<tool>", lstrip=True, rstrip=True, normalized=False, special=True),
         hf.AddedToken("naïve", normalized=True, special=False)])
@@ -397,7 +401,7 @@ def test_bos_as_the_template_says(trained):
     assert (ids[0] == reference.token_to_id(SPECIAL[1])) == (style == "llama3")
 
 
-def test_merges_as_strings_or_as_pairs_load_to_the_same_encodings(trained, tmp_path):
+def test_merges_as_strings_or_as_pairs_load_to_the_same_encodings(hf, trained, tmp_path):
     """tokenizers writes pairs; older files (GPT-2's) write "a b" strings. Both, read by ours
     and by tokenizers, give the same ids."""
     style, reference, ours = trained
@@ -406,8 +410,7 @@ def test_merges_as_strings_or_as_pairs_load_to_the_same_encodings(trained, tmp_p
     spec["model"]["merges"] = [" ".join(merge) for merge in spec["model"]["merges"]]
     write(tmp_path, spec)
     from_strings = load_tokenizer(tmp_path)
-    reference_from_strings = pytest.importorskip("tokenizers").Tokenizer.from_file(
-        str(tmp_path / "tokenizer.json"))
+    reference_from_strings = hf.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert from_strings.bpe.ranks == ours.bpe.ranks and len(ours.bpe.ranks) > 400
     for text in varied_texts(50):
         assert from_strings.encode(text) == ours.encode(text) == \
