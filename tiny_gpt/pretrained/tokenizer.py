@@ -13,7 +13,9 @@ encode(text), in the order tokenizers applies the file's sections:
        post-processor's template, as Llama 3's puts <|begin_of_text|> there); EOS at the end
        when add_eos
 decode(ids): every token's byte symbols back to bytes, then UTF-8, an invalid sequence becoming
-U+FFFD as tokenizers does; an added token whose text is not in byte symbols is its own UTF-8.
+U+FFFD as tokenizers does. An added token whose text is not all byte symbols ("<|endoftext|>" is,
+" hé" is not) is its own UTF-8; one that is, as "naïve", goes through the byte map like the
+rest, as tokenizers does too.
 
 Other kinds are refused by name: SentencePiece-style BPE (byte_fallback, Metaspace '▁' for
 spaces, as Llama 2 and TinyLlama store it), WordPiece, Unigram, WordLevel.
@@ -237,6 +239,9 @@ class Tokenizer:
         """Token ids of `text`; BOS / EOS added as the files say unless add_bos / add_eos say."""
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, not {type(text).__name__}")
+        if not all(flag is None or isinstance(flag, bool) for flag in (add_bos, add_eos)):
+            raise TypeError(f"add_bos and add_eos are True, False or None (as the files say), "
+                            f"not {add_bos!r} and {add_eos!r}")
         ids = []
         for raw, raw_id in self.added.split(text, normalized=False):
             if raw_id is not None:
@@ -251,7 +256,9 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """The text of `ids` (a list of ints, or a 1-D tensor); bytes that are not valid UTF-8
-        become U+FFFD, one per maximal invalid sequence, as Rust's from_utf8_lossy does."""
+        become U+FFFD, one per maximal invalid sequence, as Rust's from_utf8_lossy does. Special
+        tokens are kept unless skip_special_tokens (tokenizers skips them by default), so that
+        decode(encode(text)) gives the text back."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         bad = [i for i in ids if type(i) is not int or i not in self.id_to_token]
         if bad:
