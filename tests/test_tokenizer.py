@@ -73,6 +73,7 @@ def test_byte_map_is_gpt2s():
     byte_map = bytes_to_unicode()
     assert sorted(byte_map) == list(range(256)) and len(set(byte_map.values())) == 256
     assert all(byte_map[b] == chr(b) for b in range(ord("!"), ord("~") + 1))
+    assert sum(byte_map[b] == chr(b) for b in range(256)) == 188  # the rest: 256 + n
     assert (byte_map[32], byte_map[10], byte_map[0], byte_map[127], byte_map[173]) == \
         ("Ġ", "Ċ", "Ā", "ġ", "Ń")
 
