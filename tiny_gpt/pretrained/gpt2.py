@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..model import CausalSelfAttention, GPTConfig
-from .causal_lm import CausalLM, init_weights
+from .causal_lm import CausalLM
 from .config import ModelConfig
 
 
@@ -63,7 +63,6 @@ class GPT2LMHeadModel(CausalLM):
         self.transformer = GPT2Model(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.apply(init_weights)
 
     @property
     def blocks(self):

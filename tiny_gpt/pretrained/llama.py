@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .causal_lm import CausalLM, init_weights
+from .causal_lm import CausalLM
 from .config import ModelConfig
 
 
@@ -175,7 +175,6 @@ class LlamaForCausalLM(CausalLM):
         self.model = LlamaModel(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.apply(init_weights)
 
     @property
     def blocks(self):
