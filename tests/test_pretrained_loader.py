@@ -150,7 +150,7 @@ def test_a_folder_without_weights_is_refused(tmp_path):
 # --- the memory-mapped reader -----------------------------------------------------------------
 def test_the_mapped_reader_reads_what_load_file_reads_at_odd_offsets(tmp_path):
     """A 3-element F16 tensor first puts the F32 one after it at an offset that is not a
-    multiple of 4: it must be read byte by byte, not reinterpreted in place."""
+    multiple of 4; each tensor must still read as written."""
     tensors = {"a": torch.tensor([1.5, -2.0, 3.25], dtype=torch.float16),
                "b": torch.randn(5, 7), "c": torch.randn(4).bfloat16(),
                "d": torch.tensor([True, False])}

@@ -74,13 +74,9 @@ class MappedFile:
         if stored == torch.bool and bool((raw > 1).any()):
             raise SafetensorsError(f"{self.path}: BOOL tensor {name!r} holds bytes other than "
                                    "0 and 1")
-        if stored == torch.bool:
-            view = raw.to(torch.bool)
-        elif begin % stored.itemsize == 0:  # aligned: read the bytes as they lie
-            view = torch.frombuffer(self._map, dtype=stored, count=raw.numel() //
-                                    stored.itemsize, offset=begin)
-        else:  # an odd offset (a file with 2-byte tensors before a 4-byte one): copy bytes
-            view = raw.clone().view(stored)
+        # any offset will do (a 2-byte tensor of odd length puts the next at an odd one)
+        view = raw.to(torch.bool) if stored == torch.bool else torch.frombuffer(
+            self._map, dtype=stored, count=(end - begin) // stored.itemsize, offset=begin)
         out = view.reshape(entry["shape"]).to(dtype or stored, copy=True)
         del raw, view  # no view of the map may outlive this call (the map could not close)
         self._release(begin, end)
