@@ -12,7 +12,7 @@ Rotary settings arrive in two spellings: ``rope_theta`` and ``rope_scaling`` at 
 """
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -47,7 +47,6 @@ class ModelConfig:
     eos_token_id: Optional[object] = None  # an id or a list of ids (Llama 3 has several)
     gradient_checkpointing: bool = False   # recompute each block in backward (not from the file)
     checkpoint_impl: str = "torch"         # "torch", "torch_reentrant" or "manual"
-    source: dict = field(default_factory=dict, repr=False, compare=False)  # the JSON as read
 
     @property
     def block_size(self) -> int:
@@ -90,6 +89,11 @@ def check_config(cfg: ModelConfig) -> None:
                          f"{CHECKPOINT_IMPLS}")
     if cfg.rope_scaling is not None:
         check_llama3_scaling(cfg.rope_scaling)
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    for name, ids in (("bos_token_id", [cfg.bos_token_id]), ("eos_token_id", eos)):
+        if not all(i is None or is_whole_number(i) for i in ids):
+            raise ValueError(f"config field {name!r} must be a token id, a list of them, or "
+                             f"null; got {getattr(cfg, name)!r}")
 
 
 def check_llama3_scaling(scaling) -> None:
@@ -202,7 +206,7 @@ def config_from_dict(raw: dict) -> ModelConfig:
     return ModelConfig(model_type=model_type, vocab_size=_get(raw, "vocab_size", int),
                        bos_token_id=_get(raw, "bos_token_id", int, required=False),
                        eos_token_id=_get(raw, "eos_token_id", (int, list), required=False),
-                       source=dict(raw), **fields)
+                       **fields)
 
 
 def read_config(path) -> ModelConfig:

@@ -22,7 +22,7 @@ from .safetensors import (DTYPES, MAX_HEADER_BYTES, SafetensorsError, _check_ent
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-CHUNK_BYTES = 8 << 20  # a big tensor is copied out of the map this many bytes at a time
+CHUNK_BYTES = 1 << 20  # a big tensor is copied out of the map this many bytes at a time
 
 
 def read_header(path):
