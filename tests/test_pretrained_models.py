@@ -65,6 +65,7 @@ def test_an_unknown_shipped_config_is_refused_with_the_known_ones():
     (llama_raw(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
      "needs numbers for .*low_freq_factor"),
     (llama_raw(hidden_act="gelu"), "hidden_act 'gelu'"),
+    (llama_raw(eos_token_id=[2, "</s>"]), "'eos_token_id' must be a token id"),
     (gpt2_raw(n_head=5), "divisible by n_head=5"),
     (gpt2_raw(activation_function="relu"), "activation_function 'relu'"),
 ])

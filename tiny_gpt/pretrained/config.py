@@ -117,9 +117,7 @@ def _get(raw, name, kind, default=None, required=True):
             raise ValueError(f"config.json: missing field {name!r}")
         return default
     value = raw[name]
-    if isinstance(value, bool) and kind is not bool:
-        raise ValueError(f"config.json: field {name!r} must be {_kind_name(kind)}, got {value!r}")
-    if not isinstance(value, kind):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ValueError(f"config.json: field {name!r} must be {_kind_name(kind)}, got {value!r}")
     return value
 
