@@ -8,6 +8,7 @@ import torch
 
 from lora import apply_lora
 from tiny_gpt import TrainConfig, masked_cross_entropy, train
+from tiny_gpt.memory.checkpointing import enable_input_require_grads
 from tiny_gpt.pretrained import ModelConfig, build_model, read_config, shipped_config
 from tiny_gpt.pretrained.build import empty_model
 from tiny_gpt.pretrained.config import config_from_dict
@@ -205,10 +206,12 @@ def test_generation_past_the_context_is_refused_before_any_work():
 
 
 # --- the rest of the project on these models --------------------------------------------------
-@pytest.mark.parametrize("impl", ["torch", "manual"])
+@pytest.mark.parametrize("impl", ["torch", "manual", "torch_reentrant"])
 def test_gradient_checkpointing_gives_the_same_loss_and_adapter_gradients(impl):
     def grads(checkpointing):
         model = apply_lora(model_of(llama_raw()), r=4).train()
+        if impl == "torch_reentrant":  # its blocks' input must require grad (the same switch)
+            enable_input_require_grads(model)
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, 0, 0.1, generator=torch.Generator().manual_seed(3))
