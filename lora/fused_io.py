@@ -128,8 +128,9 @@ def load_adapter_fused(model, directory, adapter_name="default", activate=True):
     chosen = {f: ours for f, ours in module_map(model).items()
               if any(f == t or f.endswith("." + t) for t in targets)}
     if not chosen:
+        known = sorted({f.rsplit(".", 1)[-1] for f in module_map(model)})
         raise ValueError(f"{directory / CONFIG_NAME}: target_modules {targets} name no GPT-2 "
-                         f"module; known: {sorted({f.rsplit('.', 1)[-1] for f in module_map(model)})}")
+                         f"module; known: {known}")
     tensors, _ = load_file(directory / WEIGHTS_NAME)
     expected = {}
     for file_module, ours in chosen.items():

@@ -101,7 +101,8 @@ def test_peft_c_attn_adapter_opens_here_as_q_k_v_adapters_sharing_A(tmp_path):
     theirs.save_pretrained(str(tmp_path / "adapter"))
     ours = load_adapter_fused(load_pretrained(base), tmp_path / "adapter").eval()
     attn = ours.transformer.h[1].attn
-    assert torch.equal(attn.q_proj.adapters["default"].lora_A, attn.v_proj.adapters["default"].lora_A)
+    q, v = attn.q_proj.adapters["default"], attn.v_proj.adapters["default"]
+    assert torch.equal(q.lora_A, v.lora_A)
     assert torch.allclose(logits(ours), logits(theirs), atol=F32_TOL)
 
 

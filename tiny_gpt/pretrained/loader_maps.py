@@ -4,7 +4,8 @@ The Llama family needs no map: module paths follow the files (model.layers.N.sel
 ...), so every file tensor is one parameter, as it is. GPT-2's files differ in two ways:
 
     c_attn.weight  (C, 3C)  q, k and v fused, stored (in, out) by GPT-2's Conv1D:
-                            q_proj.weight = W[:, 0:C]^T,  k_proj = W[:, C:2C]^T,  v_proj = W[:, 2C:3C]^T
+                            q_proj.weight = W[:, 0:C]^T,  k_proj.weight = W[:, C:2C]^T,
+                            v_proj.weight = W[:, 2C:3C]^T
     c_attn.bias    (3C,)    q_proj.bias = b[0:C], k_proj.bias = b[C:2C], v_proj.bias = b[2C:3C]
     attn.c_proj, mlp.c_fc, mlp.c_proj   Conv1D too: our nn.Linear weight is their transpose
                             (attn.c_proj is our attn.o_proj)
