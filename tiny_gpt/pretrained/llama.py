@@ -8,7 +8,7 @@ One block, pre-norm, repeated num_hidden_layers times (Touvron et al. 2023, Sec.
 RMSNorm (Zhang & Sennrich 2019): y = w * x / sqrt(mean_i(x_i^2) + eps), the mean taken in
 float32 whatever x's dtype, the result cast back to x's dtype before the multiplication by w.
 
-Rotary embeddings (Su et al. 2021, Sec. 3.4), in the "rotate-half" layout the Hugging Face files
+Rotary embeddings (Su et al. 2021, RoFormer), in the "rotate-half" layout the Hugging Face files
 use: the head's channels i and i + d/2 form a pair rotated by the angle p * f_i at position p,
 
     f_i = theta^(-2i / d),   i = 0 .. d/2 - 1
