@@ -103,6 +103,8 @@ def edit_file(tmp_path, change):
      r"unexpected tensors \['model.layers.2.mlp.up_proj.weight'\]"),
     (lambda t: t.update({"model.norm.weight": torch.ones(31)}),
      r"model.norm.weight has shape \(31,\), the config needs \(32,\)"),
+    (lambda t: t.update({"model.norm.weight": torch.ones(32, dtype=torch.int64)}),
+     r"stored as .*\['model.norm.weight'\] are \['I64'\]"),
 ])
 def test_a_checkpoint_that_does_not_fit_is_refused_by_name_before_reading(tmp_path, monkeypatch,
                                                                         change, message):

@@ -6,7 +6,8 @@ The order is what keeps a big checkpoint's memory down and a bad one from doing 
   1. config.json is read and checked (config.py): a bad field is refused before anything else.
   2. Every weight file's header is read and checked (tiny_gpt/util/safetensors_mapped.py), and
      the names and shapes it lists are compared with the model's (loader_maps.py): a missing,
-     unexpected or misshapen tensor is refused by name before a single weight is read.
+     unexpected or misshapen tensor, or one not stored as F32, F16 or BF16, is refused by name
+     before a single weight is read.
   3. The model is built on the meta device -- shapes, no memory -- and each of its modules is
      then given its tensors as they are read, one at a time, from the memory-mapped files. At
      no point are the file and the model both in memory: only the model and one tensor.
@@ -28,6 +29,8 @@ from .build import check_dtype, empty_model
 from .config import config_to_dict, read_config
 from .loader_maps import canonical_name, check_against, file_layout, ours_to_file
 
+WEIGHT_DTYPES = ("F32", "F16", "BF16")
+
 
 def load_pretrained(folder, dtype=None, linear_hook=None):
     """A Hugging Face folder (Llama family or GPT-2) -> a model of this package, weights in
@@ -46,9 +49,20 @@ def load_pretrained(folder, dtype=None, linear_hook=None):
         names = {canonical_name(k, cfg): k for k in checkpoint.where}
         shapes = checkpoint.shapes()
         check_against({k: shapes[v] for k, v in names.items()}, layout, cfg, str(folder))
+        check_float(checkpoint, [names[k] for k in layout], str(folder))
         reader = PartReader(checkpoint, layout, names, dtype)
         fill(model, reader, linear_hook)
     return model
+
+
+def check_float(checkpoint, names, where):
+    """Weights are stored as F32, F16 or BF16; an integer or boolean tensor in a weight's
+    place is refused by name rather than converted."""
+    dtypes = {n: checkpoint.where[n].entries[n]["dtype"] for n in names}
+    bad = sorted(n for n, d in dtypes.items() if d not in WEIGHT_DTYPES)
+    if bad:
+        raise ValueError(f"{where}: weights must be stored as {WEIGHT_DTYPES}; "
+                         f"{bad[:5]} are {sorted({dtypes[n] for n in bad})}")
 
 
 class PartReader:
