@@ -10,7 +10,8 @@
 Subpackages: ``memory/`` (the memory ledger, CPU offload, gradient checkpointing, fp16 loss
 scaling), ``methods/`` (adapter tuning and prefix tuning, the methods LoRA is compared with),
 ``util/`` (plumbing: safetensors files, timing, finite differences, module selection, torch
-version differences). Nothing here imports ``lora``, ``quant`` or ``lessons``.
+version differences), ``pretrained/`` (real checkpoints: the Llama family and GPT-2 by hand,
+and the loader of Hugging Face folders). Nothing here imports ``lora``, ``quant`` or ``lessons``.
 """
 from .model import GPT, GPTConfig, masked_cross_entropy
 from .data import ALPHABET, VOCAB_SIZE, decode, encode, get_batch, load_text, make_corpus
