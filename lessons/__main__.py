@@ -114,13 +114,21 @@ def print_summary(results) -> None:
 
 # --- the results page ------------------------------------------------------------------------
 
-def commit_line() -> str:
-    """The commit the page was made at, and whether the tree held changes beyond it."""
+def commit_line(report_dir=None) -> str:
+    """The commit the page was made at, and whether the tree held changes beyond it; the
+    page's own folder aside (an earlier page not committed yet changes no code)."""
+    root = HERE.parent
+
     def git(*words):
-        return subprocess.run(["git", *words], cwd=HERE.parent, capture_output=True,
-                              text=True).stdout.strip()
-    commit = git("rev-parse", "--short", "HEAD") or "unknown (not a git checkout)"
-    return commit + (" + uncommitted changes" if git("status", "--porcelain") else "")
+        done = subprocess.run(["git", *words], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+    commit, paths = git("rev-parse", "--short", "HEAD"), ["."]
+    if report_dir is not None and root in Path(report_dir).resolve().parents:
+        paths.append(f":(exclude){Path(report_dir).resolve().relative_to(root).as_posix()}")
+    changes = git("status", "--porcelain", "--", *paths)
+    if commit is None or changes is None:
+        return "unknown (not a git checkout)"
+    return commit + (" + uncommitted changes" if changes else "")
 
 
 def title(path: Path) -> str:
@@ -168,7 +176,8 @@ def report_files(results, args) -> dict:
     files = {}
     lines = ["# Results: one run of every lesson", "",
              f"Made by `python -m lessons --report {args.report}` ({mode}, device "
-             f"`{args.device}`) at commit {commit_line()}, {time.strftime('%Y-%m-%d %H:%M %Z')}.",
+             f"`{args.device}`) at commit {commit_line(args.report)}, "
+             f"{time.strftime('%Y-%m-%d %H:%M %Z')}.",
              "", f"Machine: {machine_line()}.", "", f"torch {torch.__version__}.", "",
              "| lesson | status | time |", "|---|---|---|"]
     lines += [f"| {r['name']} | {'ok' if r['code'] == 0 else 'FAILED'} | "

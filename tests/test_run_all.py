@@ -3,6 +3,7 @@ the results page (--report DIR) regenerated whole from the run: per lesson its t
 plots, printed tables and time, at a named commit. Fake lessons stand in for the real ones."""
 import json
 import os
+import shutil
 import subprocess
 import textwrap
 
@@ -118,17 +119,30 @@ def test_the_page_is_regenerated_whole_and_removes_only_its_own_stale_files(fake
     assert not (report / "02_second" / "left_from_an_earlier_run.png").exists()
 
 
-def test_a_dirty_tree_is_named_on_the_page(monkeypatch):
-    """commit_line reads git: "+ uncommitted changes" exactly when git status lists a change."""
-    def fake_git(status):
-        def run(cmd, **kwargs):
-            out = {"rev-parse": "abc1234", "status": status}[cmd[1]]
-            return subprocess.CompletedProcess(cmd, 0, stdout=out + "\n")
-        return run
-    monkeypatch.setattr(run_all.subprocess, "run", fake_git(" M lessons/__main__.py"))
-    assert run_all.commit_line() == "abc1234 + uncommitted changes"
-    monkeypatch.setattr(run_all.subprocess, "run", fake_git(""))
-    assert run_all.commit_line() == "abc1234"
+def test_a_dirty_tree_is_named_on_the_page_but_not_an_earlier_page(tmp_path, monkeypatch):
+    """In a repository of its own: a change to the code is named; a change only inside the
+    report's folder (an earlier page, not committed yet) is not; outside git, it says so."""
+    def git(*words):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *words],
+                       cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "lessons").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "results.md").write_text("old page\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    monkeypatch.setattr(run_all, "HERE", tmp_path / "lessons")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path,
+                            capture_output=True, text=True).stdout.strip()
+    report = tmp_path / "docs" / "results"
+    assert run_all.commit_line(report) == commit
+    (report / "results.md").write_text("a newer page\n")
+    assert run_all.commit_line(report) == commit
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert run_all.commit_line(report) == f"{commit} + uncommitted changes"
+    shutil.rmtree(tmp_path / ".git")
+    assert run_all.commit_line(report) == "unknown (not a git checkout)"
 
 
 def test_takeaways_are_the_lines_that_start_with_the_marker():
