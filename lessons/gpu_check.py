@@ -34,7 +34,6 @@ from tiny_gpt.train import accumulate_gradients, check_device, optimizer_step
 from tiny_gpt.util.timing import medians, ratio_spread, round_robin_times
 
 STEPS = 8              # optimizer steps of each LoRA run: enough for the loss to move
-LR = 1e-2              # the lessons' LoRA learning rate
 LOSS_TOL_16BIT = 0.1   # a 16-bit run's largest distance from fp32's losses, as a share of how
                        # far fp32's fell (bf16's rounding alone: 1e-3 of it, tiny GPT, CPU)
 # tests/test_quant_linear4bit.py's, read as assert_close does: |a - b| <= tol * (1 + |b|)
@@ -55,6 +54,7 @@ class Subject:
     vocab: int
     batch: int = 16
     seq: int = 64
+    lr: float = 1e-2  # the lessons' LoRA learning rate; a 30-block model needs a smaller one
 
 
 TINY = Subject("tiny GPT", lambda: GPT(GPTConfig()), vocab=GPTConfig().vocab_size)
@@ -86,8 +86,8 @@ def recipe_model(subject, device, recipe="lora"):
     return (prepare_qlora if recipe == "qlora" else apply_lora)(model)
 
 
-def optimizer_of(model):
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+def optimizer_of(model, subject):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=subject.lr)
 
 
 def one_step(batch, device, model, optimizer, precision="fp32", scaler=None):
@@ -102,7 +102,7 @@ def train_losses(subject, device, precision):
     """The losses of STEPS LoRA steps; fp16 steps through the project's DynamicLossScaler.
     -> (losses, optimizer steps the scaler skipped)."""
     model = recipe_model(subject, device)
-    optimizer, batch = optimizer_of(model), fixed_batch(subject, device)
+    optimizer, batch = optimizer_of(model, subject), fixed_batch(subject, device)
     scaler = DynamicLossScaler() if precision == "fp16" else None
     losses, skipped = [], 0
     for _ in range(STEPS):
@@ -156,7 +156,7 @@ def check_qlora_step(subject, device):
     loss, a gradient for every adapter, every frozen tensor (4-bit base included) unchanged."""
     model = recipe_model(subject, device, "qlora")
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
-    optimizer, batch = optimizer_of(model), fixed_batch(subject, device)
+    optimizer, batch = optimizer_of(model, subject), fixed_batch(subject, device)
     one_step(batch, device, model, optimizer)
     loss, _ = accumulate_gradients(model, batch, device)
     grads = adapter_grads(model)
@@ -202,8 +202,8 @@ def recipe(subject, name, device):
     """(model, optimizer, precision, loss scaler or None): the recipe, fresh on the device."""
     kind, precision = RECIPES[name]
     model = recipe_model(subject, device, kind)
-    return model, optimizer_of(model), precision, (DynamicLossScaler() if precision == "fp16"
-                                                   else None)
+    scaler = DynamicLossScaler() if precision == "fp16" else None
+    return model, optimizer_of(model, subject), precision, scaler
 
 
 def check_memory(subject, device):
@@ -260,7 +260,7 @@ def real_subject(device):
     config = shipped_config("smollm2-135m" if device.type == "cuda" else "tiny")
     return Subject(f"{'SmolLM2-135M' if device.type == 'cuda' else 'tiny'} shape, random",
                    partial(build_model, config), vocab=config.vocab_size,
-                   batch=4, seq=256 if device.type == "cuda" else 32)
+                   batch=4, seq=256 if device.type == "cuda" else 32, lr=1e-3)
 
 
 def model_checks(subject, key=None):

@@ -3,6 +3,7 @@ on the CPU; and each check fails, exit status 1, when the path it checks is brok
 
 The checks train a small GPT here (the command's own is the lessons' tiny GPT), so that the file
 runs in seconds; what is checked is the same code path."""
+import dataclasses
 import sys
 import textwrap
 import types
@@ -99,7 +100,8 @@ def test_step_times_name_every_recipe_with_its_ratio_to_lora():
 
 
 def test_a_loss_that_does_not_fall_fails_and_exits_1(capsys, monkeypatch):
-    monkeypatch.setattr(gpu_check, "LR", 0.0)  # the optimizer steps, the weights stay put
+    still = dataclasses.replace(SMALL, lr=0.0)  # the optimizer steps, the weights stay put
+    monkeypatch.setattr(gpu_check, "TINY", still)
     status, found = results(capsys, ["--device", "cpu", "--only", "fp32"])
     assert status == 1 and list(found.values()) == ["fail"]
 
