@@ -1,20 +1,32 @@
 """Run every lesson in order: ``python -m lessons [--quick] [--device D] [--only 00 03]``.
 
+The device is checked once, before any lesson starts, and every lesson gets the one it names.
 Each lesson runs as its own process (a failure in one does not stop the others); what it prints
 is shown as it comes and kept. At the end the headline numbers that each lesson wrote to
 runs/<lesson>/summary.json in *this* run are printed together, failed lessons are listed, and
-the exit status is non-zero if any lesson failed. ``--report DIR`` also writes DIR/results.md:
-every lesson's printed tables and its plots, with the machine, the torch version and the date.
+the exit status is non-zero if any lesson failed.
+
+``--report DIR`` also writes the results page, regenerated whole at one commit:
+DIR/results.md names the commit, the machine and the torch version, then gives each lesson its
+title, its takeaway (the lines it printed starting with "Takeaway: ", computed from its own
+measurements), its plots (copied to DIR/<lesson>/), its printed tables and its time; and
+DIR/headline.json holds every lesson's summary numbers, {lesson: {key: value}}, for the README
+to quote. Files of an earlier page that this run did not write (results.md, headline.json and
+the DIR/NN_*/ folders: the files the page owns) are removed; nothing else in DIR is touched.
 """
 import argparse
+import ast
 import json
-import shutil
+import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+TAKEAWAY = "Takeaway: "
+OWNED_FOLDERS = "[0-9][0-9]_*"  # DIR/<lesson>/: one per lesson, written by the report only
 
 
 def lesson_files():
@@ -22,22 +34,29 @@ def lesson_files():
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m lessons",
+    from lessons.common import RUNS  # where runs/ is: decided there, once
+    from tiny_gpt.train import pick_device
+    parser = argparse.ArgumentParser(prog="python -m lessons", allow_abbrev=False,
                                      description="Run all lessons in order.")
     parser.add_argument("--quick", action="store_true", help="smoke-run every lesson")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, ...")
-    parser.add_argument("--runs", default="runs", help="folder the lessons write to")
+    parser.add_argument("--runs", default=str(RUNS), help="folder the lessons write to")
     parser.add_argument("--only", nargs="+", metavar="NN", help="lesson numbers, e.g. 00 03")
     parser.add_argument("--report", metavar="DIR",
-                        help="write DIR/results.md with every lesson's tables and plots")
+                        help="write the results page DIR/results.md (regenerated whole)")
     args = parser.parse_args(argv)
     numbers = [p.name[:2] for p in lesson_files()]
     unknown = [n for n in args.only or [] if n not in numbers]
     if unknown:
         parser.error(f"no lesson numbered {', '.join(unknown)}; the lessons are "
                      f"{', '.join(numbers)}")
-    if Path(args.runs).exists() and not Path(args.runs).is_dir():
-        parser.error(f"--runs {args.runs} is a file; give a folder")
+    try:  # once here, not once per lesson
+        args.device = str(pick_device(args.device))
+    except ValueError as error:
+        parser.error(f"--device: {error}")
+    for flag, folder in (("--runs", args.runs), ("--report", args.report)):
+        if folder and Path(folder).exists() and not Path(folder).is_dir():
+            parser.error(f"{flag} {folder} is a file; give a folder")
     args.runs = Path(args.runs).resolve()  # the lessons run from the repository root
     return args
 
@@ -48,14 +67,23 @@ def run_lesson(path: Path, args) -> dict:
     cmd += ["--quick"] if args.quick else []
     print(f"\n{'=' * 78}\n{path.name}\n{'=' * 78}", flush=True)
     start = time.time()
-    proc = subprocess.Popen(cmd, cwd=HERE.parent, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=HERE.parent, stdout=subprocess.PIPE, text=True,
+                            env=with_packages_importable(os.environ))
     lines = []
     for line in proc.stdout:
         print(line, end="", flush=True)
         lines.append(line)
     code = proc.wait()
-    return {"name": path.name, "code": code, "seconds": time.time() - start,
-            "output": "".join(lines), "summary": fresh_summary(args.runs, path, start)}
+    return {"name": path.name, "path": path, "code": code, "seconds": time.time() - start,
+            "output": "".join(lines), "start": start,
+            "summary": fresh_summary(args.runs, path, start)}
+
+
+def with_packages_importable(env):
+    """The environment with the repository root first on PYTHONPATH: a lesson run as a script
+    imports the packages beside it, installed or not."""
+    paths = [str(HERE.parent), *filter(None, [env.get("PYTHONPATH")])]
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def fresh_summary(runs: Path, path: Path, since: float):
@@ -84,30 +112,106 @@ def print_summary(results) -> None:
         print(f"\n{len(failed)} lesson(s) failed: {', '.join(failed)}")
 
 
-def write_report(results, args) -> Path:
-    """DIR/results.md: machine, date, then per lesson its status, time, output and plots
-    (copied next to the page, so that the folder can be committed as it is)."""
+# --- the results page ------------------------------------------------------------------------
+
+def commit_line(report_dir=None) -> str:
+    """The commit the page was made at, and whether the tree held changes beyond it; the
+    page's own folder aside (an earlier page not committed yet changes no code)."""
+    root = HERE.parent
+
+    def git(*words):
+        done = subprocess.run(["git", *words], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+    commit, paths = git("rev-parse", "--short", "HEAD"), ["."]
+    if report_dir is not None and root in Path(report_dir).resolve().parents:
+        paths.append(f":(exclude){Path(report_dir).resolve().relative_to(root).as_posix()}")
+    changes = git("status", "--porcelain", "--", *paths)
+    if commit is None or changes is None:
+        return "unknown (not a git checkout)"
+    return commit + (" + uncommitted changes" if changes else "")
+
+
+def title(path: Path) -> str:
+    """The first line of the lesson's docstring."""
+    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or path.stem
+    return doc.strip().splitlines()[0]
+
+
+def takeaways(output: str) -> list:
+    return [line[len(TAKEAWAY):].strip() for line in output.splitlines()
+            if line.startswith(TAKEAWAY)]
+
+
+def fenced(text: str) -> list:
+    """Markdown lines of `text` in a code fence longer than any run of backticks inside it."""
+    longest = max([len(run) for run in re.findall("`+", text)] + [2])
+    return ["`" * (longest + 1) + "text", text.rstrip(), "`" * (longest + 1)]
+
+
+def fresh_plots(runs: Path, r) -> list:
+    """The .png files the lesson wrote in this run (a plot left by an earlier run is not one)."""
+    return [png for png in sorted(runs.glob(f"{r['path'].stem[:2]}_*/*.png"))
+            if png.stat().st_mtime >= r["start"]]
+
+
+def lesson_section(r, runs: Path, files: dict) -> list:
+    """A lesson's lines on the page: title, takeaway, plots, printed tables, time. The plots'
+    bytes go into `files` ({path relative to DIR: bytes})."""
+    status = "ok" if r["code"] == 0 else f"FAILED (exit status {r['code']})"
+    lines = ["", f"## {title(r['path'])}", "", f"`lessons/{r['path'].name}`", ""]
+    lines += [f"**Takeaway:** {t}" for t in takeaways(r["output"])] or ["(no takeaway printed)"]
+    for png in fresh_plots(runs, r):
+        name = f"{r['path'].stem}/{png.name}"
+        files[name] = png.read_bytes()
+        lines += ["", f"![{png.stem}]({name})"]
+    lines += ["", *fenced(r["output"]), "", f"Time: {r['seconds']:.0f} s ({status})."]
+    return lines
+
+
+def report_files(results, args) -> dict:
+    """{path relative to DIR: bytes}: results.md, headline.json and the plots."""
     from lessons.common import machine_line  # torch and the packages: only when reporting
-    out = Path(args.report)
-    out.mkdir(parents=True, exist_ok=True)
-    mode = "--quick (smoke run: numbers meaningless)" if args.quick else "default budgets"
-    lines = ["# Results of one run of every lesson", "",
-             f"`python -m lessons --report {args.report}`, {mode}, device `{args.device}`,",
-             f"{time.strftime('%Y-%m-%d %H:%M %Z')}.", "", f"Machine: {machine_line()}.", "",
+    import torch
+    mode = "--quick (a smoke run: its numbers mean nothing)" if args.quick else "default budgets"
+    files = {}
+    lines = ["# Results: one run of every lesson", "",
+             f"Made by `python -m lessons --report {args.report}` ({mode}, device "
+             f"`{args.device}`) at commit {commit_line(args.report)}, "
+             f"{time.strftime('%Y-%m-%d %H:%M %Z')}.",
+             "", f"Machine: {machine_line()}.", "", f"torch {torch.__version__}.", "",
              "| lesson | status | time |", "|---|---|---|"]
-    lines += [f"| {r['name']} | {'ok' if r['code'] == 0 else 'FAILED'} | {r['seconds']:.0f} s |"
-              for r in results]
+    lines += [f"| {r['name']} | {'ok' if r['code'] == 0 else 'FAILED'} | "
+              f"{r['seconds']:.0f} s |" for r in results]
     for r in results:
-        lines += ["", f"## {r['name']}", "", "```text", r["output"].rstrip(), "```"]
-        for png in sorted(r["summary"]["dir"].glob("*.png")) if r["summary"] else []:
-            target = out / r["summary"]["dir"].name / png.name
-            target.parent.mkdir(exist_ok=True)
-            shutil.copyfile(png, target)
-            lines += ["", f"![{png.stem}]({target.relative_to(out).as_posix()})"]
-    page = out / "results.md"
-    page.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"\nwrote {page}")
-    return page
+        lines += lesson_section(r, args.runs, files)
+    files["results.md"] = ("\n".join(lines) + "\n").encode("utf-8")
+    headline = {r["path"].stem: r["summary"]["numbers"] for r in results if r["summary"]}
+    files["headline.json"] = (json.dumps(headline, indent=1) + "\n").encode("utf-8")
+    return files
+
+
+def stale_files(out: Path, written) -> list:
+    """Files the page owns (results.md, headline.json, DIR/NN_*/...) that this run did not write."""
+    owned = [out / "results.md", out / "headline.json"]
+    owned += [f for folder in out.glob(OWNED_FOLDERS) if folder.is_dir()
+              for f in folder.rglob("*") if f.is_file()]
+    return [f for f in owned if f.exists() and f.resolve() not in written]
+
+
+def write_report(results, args) -> Path:
+    """Every file of the page written at once (each to a temporary name, then renamed), then
+    the owned files of an earlier page that this one does not have removed."""
+    from tiny_gpt.util.safetensors import atomic_write_files
+    out = Path(args.report)
+    files = {out / name: data for name, data in report_files(results, args).items()}
+    atomic_write_files(files)
+    for stale in stale_files(out, {path.resolve() for path in files}):
+        stale.unlink()
+    for folder in out.glob(OWNED_FOLDERS):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    print(f"\nwrote {out / 'results.md'}")
+    return out / "results.md"
 
 
 def main(argv=None):

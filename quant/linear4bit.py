@@ -80,7 +80,8 @@ class Linear4bit(nn.Module):
         # .to(device); not saved, since they follow from what is.
         self.register_buffer("pair_levels", decode_table(self.code), persistent=False)
         if qweight.double_quant:
-            self.register_buffer("scale_levels", DYNAMIC_MAP.clone(), persistent=False)
+            self.register_buffer("scale_levels", DYNAMIC_MAP.to(self.code.device, copy=True),
+                                 persistent=False)  # beside the codes it decodes
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=bias.requires_grad)
 

@@ -235,3 +235,18 @@ def test_codes_stored_as_float_bytes_are_the_same_weight_and_stay_uncast():
     assert "codes" in dict(layer.named_buffers()) and torch.equal(layer.codes, packed)
     with pytest.raises(ValueError, match="dtype must be one of"):
         store_codes_as(layer, torch.int32)
+
+
+def test_a_layer_built_on_a_device_keeps_every_buffer_there():
+    """A weight quantized where it lives (prepare_qlora on a model already on the GPU) gives a
+    layer whose look-up tables sit beside its codes: a table left in CPU memory would make the
+    first GPU forward fail ("indices on another device"). The meta device stands in for the GPU."""
+    from dataclasses import replace
+    q = quantize_nf4(seeded(40, 96))
+    meta = lambda t: t.to("meta")
+    q = replace(q, codes=meta(q.codes), code=meta(q.code),
+                scales8=replace(q.scales8, codes=meta(q.scales8.codes),
+                                absmax=meta(q.scales8.absmax), offset=meta(q.scales8.offset)))
+    layer = Linear4bit(q)
+    assert {name: t.device.type for name, t in layer.named_buffers()} == \
+        {name: "meta" for name, _ in layer.named_buffers()}
