@@ -100,6 +100,46 @@ def _benchmark(tokens, features, r, alpha, repeats, seed):
             "spread": spread}
 
 
+KERNEL_SHAPES = ((512, 8192), (2048, 256), (576, 512))  # (features, tokens) of the table
+
+
+def benchmark_tuned_forms(tokens=8192, features=512, r=8, alpha=16, repeats=10, seed=0):
+    """One LoRA layer, forward + backward, the reference LoRAFunction against each tuned form
+    alone, all of them, and the rule of lora/tuned (and PEFT's layer where installed), taking
+    turns -> {name: ratio to the reference (median and middle half of the rounds)}."""
+    from .function import LoRAFunction
+    from .tuned import Tuning, TunedLoRAFunction, tuning_for
+    gen = torch.Generator().manual_seed(seed)
+    base = nn.Linear(features, features).requires_grad_(False)
+    layer = LoRALinear(base, r, alpha)
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 0.02, generator=gen)
+    x = torch.randn(tokens, features, generator=gen)
+    g = torch.randn(tokens, features, generator=gen)
+    args = (base.weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, None)
+    off = Tuning(False, False, False)
+    plans = {"summed forward": Tuning(True, False, False),
+             "one-pass backward": Tuning(False, True, False),
+             "token split": Tuning(False, False, True), "all three": Tuning(),
+             "the rule": tuning_for(tokens, features, features)}
+    forwards = {"reference": lambda x: LoRAFunction.apply(x, *args),
+                "tuned, none": lambda x: TunedLoRAFunction.apply(x, *args, off)}
+    for name, plan in plans.items():
+        forwards[name] = lambda x, plan=plan: TunedLoRAFunction.apply(x, *args, plan)
+    theirs = peft_lora(nn.Sequential(OrderedDict(layer=nn.Linear(features, features))),
+                       ["layer"], r, alpha)
+    if theirs is not None:
+        theirs.layer.base_layer.load_state_dict(base.state_dict())
+        copy_factors_to_peft(theirs, nn.Sequential(OrderedDict(layer=layer)))
+        forwards["peft"] = theirs.layer
+
+    def step(forward):
+        return lambda: forward(x.detach().requires_grad_()).backward(g)
+
+    times = round_robin_times({k: step(f) for k, f in forwards.items()}, repeats)
+    return {k: ratio_spread(times, k, "reference") for k in times}, plans["the rule"]
+
+
 if __name__ == "__main__":
     result = benchmark_lora_linear(threads=2)
     print(f"{result['tokens']} tokens, {result['features']} -> {result['features']}, "

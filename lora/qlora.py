@@ -18,7 +18,6 @@ from quant import Linear4bit, quantize_model
 from tiny_gpt.util.modules import replace_module
 
 from .inject import apply_lora, lora_layers, match_targets
-from .loftq import apply_loftq
 
 
 def prepare_qlora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0,
@@ -31,7 +30,7 @@ def prepare_qlora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.
 
     init_lora_weights: True (B = 0, QLoRA's), or "loftq": the target layers quantized and their
     adapters initialized together from the float weights, loftq_iters alternations
-    (lora/loftq.py); the per-layer errors are then in ``model.loftq_errors``."""
+    (lora/variants/loftq.py); the per-layer errors are then in ``model.loftq_errors``."""
     if init_lora_weights not in (True, "loftq"):
         raise ValueError(f"init_lora_weights must be True or 'loftq', got {init_lora_weights!r}")
     match_targets(model, targets)
@@ -40,7 +39,8 @@ def prepare_qlora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.
                    compute_dtype=compute_dtype, bits=bits)
     apply_lora(model, targets=targets, r=r, alpha=alpha, dropout=dropout,
                use_rslora=use_rslora)
-    if float_model is not None:
+    if float_model is not None:  # beyond the path: LoftQ (lora/variants/loftq.py)
+        from .variants import apply_loftq
         model.loftq_errors = apply_loftq(model, float_model, bits=bits, iters=loftq_iters,
                                          blocksize=blocksize, double_quant=double_quant)
     return model
@@ -57,8 +57,7 @@ def dequantized_float_model(qlora_model):
     for path, layer in lora_layers(model):
         merged = _float_linear(layer.base)
         with torch.no_grad():
-            for name in layer.active:
-                merged.weight += layer.adapters[name].delta_weight().to(merged.weight.dtype)
+            merged.weight += layer.delta_weight().to(merged.weight.dtype)
         replace_module(model, path, merged)
     for path, module in list(model.named_modules()):
         if isinstance(module, Linear4bit):

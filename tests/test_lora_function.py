@@ -3,7 +3,8 @@ agreement with autograd on the plain expression."""
 import pytest
 import torch
 
-from lora.function import LoRAFunction, token_sum_product
+from lora.function import LoRAFunction
+from lora.tuned.products import token_sum_product
 from tiny_gpt.util.finite_differences import central_differences
 
 # float64 finite differences with eps = 1e-6 agree with the exact gradient to about eps^2 plus
