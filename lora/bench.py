@@ -1,10 +1,11 @@
-"""What does an unmerged LoRA layer cost on top of the frozen layer alone? (lesson 01)
+"""What does an unmerged LoRA layer cost on top of the frozen layer alone? (lesson 01) And what
+does the tuned LoRA Function buy over the reference? (benchmark_tuned_forms, lora/tuned)
 
 One layer (features -> features), rank r, float32, forward + backward with an input gradient,
 four ways:
   frozen    the nn.Linear alone, weight frozen: forward x W0^T + b, backward g W0
   lora      LoRALinear unmerged, through LoRAFunction's hand-derived backward (lora/function.py)
-  naive     the seed's F.linear(x, W0 + s B A) with autograd: it forms dW on every forward, and
+  naive     minLoRA's F.linear(x, W0 + s B A) with autograd: it forms dW on every forward, and
             autograd then builds the (out, in) gradient of W0 + sBA, a third big matmul
   autograd  base(x) + s (x A^T) B^T with plain autograd, the way typical libraries write it
   peft      PEFT's own LoRA layer with the same A and B, where peft is installed (it is never a
@@ -104,11 +105,11 @@ KERNEL_SHAPES = ((512, 8192), (2048, 256), (576, 512))  # (features, tokens) of 
 
 
 def benchmark_tuned_forms(tokens=8192, features=512, r=8, alpha=16, repeats=10, seed=0):
-    """One LoRA layer, forward + backward, the reference LoRAFunction against each tuned form
-    alone, all of them, and the rule of lora/tuned (and PEFT's layer where installed), taking
-    turns -> {name: ratio to the reference (median and middle half of the rounds)}."""
+    """One LoRA layer, forward + backward, the reference LoRAFunction against the tuned one
+    without and with the token split, as LoRALinear runs it (lora/tuned picks), and PEFT's
+    layer where installed, taking turns -> {name: ratio to the reference (RatioSpread)}."""
     from .function import LoRAFunction
-    from .tuned import Tuning, TunedLoRAFunction, tuning_for
+    from .tuned import TunedLoRAFunction
     gen = torch.Generator().manual_seed(seed)
     base = nn.Linear(features, features).requires_grad_(False)
     layer = LoRALinear(base, r, alpha)
@@ -117,15 +118,10 @@ def benchmark_tuned_forms(tokens=8192, features=512, r=8, alpha=16, repeats=10, 
     x = torch.randn(tokens, features, generator=gen)
     g = torch.randn(tokens, features, generator=gen)
     args = (base.weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, None)
-    off = Tuning(False, False, False)
-    plans = {"summed forward": Tuning(True, False, False),
-             "one-pass backward": Tuning(False, True, False),
-             "token split": Tuning(False, False, True), "all three": Tuning(),
-             "the rule": tuning_for(tokens, features, features)}
     forwards = {"reference": lambda x: LoRAFunction.apply(x, *args),
-                "tuned, none": lambda x: TunedLoRAFunction.apply(x, *args, off)}
-    for name, plan in plans.items():
-        forwards[name] = lambda x, plan=plan: TunedLoRAFunction.apply(x, *args, plan)
+                "tuned, in place": lambda x: TunedLoRAFunction.apply(x, *args, False),
+                "tuned, + token split": lambda x: TunedLoRAFunction.apply(x, *args, True),
+                "LoRALinear": layer}
     theirs = peft_lora(nn.Sequential(OrderedDict(layer=nn.Linear(features, features))),
                        ["layer"], r, alpha)
     if theirs is not None:
@@ -137,7 +133,17 @@ def benchmark_tuned_forms(tokens=8192, features=512, r=8, alpha=16, repeats=10, 
         return lambda: forward(x.detach().requires_grad_()).backward(g)
 
     times = round_robin_times({k: step(f) for k, f in forwards.items()}, repeats)
-    return {k: ratio_spread(times, k, "reference") for k in times}, plans["the rule"]
+    return {k: ratio_spread(times, k, "reference") for k in times}
+
+
+def print_tuned_forms(repeats=10):
+    """The table of benchmark_tuned_forms at the three KERNEL_SHAPES."""
+    for features, tokens in KERNEL_SHAPES:
+        ratios = benchmark_tuned_forms(tokens, features, repeats=repeats)
+        print(f"{features} wide x {tokens} tokens, r = 8, float32, {torch.get_num_threads()} "
+              "threads: time / reference's (median [quartiles] of the rounds)")
+        for name, ratio in ratios.items():
+            print(f"  {name:>22}: {ratio}")
 
 
 if __name__ == "__main__":
@@ -146,3 +152,4 @@ if __name__ == "__main__":
           f"r = {result['r']}, float32, {result['threads']} threads")
     for name, sec in result["seconds"].items():
         print(f"  {name:>8}: {sec * 1e3:7.1f} ms   {result['ratio'][name]:.3f}x frozen")
+    print_tuned_forms()

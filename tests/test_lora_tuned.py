@@ -1,22 +1,18 @@
-"""The tuned LoRA function equals the reference, values and gradients, in every form the
-selection can pick; and the one switch picks what it says."""
-import itertools
-
+"""The tuned LoRA function equals the reference, values and gradients, with and without the
+token split, a dropout mask and a compressed weight; and the one switch picks what it says."""
 import pytest
 import torch
 import torch.nn as nn
 
 from lora import LoRALinear
 from lora.function import LoRAFunction
-from lora.tuned import Tuning, TunedLoRAFunction, lora_function, tuning_for, use_reference
-from lora.tuned.products import input_grad_and_v, summed_weight
+from lora.tuned import (TunedLoRAFunction, lora_function, split_tokens, token_sum_product,
+                        use_reference)
 
-# float64: the two compute the same sums in another order (a summed weight, batched runs over
-# the tokens), so they differ by rounding, ~1e-15 relative; 1e-12 leaves margin for ~100 terms.
+# float64: the two compute the same sums in another order (in place, batched runs over the
+# tokens), so they differ by rounding, ~1e-16 relative per term; 1e-12 leaves room for ~100.
 F64_TOL = 1e-12
 FD_TOL = 1e-7  # gradcheck's central differences, eps = 1e-6 (see test_lora_function.py)
-
-ALL_TUNINGS = [Tuning(*flags) for flags in itertools.product([False, True], repeat=3)]
 
 
 def inputs(N=8, n_in=64, n_out=5, r=2, compressed=False, seed=0):
@@ -39,14 +35,15 @@ def values_and_grads(apply, x, A, B, seed=3):
     return (y, *torch.autograd.grad((G * y).sum(), (x, A, B)))
 
 
-@pytest.mark.parametrize("tuning", ALL_TUNINGS, ids=str)
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("compressed", [False, True])
-def test_every_tuned_form_equals_the_reference(tuning, masked, compressed):
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_tuned_function_equals_the_reference(split, masked, compressed, bias):
     x, W, b, A, B, mask = inputs(compressed=compressed)
-    mask = mask if masked else None
+    b, mask = (b if bias else None), (mask if masked else None)
     ref = values_and_grads(lambda: LoRAFunction.apply(x, W, b, A, B, 1.5, mask), x, A, B)
-    got = values_and_grads(lambda: TunedLoRAFunction.apply(x, W, b, A, B, 1.5, mask, tuning),
+    got = values_and_grads(lambda: TunedLoRAFunction.apply(x, W, b, A, B, 1.5, mask, split),
                            x, A, B)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, atol=F64_TOL, rtol=F64_TOL)
@@ -56,25 +53,21 @@ def test_every_tuned_form_equals_the_reference(tuning, masked, compressed):
 def test_tuned_gradcheck(masked):
     x, W, b, A, B, mask = inputs(N=8, n_in=6)
     mask = mask if masked else None
-    fn = lambda x, A, B: TunedLoRAFunction.apply(x, W, b, A, B, 1.5, mask, Tuning())  # noqa: E731
+    fn = lambda x, A, B: TunedLoRAFunction.apply(x, W, b, A, B, 1.5, mask, True)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, A, B), eps=1e-6, atol=FD_TOL)
 
 
-def test_the_shared_products_are_what_they_say():
-    x, W, b, A, B, _ = inputs()
-    torch.testing.assert_close(summed_weight(W, A, B, 1.5), W + 1.5 * B @ A)
-    g = torch.randn(8, 5, dtype=torch.float64)
-    grad_x, v = input_grad_and_v(g, W, A, B, 1.5)
-    torch.testing.assert_close(grad_x, g @ (W + 1.5 * B @ A))
-    torch.testing.assert_close(v, 1.5 * g @ B)
+@pytest.mark.parametrize("N", [12, 7])  # split into 4 runs of 3 tokens; 7: the plain product
+def test_token_sum_product_is_a_transposed_times_b(N):
+    gen = torch.Generator().manual_seed(0)
+    both = torch.randn(N, 3 + 5, generator=gen, dtype=torch.float64)
+    a = both[:, 5:]  # a strided view, as v is in backward
+    b = torch.randn(N, 6, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(token_sum_product(a, b), a.t() @ b, rtol=1e-12, atol=1e-12)
 
 
-def test_the_rule_forms_the_summed_weight_only_where_it_costs_less():
-    """Forming W0 + sBA costs out * in * r; it saves N * r * out in forward (N > in) and
-    N * r * (in + out) in backward (N (in + out) > in * out)."""
-    assert tuning_for(8192, 512, 512) == Tuning(True, True, True)
-    assert tuning_for(256, 2048, 2048) == Tuning(False, False, True)
-    assert tuning_for(512, 576, 576) == Tuning(False, True, True)
+def test_the_split_is_taken_from_512_tokens_on():
+    assert not split_tokens(256) and split_tokens(512) and split_tokens(8192)
 
 
 def test_the_switch_picks_the_reference_or_the_tuned_function():

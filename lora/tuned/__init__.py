@@ -1,19 +1,15 @@
-"""Tuned forms of LoRA's kernels, beside the reference they speed up, and the ONE place that
-picks between the two: `lora_function`, which LoRALinear's forward calls.
+"""A tuned form of LoRA's Function, beside the reference it speeds up, and the ONE place that
+picks between the two: `lora_function`, which every LoRALinear's forward calls.
 
-    products.py  summed_weight (W0 + sBA), input_grad_and_v (g [W0 + sBA | sB]),
-                 token_sum_product: the shared pieces (DoRA uses them too)
-    function.py  TunedLoRAFunction and Tuning, the switch of each tuned form
+    function.py  TunedLoRAFunction (in-place sums, the token split) and token_sum_product
 
-The rule per call, from the flop counts in function.py (N tokens, in -> out features, rank r):
-the summed forward when N > in, the one-pass backward when N (in + out) > in * out, the token
-split always. Set the environment variable LORA_REFERENCE=1, or call use_reference(True), and
-every LoRALinear runs the reference LoRAFunction instead (lora/function.py).
+The tuned one runs unless the environment variable LORA_REFERENCE=1 is set or use_reference(True)
+is called: then every LoRALinear runs the reference LoRAFunction (lora/function.py).
 """
 import os
 
 from ..function import LoRAFunction
-from .function import Tuning, TunedLoRAFunction
+from .function import TunedLoRAFunction, split_tokens, token_sum_product
 
 CHOICE = {"reference": os.environ.get("LORA_REFERENCE", "") == "1"}  # the one switch
 
@@ -25,17 +21,13 @@ def use_reference(flag=True):
     return previous
 
 
-def tuning_for(n_tokens, in_features, out_features):
-    """The Tuning the rule above picks for one call."""
-    return Tuning(summed_forward=n_tokens > in_features,
-                  one_pass_backward=n_tokens * (in_features + out_features)
-                  > in_features * out_features,
-                  token_split=True)
-
-
 def lora_function(x, weight, bias, lora_A, lora_B, scaling, mask=None):
     """y = x W0^T + b + s (x_d A^T) B^T for x (N, in), by the reference or the tuned Function."""
     if CHOICE["reference"]:
         return LoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, mask)
-    tuning = tuning_for(x.shape[0], lora_A.shape[1], lora_B.shape[0])
-    return TunedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, mask, tuning)
+    return TunedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, scaling, mask,
+                                   split_tokens(x.shape[0]))
+
+
+__all__ = ["LoRAFunction", "TunedLoRAFunction", "lora_function", "split_tokens",
+           "token_sum_product", "use_reference"]

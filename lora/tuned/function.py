@@ -1,78 +1,78 @@
-"""TunedLoRAFunction: the same function as the reference LoRAFunction (lora/function.py), with
-fewer passes over the activations. Same shapes, same saved tensors, the same numbers up to the
-order of float sums (tests/test_lora_tuned.py holds the two equal, values and gradients).
+"""TunedLoRAFunction: the function of the reference LoRAFunction (lora/function.py) with fewer
+passes over the activations. Same shapes, same saved tensors, the same numbers up to the order
+of float sums (tests/test_lora_tuned.py holds the two equal, values and gradients).
 
-Three tuned forms, each switched by a field of `Tuning` (lora/tuned/__init__.py picks them):
+Two changes, each kept because lora/bench.py measured it buying >= 10% where it runs:
 
-summed_forward     y = x (W0 + sBA)^T + b: the frozen layer's one matmul on the summed weight
-                   (lora/tuned/products.summed_weight) instead of x W0^T plus s u B^T. Forming
-                   W0 + sBA costs out * in * r multiply-adds; it saves the s u B^T product,
-                   N * r * out, and the pass that adds it into y: it pays when N > in. Only
-                   without a dropout mask (the mask sits on the adapter's input alone), and
-                   only for a float32 / float64 W0: a 16-bit W0 would round away an update
-                   below its own step of ~1e-3.
-one_pass_backward  dL/dx and v = s g B in one pass over g, g [W0 + sBA | sB]
-                   (products.input_grad_and_v) instead of g W0, g sB and (v A) apart. Forming
-                   costs out * in * r again; it saves N * r * (in + out) and two passes over an
-                   (N, in) tensor: it pays when N (in + out) > in * out. Without a mask only.
-token_split        dL/dA = v^T x_d and dL/dB = s g^T u as a few batched runs over the tokens
-                   (products.token_sum_product), a work-around for a slow MKL shape.
+in place       every "a + b" of the derivation whose b is a product is written as one
+               addmm / addcmul into a: y starts as s u B^T (with b broadcast in the same
+               pass) and x W0^T is added in place; dL/dx starts as g W0 and v A is added in
+               place. No (N, out) or (N, in) temporary is made and read again.
+token split    dL/dA = v^T x_d and dL/dB = s g^T u, sums over the N tokens with a small
+               (r, d) result, run as `parts` batched runs of N / parts tokens each
+               (token_sum_product): MKL runs the long thin product slowly on few cores. It
+               pays only with enough tokens per run: split_tokens says when.
+
+Tried and dropped (both measured slower or within noise of the above at every shape of the
+bench): forming W0 + sBA for a one-matmul forward, and g [W0 + sBA | sB] for dL/dx and v in one
+pass; DoRA, which forms W0 + sBA anyway for its norms, keeps both (lora/variants/dora.py).
 """
-from dataclasses import dataclass
-
 import torch
 
 from tiny_gpt.util.modules import dense, is_compressed_weight
 
-from .products import input_grad_and_v, summed_weight, token_sum_product
-
-SUMMABLE = (torch.float32, torch.float64)  # dtypes whose W0 + sBA keeps the small update
+MIN_SPLIT_TOKENS = 512  # fewer tokens: the split measured no faster (2048 wide x 256 tokens)
 
 
-@dataclass(frozen=True)
-class Tuning:
-    """Which tuned forms a call uses (see the module docstring); all False is the reference."""
-    summed_forward: bool = True
-    one_pass_backward: bool = True
-    token_split: bool = True
+def split_tokens(n_tokens):
+    """Is token_sum_product worth it for N tokens? (lora/bench.py: 2x at 8192 tokens, ~1.3x at
+    512, none at 256, on a 2-core CPU.)"""
+    return n_tokens >= MIN_SPLIT_TOKENS
+
+
+def token_sum_product(a, b, parts=4):
+    """a^T b for a (N, r) and b (N, d): a sum over the N tokens, (r, d).
+
+    Cutting the tokens into `parts` runs of N / parts, one batched matmul over the runs, then
+    adding their (r, d) results: the same numbers, summed in another order."""
+    n = a.shape[0]
+    if n % parts:
+        return a.t() @ b
+    runs_a = a.reshape(parts, n // parts, a.shape[1]).transpose(1, 2)  # (parts, r, N / parts)
+    return torch.bmm(runs_a, b.reshape(parts, n // parts, b.shape[1])).sum(0)  # (r, d)
 
 
 class TunedLoRAFunction(torch.autograd.Function):
-    """LoRAFunction's y = x W0^T + b + s (x_d A^T) B^T, computed the ways `tuning` says."""
+    """LoRAFunction's y = x W0^T + b + s (x_d A^T) B^T; split: use token_sum_product."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, mask=None, tuning=Tuning()):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, mask=None, split=True):
         W0 = dense(weight, x.dtype)                                # (out, in)
         x_d = x if mask is None else x * mask                      # (N, in)
         u = x_d @ lora_A.t()                                       # (N, r)
-        if tuning.summed_forward and mask is None and W0.dtype in SUMMABLE:
-            y = torch.nn.functional.linear(x, summed_weight(W0, lora_A, lora_B, scaling), bias)
-        else:  # s u B^T is y's initial value, written in the pass that broadcasts b anyway
-            sBt = lora_B.t() * scaling                             # (r, out)
-            y = u @ sBt if bias is None else torch.addmm(bias, u, sBt)  # (N, out)
-            y.addmm_(x, W0.t())                                    # y += x W0^T, in place
+        sBt = lora_B.t() * scaling                                 # (r, out): scale the small
+        y = u @ sBt if bias is None else torch.addmm(bias, u, sBt)  # (N, out) = b + s u B^T
+        y.addmm_(x, W0.t())                                        # y += x W0^T, in place
         compressed = is_compressed_weight(weight)
         ctx.save_for_backward(x_d, None if compressed else W0, lora_A, lora_B, u, mask)
         ctx.compressed = weight if compressed else None
-        ctx.scaling, ctx.tuning = scaling, tuning
+        ctx.scaling, ctx.split = scaling, split
         return y
 
     @staticmethod
     def backward(ctx, g):
         x_d, W0, lora_A, lora_B, u, mask = ctx.saved_tensors
-        s, tuning = ctx.scaling, ctx.tuning
+        s = ctx.scaling
+        product = token_sum_product if ctx.split else (lambda a, b: a.t() @ b)
         need_x, need_A, need_B = (ctx.needs_input_grad[i] for i in (0, 3, 4))
+        grad_x = grad_A = grad_B = None
+        v = g @ (lora_B * s)                                       # (N, r) = s g B
         if need_x:
             W0 = dense(ctx.compressed, g.dtype) if ctx.compressed is not None else W0
-        product = token_sum_product if tuning.token_split else (lambda a, b: a.t() @ b)
-        grad_x = grad_A = grad_B = None
-        if need_x and mask is None and tuning.one_pass_backward:
-            grad_x, v = input_grad_and_v(g, W0, lora_A, lora_B, s)  # (N, in), (N, r)
-        else:
-            v = g @ (lora_B * s)                                   # (N, r)
-            if need_x:
-                grad_x = (g @ W0).addmm_(v, lora_A) if mask is None else \
-                    torch.addcmul(g @ W0, v @ lora_A, mask)        # (N, in)
+            if mask is None:
+                grad_x = (g @ W0).addmm_(v, lora_A)                # (N, in) = g W0 + v A
+            else:
+                grad_x = torch.addcmul(g @ W0, v @ lora_A, mask)   # g W0 + (v A) * m
         if need_A:
             grad_A = product(v, x_d)                               # (r, in) = v^T x_d
         if need_B:

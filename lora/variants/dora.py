@@ -22,7 +22,7 @@ Backward, with g = dL/dy (N, out) and g_z = g * c (dL/dz):
 
     dL/dm_k   = (sum_n g_nk z_nk) / n_k                         = gc_k / n_k
     dL/dx     = g_z V, and v = g_z B beside it: one pass, g_z [V | B] (V formed again,
-                products.input_grad_and_v)
+                input_grad_and_v)
     through z:  dL/dV = g_z^T x, so
                 dL/dB = s (g_z^T x) A^T = s g_z^T u,  u = x A^T (N, r), saved
                 dL/dA = s B^T g_z^T x   = s (g_z B)^T x
@@ -42,7 +42,25 @@ import torch.nn as nn
 from tiny_gpt.util.torch_compat import autocast_enabled
 
 from ..layer import LoRALinear, float_weight
-from ..tuned.products import input_grad_and_v, summed_weight, token_sum_product
+from ..tuned import token_sum_product
+
+
+def summed_weight(weight, lora_A, lora_B, scaling, dtype=None):
+    """V = W0 + s B A, (out, in), in `dtype` (default W0's): the weight DoRA's direction is
+    taken of; out * in * r multiply-adds and one new (out, in) tensor, no gradient through it."""
+    dtype = dtype or weight.dtype
+    return torch.addmm(weight.to(dtype), lora_B.to(dtype), lora_A.to(dtype), alpha=scaling)
+
+
+def input_grad_and_v(g, weight, lora_A, lora_B, scaling):
+    """(g V, s g B) from one pass over g (N, out): s B rides along as r extra columns,
+    g [W0 + sBA | sB]  (N, out)(out, in + r) = (N, in + r)."""
+    in_features = weight.shape[1]
+    sB = lora_B * scaling                                   # (out, r)
+    fused = torch.cat([weight, sB], dim=1)                  # (out, in + r) = [W0 | sB]
+    fused[:, :in_features].addmm_(sB, lora_A)               # [W0 + sBA | sB], in place
+    both = g @ fused                                        # (N, in + r)
+    return both[:, :in_features], both[:, in_features:]     # (N, in), (N, r)
 
 
 def dora_norm(weight, lora_A, lora_B, scaling):
