@@ -6,7 +6,7 @@ The reading path, in order (the whole of LoRA and QLoRA's adapter side):
     layer.py     LoRALinear: a frozen base + one adapter (A, B, scaling, dropout, merge)
     inject.py    apply_lora by module name, merge_lora / unmerge_lora / disable over a model
     io.py        adapters and merged models on disk (safetensors, PEFT's layout and key names)
-    qlora.py     QLoRA: quant's 4-bit base with LoRA on top, and its float deployment copy
+    qlora.py     QLoRA: quant's 4-bit base with LoRA on top
 
 Beyond it, each in its own place:
 
@@ -14,6 +14,7 @@ Beyond it, each in its own place:
     many/        several named adapters: switch, stack, combine, per-row batches, serving, a
                  library of adapters on disk
     variants/    DoRA, PiSSA, LoftQ
+    export.py    merged models on disk, QLoRA's float deployment copy
     params.py    parameter counts and tables, the adapter tensors of a state dict
     analysis.py  the LoRA paper's Sec. 7: subspace similarity and amplification
     stack_check.py  a few steps of QLoRA next to its float twin, before a long run
@@ -23,9 +24,9 @@ Beyond it, each in its own place:
 from .function import LoRAFunction
 from .layer import LoRALinear, lora_scaling
 from .inject import apply_lora, disable_adapters, lora_layers, merge_lora, unmerge_lora
-from .io import (base_fingerprint, load_adapter, load_model_weights, save_adapter,
-                 save_merged_model)
-from .qlora import dequantized_float_model, prepare_qlora
+from .io import base_fingerprint, load_adapter, save_adapter
+from .qlora import prepare_qlora
+from .export import dequantized_float_model, load_model_weights, save_merged_model
 from .params import count_parameters, format_table, lora_state_dict, parameter_table
 from .variants import DoRAFunction, DoRALinear, apply_loftq, loftq_init, pissa_init, pissa_to_lora
 from .many import (AdapterLibrary, LoRAAdapter, MixedLoRAFunction, MultiLoRALinear,

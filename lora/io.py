@@ -1,4 +1,4 @@
-"""Adapters and merged models on disk, in the PEFT layout, written and read without pickle.
+"""Adapters on disk, in the PEFT layout, written and read without pickle.
 
 An adapter directory holds two files, both written atomically (temporary file + rename):
 
@@ -24,10 +24,8 @@ fingerprint (when the config has one; PEFT's own configs do not), the keys (miss
 unexpected ones listed) and shapes, through tiny_gpt.util.safetensors, which parses JSON and copies
 raw bytes, so a hostile file can fail but never execute anything.
 
-A merged model is a plain state dict (W0 + s B A in place of W0, no adapter keys) in one
-safetensors file: it loads into the unmodified base architecture, without this package.
+Merged models on disk, and QLoRA's float deployment copy, are in lora/export.py.
 """
-import copy
 import hashlib
 import json
 import math
@@ -35,9 +33,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_gpt.util.safetensors import atomic_write_files, load_file, save_file, serialize
-
-from tiny_gpt.util.modules import replace_module
+from tiny_gpt.util.safetensors import atomic_write_files, load_file, serialize
 
 from .inject import (DEFAULT, adapter_names, apply_lora, base_modules, is_wrappable,
                      lora_layers, match_targets, named_adapters)
@@ -204,25 +200,4 @@ def load_adapter(model, directory, adapter_name="default", activate=True):
             adapter.lora_B.copy_(tensors[peft_key(path, "B")])
             if config["use_dora"]:
                 adapter.lora_magnitude_vector.copy_(tensors[peft_key(path, "magnitude")])
-    return model
-
-
-def save_merged_model(model, path):
-    """Write the model with its active adapters merged, as the plain base architecture's state
-    dict, to one safetensors file. `model` itself is left as it is."""
-    merged = copy.deepcopy(model)
-    for layer_path, layer in lora_layers(merged):
-        if not layer.merged:
-            layer.merge()
-        replace_module(merged, layer_path, layer.base)
-    save_file(merged.state_dict(), path, metadata={"format": "pt"})
-
-
-def load_model_weights(model, path):
-    """Load a file from save_merged_model into a plain model (keys and shapes checked)."""
-    tensors, _ = load_file(path)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_tensors(tensors, expected, str(path))
-    check_finite_tensors(tensors, str(path))
-    model.load_state_dict(tensors)
     return model

@@ -106,8 +106,9 @@ class LoRALinear(nn.Module):
         if not function_applies(self.base, x, self.lora_A):
             # y = base(x) + s B A dropout(x), by plain autograd, in the factors' dtype
             x_d = F.dropout(x.to(self.lora_A.dtype), self.dropout, self.training)
+            delta = self.scaling * F.linear(F.linear(x_d, self.lora_A), self.lora_B)
             y = self.base(x)
-            return y + (self.scaling * F.linear(F.linear(x_d, self.lora_A), self.lora_B)).to(y.dtype)
+            return y + delta.to(y.dtype)
         x2 = x.reshape(-1, self.in_features)                  # (N, in), N = all leading dims
         y = lora_function(x2, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
                           self.scaling, self.dropout_mask(x2))
@@ -124,7 +125,7 @@ class LoRALinear(nn.Module):
         """dW = s B A, (out, in)."""
         return self.scaling * (self.lora_B @ self.lora_A)
 
-    # --- merge / unmerge: explicit, and checked before anything changes ----------------------
+    # --- merge / unmerge: explicit calls, checked before anything changes --------------------
     def check_can_merge(self, where="this layer"):
         if self.merged:
             raise RuntimeError(f"{where}: already merged; call unmerge() first")

@@ -3,8 +3,8 @@
     with mixed_adapters(model, ["upper", None, "swap", "upper"]):
         logits, _ = model(idx)                 # idx (4, T): row 1 sees the base model alone
 
-On entering, every LoRA layer (made a MultiLoRALinear, many/layer.py) gets a RowPlan: the adapters in play on that layer, each in a
-slot, one more slot of zeros for the rows that want no adapter there (the base rows, and rows
+On entering, every LoRA layer (made a MultiLoRALinear, many/layer.py) gets a RowPlan: the
+adapters in play on that layer, each in a slot, one more slot of zeros for the rows that want no adapter there (the base rows, and rows
 whose adapter does not sit on this layer: they see the base layer, as set_active_adapters would
 give them), and `rows` (N,), each row's slot. The layer's forward then calls the plan:
 
