@@ -25,7 +25,9 @@ import torch.nn.functional as F
 
 from tiny_gpt.util.timing import medians, ratio_spread, round_robin_times
 
+from .function import LoRAFunction
 from .layer import LoRALinear
+from .tuned import TunedLoRAFunction
 
 
 def peft_lora(model, targets, r, alpha):
@@ -66,14 +68,38 @@ def benchmark_lora_linear(tokens=8192, features=512, r=8, alpha=16, repeats=10, 
         torch.set_num_threads(before)
 
 
-def _benchmark(tokens, features, r, alpha, repeats, seed):
+def _layer_and_data(tokens, features, r, alpha, seed):
+    """A LoRALinear on a frozen nn.Linear with a trained-looking B (so no variant works on an
+    all-zero update), x (N, features) and dL/dy, the same for every variant."""
     gen = torch.Generator().manual_seed(seed)
     base = nn.Linear(features, features).requires_grad_(False)
     layer = LoRALinear(base, r, alpha)
-    with torch.no_grad():  # a trained-looking B, so no variant works on an all-zero update
+    with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.02, generator=gen)
     x = torch.randn(tokens, features, generator=gen)
-    g = torch.randn(tokens, features, generator=gen)  # dL/dy, the same for every variant
+    return layer, x, torch.randn(tokens, features, generator=gen)
+
+
+def _step_times(forwards, layer, x, g, repeats):
+    """{name: [seconds of forward + backward per round]}, the forwards taking turns, PEFT's
+    layer with the same base, A and B joining where peft is installed."""
+    features, r, alpha = layer.in_features, layer.r, layer.alpha
+    theirs = peft_lora(nn.Sequential(OrderedDict(layer=nn.Linear(features, features))),
+                       ["layer"], r, alpha)
+    if theirs is not None:
+        theirs.layer.base_layer.load_state_dict(layer.base.state_dict())
+        copy_factors_to_peft(theirs, nn.Sequential(OrderedDict(layer=layer)))
+        forwards = {**forwards, "peft": theirs.layer}
+
+    def step(forward):
+        return lambda: forward(x.detach().requires_grad_()).backward(g)
+
+    return round_robin_times({k: step(f) for k, f in forwards.items()}, repeats)
+
+
+def _benchmark(tokens, features, r, alpha, repeats, seed):
+    layer, x, g = _layer_and_data(tokens, features, r, alpha, seed)
+    base = layer.base
     W, b, A, B, s = base.weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling
     forwards = {
         "frozen": base,
@@ -81,19 +107,7 @@ def _benchmark(tokens, features, r, alpha, repeats, seed):
         "naive": lambda x: F.linear(x, W + s * B @ A, b),
         "autograd": lambda x: base(x) + s * (x @ A.t()) @ B.t(),
     }
-    theirs = peft_lora(nn.Sequential(OrderedDict(layer=nn.Linear(features, features))),
-                       ["layer"], r, alpha)
-    if theirs is not None:
-        theirs.layer.base_layer.load_state_dict(base.state_dict())
-        copy_factors_to_peft(theirs, nn.Sequential(OrderedDict(layer=layer)))
-        forwards["peft"] = theirs.layer
-
-    def step(forward):
-        def run():
-            forward(x.detach().requires_grad_()).backward(g)
-        return run
-
-    times = round_robin_times({k: step(f) for k, f in forwards.items()}, repeats)
+    times = _step_times(forwards, layer, x, g, repeats)
     seconds = medians(times)
     spread = ({k: ratio_spread(times, k, "frozen") for k in times} if repeats > 1 else None)
     return {"tokens": tokens, "features": features, "r": r, "threads": torch.get_num_threads(),
@@ -108,31 +122,13 @@ def benchmark_tuned_forms(tokens=8192, features=512, r=8, alpha=16, repeats=10, 
     """One LoRA layer, forward + backward, the reference LoRAFunction against the tuned one
     without and with the token split, as LoRALinear runs it (lora/tuned picks), and PEFT's
     layer where installed, taking turns -> {name: ratio to the reference (RatioSpread)}."""
-    from .function import LoRAFunction
-    from .tuned import TunedLoRAFunction
-    gen = torch.Generator().manual_seed(seed)
-    base = nn.Linear(features, features).requires_grad_(False)
-    layer = LoRALinear(base, r, alpha)
-    with torch.no_grad():
-        layer.lora_B.normal_(0.0, 0.02, generator=gen)
-    x = torch.randn(tokens, features, generator=gen)
-    g = torch.randn(tokens, features, generator=gen)
-    args = (base.weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling, None)
+    layer, x, g = _layer_and_data(tokens, features, r, alpha, seed)
+    args = (layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B, layer.scaling, None)
     forwards = {"reference": lambda x: LoRAFunction.apply(x, *args),
                 "tuned, in place": lambda x: TunedLoRAFunction.apply(x, *args, False),
                 "tuned, + token split": lambda x: TunedLoRAFunction.apply(x, *args, True),
                 "LoRALinear": layer}
-    theirs = peft_lora(nn.Sequential(OrderedDict(layer=nn.Linear(features, features))),
-                       ["layer"], r, alpha)
-    if theirs is not None:
-        theirs.layer.base_layer.load_state_dict(base.state_dict())
-        copy_factors_to_peft(theirs, nn.Sequential(OrderedDict(layer=layer)))
-        forwards["peft"] = theirs.layer
-
-    def step(forward):
-        return lambda: forward(x.detach().requires_grad_()).backward(g)
-
-    times = round_robin_times({k: step(f) for k, f in forwards.items()}, repeats)
+    times = _step_times(forwards, layer, x, g, repeats)
     return {k: ratio_spread(times, k, "reference") for k in times}
 
 
