@@ -8,6 +8,7 @@ from lora import LoRALinear
 from lora.function import LoRAFunction
 from lora.tuned import (TunedLoRAFunction, lora_function, split_tokens, token_sum_product,
                         use_reference)
+from tiny_gpt.util.finite_differences import central_differences
 
 # float64: the two compute the same sums in another order (in place, batched runs over the
 # tokens), so they differ by rounding, ~1e-16 relative per term; 1e-12 leaves room for ~100.
@@ -55,6 +56,20 @@ def test_tuned_gradcheck(masked):
     mask = mask if masked else None
     fn = lambda x, A, B: TunedLoRAFunction.apply(x, W, b, A, B, 1.5, mask, True)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, A, B), eps=1e-6, atol=FD_TOL)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_tuned_central_differences_by_hand(masked):
+    """dL/dθ ~ (L(θ + eps) - L(θ - eps)) / (2 eps) for every entry of x, A and B, split on."""
+    x, W, b, A, B, mask = inputs(N=8, n_in=6)
+    mask = mask if masked else None
+    G = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    tuned = lambda: TunedLoRAFunction.apply(x, W, b, A, B, 2.0, mask, True)  # noqa: E731
+    loss = lambda: (G * tuned()).sum()  # noqa: E731
+    loss().backward()
+    for t in (x, A, B):
+        numeric = central_differences(loss, t, eps=1e-6)
+        assert torch.allclose(t.grad, numeric, atol=FD_TOL, rtol=0)
 
 
 @pytest.mark.parametrize("N", [12, 7])  # split into 4 runs of 3 tokens; 7: the plain product
