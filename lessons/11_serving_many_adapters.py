@@ -40,7 +40,7 @@ from lessons.common import (Checks, finetune_config, get_base_model, lesson_dir,
                             print_table, run_main, saved_figure, task_splits, write_summary)
 from lora import (AdapterLibrary, add_adapter, disable_adapters, lora_layers,
                   mixed_adapters, save_adapter, serve_answers, serve_logits, set_active_adapters)
-from lora.serving import merge_drift
+from lora.many.serving import merge_drift
 from tiny_gpt import GPT, GPTConfig, exact_match, make_batch
 from tiny_gpt.data import encode
 from tiny_gpt.train import train

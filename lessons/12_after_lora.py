@@ -35,7 +35,7 @@ from lessons.common import (DEFAULT_TASK, TASK_BATCH, Checks, get_base_model, le
                             tuned_accuracy, write_summary)
 from lessons.seeds import add_seeds_flag, compare, errorbars, over_seeds, seeds_of
 from lora import loftq_init, lora_scaling
-from lora.dora import DoRAFunction, dora_reference
+from lora.variants.dora import DoRAFunction, dora_reference
 from tiny_gpt import exact_match, sample_batch
 from tiny_gpt.evaluate import task_loss
 from tiny_gpt.memory.ledger import MB, SavedTensorMeter, measure_step
@@ -74,7 +74,7 @@ def dora_forms(base, args):
     for backward, and relative gradient gaps {(form, reference): max over A, B}."""
     model = lora_copy(base, args.seed, use_dora=True)
     layer = model.blocks[0].attn.q_proj
-    a = layer.adapters["default"]
+    a = layer
     with torch.no_grad():  # B and m moved away from their start, as after training
         a.lora_B.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
         a.lora_magnitude_vector.mul_(1.05)

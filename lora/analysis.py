@@ -134,10 +134,10 @@ def adapter_factors(model):
     base a float layer (an nn.Linear)."""
     out = {}
     for path, layer in lora_layers(model):
-        if layer.merged or len(layer.active) != 1:
+        active = getattr(layer, "active", ["default"])  # several adapters: lora/many
+        if layer.merged or len(active) != 1:
             raise ValueError(f"{path}: need one active, unmerged adapter (active "
-                             f"{layer.active}, merged {layer.merged})")
-        adapter = layer.adapters[layer.active[0]]
-        out[path] = (adapter.lora_A.detach(), adapter.delta_weight().detach(),
+                             f"{active}, merged {layer.merged})")
+        out[path] = (layer.lora_A.detach(), layer.delta_weight().detach(),
                      layer.base.weight.detach())
     return out

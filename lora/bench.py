@@ -1,10 +1,11 @@
-"""What does an unmerged LoRA layer cost on top of the frozen layer alone? (lesson 01)
+"""What does an unmerged LoRA layer cost on top of the frozen layer alone? (lesson 01) And what
+does the tuned LoRA Function buy over the reference? (benchmark_tuned_forms, lora/tuned)
 
 One layer (features -> features), rank r, float32, forward + backward with an input gradient,
 four ways:
   frozen    the nn.Linear alone, weight frozen: forward x W0^T + b, backward g W0
   lora      LoRALinear unmerged, through LoRAFunction's hand-derived backward (lora/function.py)
-  naive     the seed's F.linear(x, W0 + s B A) with autograd: it forms dW on every forward, and
+  naive     minLoRA's F.linear(x, W0 + s B A) with autograd: it forms dW on every forward, and
             autograd then builds the (out, in) gradient of W0 + sBA, a third big matmul
   autograd  base(x) + s (x A^T) B^T with plain autograd, the way typical libraries write it
   peft      PEFT's own LoRA layer with the same A and B, where peft is installed (it is never a
@@ -24,7 +25,9 @@ import torch.nn.functional as F
 
 from tiny_gpt.util.timing import medians, ratio_spread, round_robin_times
 
+from .function import LoRAFunction
 from .layer import LoRALinear
+from .tuned import TunedLoRAFunction
 
 
 def peft_lora(model, targets, r, alpha):
@@ -65,14 +68,38 @@ def benchmark_lora_linear(tokens=8192, features=512, r=8, alpha=16, repeats=10, 
         torch.set_num_threads(before)
 
 
-def _benchmark(tokens, features, r, alpha, repeats, seed):
+def _layer_and_data(tokens, features, r, alpha, seed):
+    """A LoRALinear on a frozen nn.Linear with a trained-looking B (so no variant works on an
+    all-zero update), x (N, features) and dL/dy, the same for every variant."""
     gen = torch.Generator().manual_seed(seed)
     base = nn.Linear(features, features).requires_grad_(False)
     layer = LoRALinear(base, r, alpha)
-    with torch.no_grad():  # a trained-looking B, so no variant works on an all-zero update
+    with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.02, generator=gen)
     x = torch.randn(tokens, features, generator=gen)
-    g = torch.randn(tokens, features, generator=gen)  # dL/dy, the same for every variant
+    return layer, x, torch.randn(tokens, features, generator=gen)
+
+
+def _step_times(forwards, layer, x, g, repeats):
+    """{name: [seconds of forward + backward per round]}, the forwards taking turns, PEFT's
+    layer with the same base, A and B joining where peft is installed."""
+    features, r, alpha = layer.in_features, layer.r, layer.alpha
+    theirs = peft_lora(nn.Sequential(OrderedDict(layer=nn.Linear(features, features))),
+                       ["layer"], r, alpha)
+    if theirs is not None:
+        theirs.layer.base_layer.load_state_dict(layer.base.state_dict())
+        copy_factors_to_peft(theirs, nn.Sequential(OrderedDict(layer=layer)))
+        forwards = {**forwards, "peft": theirs.layer}
+
+    def step(forward):
+        return lambda: forward(x.detach().requires_grad_()).backward(g)
+
+    return round_robin_times({k: step(f) for k, f in forwards.items()}, repeats)
+
+
+def _benchmark(tokens, features, r, alpha, repeats, seed):
+    layer, x, g = _layer_and_data(tokens, features, r, alpha, seed)
+    base = layer.base
     W, b, A, B, s = base.weight, base.bias, layer.lora_A, layer.lora_B, layer.scaling
     forwards = {
         "frozen": base,
@@ -80,24 +107,39 @@ def _benchmark(tokens, features, r, alpha, repeats, seed):
         "naive": lambda x: F.linear(x, W + s * B @ A, b),
         "autograd": lambda x: base(x) + s * (x @ A.t()) @ B.t(),
     }
-    theirs = peft_lora(nn.Sequential(OrderedDict(layer=nn.Linear(features, features))),
-                       ["layer"], r, alpha)
-    if theirs is not None:
-        theirs.layer.base_layer.load_state_dict(base.state_dict())
-        copy_factors_to_peft(theirs, nn.Sequential(OrderedDict(layer=layer)))
-        forwards["peft"] = theirs.layer
-
-    def step(forward):
-        def run():
-            forward(x.detach().requires_grad_()).backward(g)
-        return run
-
-    times = round_robin_times({k: step(f) for k, f in forwards.items()}, repeats)
+    times = _step_times(forwards, layer, x, g, repeats)
     seconds = medians(times)
     spread = ({k: ratio_spread(times, k, "frozen") for k in times} if repeats > 1 else None)
     return {"tokens": tokens, "features": features, "r": r, "threads": torch.get_num_threads(),
             "seconds": seconds, "ratio": {k: v / seconds["frozen"] for k, v in seconds.items()},
             "spread": spread}
+
+
+KERNEL_SHAPES = ((512, 8192), (2048, 256), (576, 512))  # (features, tokens) of the table
+
+
+def benchmark_tuned_forms(tokens=8192, features=512, r=8, alpha=16, repeats=10, seed=0):
+    """One LoRA layer, forward + backward, the reference LoRAFunction against the tuned one
+    without and with the token split, as LoRALinear runs it (lora/tuned picks), and PEFT's
+    layer where installed, taking turns -> {name: ratio to the reference (RatioSpread)}."""
+    layer, x, g = _layer_and_data(tokens, features, r, alpha, seed)
+    args = (layer.base.weight, layer.base.bias, layer.lora_A, layer.lora_B, layer.scaling, None)
+    forwards = {"reference": lambda x: LoRAFunction.apply(x, *args),
+                "tuned, in place": lambda x: TunedLoRAFunction.apply(x, *args, False),
+                "tuned, + token split": lambda x: TunedLoRAFunction.apply(x, *args, True),
+                "LoRALinear": layer}
+    times = _step_times(forwards, layer, x, g, repeats)
+    return {k: ratio_spread(times, k, "reference") for k in times}
+
+
+def print_tuned_forms(repeats=10):
+    """The table of benchmark_tuned_forms at the three KERNEL_SHAPES."""
+    for features, tokens in KERNEL_SHAPES:
+        ratios = benchmark_tuned_forms(tokens, features, repeats=repeats)
+        print(f"{features} wide x {tokens} tokens, r = 8, float32, {torch.get_num_threads()} "
+              "threads: time / reference's (median [quartiles] of the rounds)")
+        for name, ratio in ratios.items():
+            print(f"  {name:>22}: {ratio}")
 
 
 if __name__ == "__main__":
@@ -106,3 +148,4 @@ if __name__ == "__main__":
           f"r = {result['r']}, float32, {result['threads']} threads")
     for name, sec in result["seconds"].items():
         print(f"  {name:>8}: {sec * 1e3:7.1f} ms   {result['ratio'][name]:.3f}x frozen")
+    print_tuned_forms()

@@ -1,4 +1,4 @@
-"""Adapters and merged models on disk, in the PEFT layout, written and read without pickle.
+"""Adapters on disk, in the PEFT layout, written and read without pickle.
 
 An adapter directory holds two files, both written atomically (temporary file + rename):
 
@@ -24,10 +24,8 @@ fingerprint (when the config has one; PEFT's own configs do not), the keys (miss
 unexpected ones listed) and shapes, through tiny_gpt.util.safetensors, which parses JSON and copies
 raw bytes, so a hostile file can fail but never execute anything.
 
-A merged model is a plain state dict (W0 + s B A in place of W0, no adapter keys) in one
-safetensors file: it loads into the unmodified base architecture, without this package.
+Merged models on disk, and QLoRA's float deployment copy, are in lora/export.py.
 """
-import copy
 import hashlib
 import json
 import math
@@ -35,12 +33,10 @@ from pathlib import Path
 
 import torch
 
-from tiny_gpt.util.safetensors import atomic_write_files, load_file, save_file, serialize
+from tiny_gpt.util.safetensors import atomic_write_files, load_file, serialize
 
-from tiny_gpt.util.modules import replace_module
-
-from .inject import adapter_names, base_modules, is_wrappable, lora_layers, match_targets
-from .multi import add_adapter, set_active_adapters
+from .inject import (DEFAULT, adapter_names, apply_lora, base_modules, is_wrappable,
+                     lora_layers, match_targets, named_adapters)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -78,20 +74,21 @@ def _target_modules(model, paths):
 
 def save_adapter(model, directory, adapter_name="default"):
     """Write adapter `adapter_name` to `directory` (created if needed); returns its Path."""
-    found = [(p, layer.adapters[adapter_name]) for p, layer in lora_layers(model)
-             if adapter_name in layer.adapters]
+    found = [(p, named_adapters(layer)[adapter_name]) for p, layer in lora_layers(model)
+             if adapter_name in named_adapters(layer)]
     if not found:
         raise ValueError(f"no adapter {adapter_name!r}; the model has {adapter_names(model)}")
     tensors = {}
     for path, adapter in found:
         tensors[peft_key(path, "A")] = adapter.lora_A.detach()
         tensors[peft_key(path, "B")] = adapter.lora_B.detach()
-        if adapter.use_dora:
+        if getattr(adapter, "use_dora", False):
             tensors[peft_key(path, "magnitude")] = adapter.lora_magnitude_vector.detach()
     first = found[0][1]  # one add_adapter call made them all: the same hyper-parameters
     config = {"peft_type": "LORA", "task_type": None, "r": first.r,
               "lora_alpha": first.alpha, "lora_dropout": first.dropout,
-              "use_rslora": first.use_rslora, "use_dora": first.use_dora, "bias": "none",
+              "use_rslora": first.use_rslora, "use_dora": getattr(first, "use_dora", False),
+              "bias": "none",
               "target_modules": _target_modules(model, [p for p, _ in found]),
               "base_model_fingerprint": base_fingerprint(model)}
     directory = Path(directory)
@@ -188,36 +185,19 @@ def load_adapter(model, directory, adapter_name="default", activate=True):
             expected[peft_key(path, "magnitude")] = (m.out_features,)
     check_tensors(tensors, expected, str(directory / WEIGHTS_NAME))
     check_finite_tensors(tensors, str(directory / WEIGHTS_NAME))
-    add_adapter(model, adapter_name, paths, r, config["lora_alpha"], config["lora_dropout"],
-                config["use_rslora"], config["use_dora"])
-    if activate:
-        set_active_adapters(model, [adapter_name])
+    hyper = (r, config["lora_alpha"], config["lora_dropout"], config["use_rslora"])
+    if adapter_name == DEFAULT and activate and not lora_layers(model):
+        apply_lora(model, paths, *hyper, use_dora=config["use_dora"])
+    else:  # beyond the path: a named adapter beside others (lora/many)
+        from .many import add_adapter, set_active_adapters
+        add_adapter(model, adapter_name, paths, *hyper, use_dora=config["use_dora"])
+        if activate:
+            set_active_adapters(model, [adapter_name])
     with torch.no_grad():
         for path in paths:
-            adapter = model.get_submodule(path).adapters[adapter_name]
+            adapter = named_adapters(model.get_submodule(path))[adapter_name]
             adapter.lora_A.copy_(tensors[peft_key(path, "A")])
             adapter.lora_B.copy_(tensors[peft_key(path, "B")])
-            if adapter.use_dora:
+            if config["use_dora"]:
                 adapter.lora_magnitude_vector.copy_(tensors[peft_key(path, "magnitude")])
-    return model
-
-
-def save_merged_model(model, path):
-    """Write the model with its active adapters merged, as the plain base architecture's state
-    dict, to one safetensors file. `model` itself is left as it is."""
-    merged = copy.deepcopy(model)
-    for layer_path, layer in lora_layers(merged):
-        if not layer.merged:
-            layer.merge()
-        replace_module(merged, layer_path, layer.base)
-    save_file(merged.state_dict(), path, metadata={"format": "pt"})
-
-
-def load_model_weights(model, path):
-    """Load a file from save_merged_model into a plain model (keys and shapes checked)."""
-    tensors, _ = load_file(path)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_tensors(tensors, expected, str(path))
-    check_finite_tensors(tensors, str(path))
-    model.load_state_dict(tensors)
     return model

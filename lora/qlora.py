@@ -5,20 +5,18 @@ with double-quantized scales, and LoRA adapters in 16/32-bit are trained on top:
 
     y = dequant(W_nf4) x + (alpha / r) B A x        gradient flows to A, B (and x), never to W
 
-``quant`` knows nothing of LoRA, and the rest of ``lora`` nothing of 4-bit: a ``LoRALinear``
-wraps anything with ``in_features`` / ``out_features``, so the composition is two calls in a
-row. This file uses only ``quant``'s public API (``from quant import ...``).
+``quant`` knows nothing of LoRA, and the LoRA layer nothing of 4-bit: a ``LoRALinear`` wraps
+anything with ``in_features`` / ``out_features``, so the composition is two calls in a row.
+This file uses only ``quant``'s public API (``from quant import ...``), as do the float
+deployment copy (lora/export.py) and LoftQ (lora/variants/loftq.py).
 """
 import copy
 
 import torch
-import torch.nn as nn
 
-from quant import Linear4bit, quantize_model
-from tiny_gpt.util.modules import replace_module
+from quant import quantize_model
 
-from .inject import apply_lora, lora_layers, match_targets
-from .loftq import apply_loftq
+from .inject import apply_lora, match_targets
 
 
 def prepare_qlora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0,
@@ -31,7 +29,7 @@ def prepare_qlora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.
 
     init_lora_weights: True (B = 0, QLoRA's), or "loftq": the target layers quantized and their
     adapters initialized together from the float weights, loftq_iters alternations
-    (lora/loftq.py); the per-layer errors are then in ``model.loftq_errors``."""
+    (lora/variants/loftq.py); the per-layer errors are then in ``model.loftq_errors``."""
     if init_lora_weights not in (True, "loftq"):
         raise ValueError(f"init_lora_weights must be True or 'loftq', got {init_lora_weights!r}")
     match_targets(model, targets)
@@ -40,40 +38,8 @@ def prepare_qlora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.
                    compute_dtype=compute_dtype, bits=bits)
     apply_lora(model, targets=targets, r=r, alpha=alpha, dropout=dropout,
                use_rslora=use_rslora)
-    if float_model is not None:
+    if float_model is not None:  # beyond the path: LoftQ (lora/variants/loftq.py)
+        from .variants import apply_loftq
         model.loftq_errors = apply_loftq(model, float_model, bits=bits, iters=loftq_iters,
                                          blocksize=blocksize, double_quant=double_quant)
     return model
-
-
-def dequantized_float_model(qlora_model):
-    """A plain float copy for deployment: every Linear4bit becomes an nn.Linear holding its
-    dequantized weight, and each adapter's s*B@A is added into its layer's weight (a merge).
-
-    The merged weight W_deq + sBA is exact in float; re-quantizing it to NF4 would not be
-    (sBA is far below the NF4 step size), which is why a QLoRA adapter is merged into a float
-    copy of the base rather than into the 4-bit one."""
-    model = copy.deepcopy(qlora_model)
-    for path, layer in lora_layers(model):
-        merged = _float_linear(layer.base)
-        with torch.no_grad():
-            for name in layer.active:
-                merged.weight += layer.adapters[name].delta_weight().to(merged.weight.dtype)
-        replace_module(model, path, merged)
-    for path, module in list(model.named_modules()):
-        if isinstance(module, Linear4bit):
-            replace_module(model, path, _float_linear(module))
-    return model
-
-
-def _float_linear(module):
-    if isinstance(module, nn.Linear):
-        return copy.deepcopy(module)
-    weight = module.dequantized_weight(torch.float32)
-    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if module.bias is not None:
-            linear.bias.copy_(module.bias.float())
-    return linear.to(weight.device)
-

@@ -12,7 +12,7 @@ from lora import (add_adapter, apply_lora, combine_adapters, load_adapter, lora_
                   unmerge_lora)
 from tiny_gpt import GPT, GPTConfig
 from tiny_gpt.util.safetensors import load_file, save_file
-from lora.dora import DoRAFunction, dora_norm, dora_reference
+from lora.variants.dora import DoRAFunction, dora_norm, dora_reference
 from tiny_gpt.util.finite_differences import central_differences
 
 FD_TOL = 1e-7
@@ -102,7 +102,7 @@ def trained_dora(exact=False):
     model = apply_lora(tiny(), r=4, alpha=8, use_dora=True)
     with torch.no_grad():
         for _, layer in lora_layers(model):
-            a = layer.adapters["default"]
+            a = layer
             a.dora_exact = exact
             torch.nn.init.normal_(a.lora_B, std=0.2)
             a.lora_magnitude_vector.mul_(1.1)
@@ -123,7 +123,7 @@ def test_dora_model_starts_at_its_base_and_trains_m_A_B():
 def test_dora_layer_equals_the_formula_and_merges(exact):
     model = trained_dora(exact)
     layer = model.blocks[0].attn.q_proj
-    a = layer.adapters["default"]
+    a = layer
     x = torch.randn(2, 5, layer.in_features)
     expected = dora_reference(x, layer.base.weight, layer.base.bias, a.lora_A, a.lora_B,
                               a.lora_magnitude_vector, a.scaling)

@@ -49,7 +49,7 @@ def forward_with_mask(layer, x, seed=7):
     torch.manual_seed(seed)
     y = layer.train()(x)
     torch.manual_seed(seed)
-    mask = F.dropout(torch.ones_like(x), layer.adapters["default"].dropout, True)
+    mask = F.dropout(torch.ones_like(x), layer.dropout, True)
     return y, mask
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lora import apply_lora, lora_layers, prepare_qlora
-from lora.loftq import apply_loftq, loftq_init
-from lora.pissa import pissa_init, pissa_to_lora
+from lora.variants.loftq import apply_loftq, loftq_init
+from lora.variants.pissa import pissa_init, pissa_to_lora
 from quant import NF4_CODE, normal_float_levels
 from tiny_gpt import GPT, GPTConfig
 
@@ -34,7 +34,7 @@ def test_pissa_starts_at_the_base_with_the_top_singular_part():
     layer = model.blocks[0].attn.q_proj
     W0 = base.blocks[0].attn.q_proj.weight.double()
     S = torch.linalg.svdvals(W0)
-    delta = layer.adapters["default"].delta_weight().double()
+    delta = layer.delta_weight().double()
     assert torch.allclose(torch.linalg.svdvals(delta)[:4], S[:4], rtol=1e-5)
     # the residual holds the rest: its largest singular value is W0's fifth
     assert torch.linalg.svdvals(layer.base.weight.double())[0] == pytest.approx(S[4].item(),
@@ -48,15 +48,15 @@ def test_pissa_to_lora_is_exact_on_the_original_base():
     initial = pissa_init(model)
     with torch.no_grad():  # "training": move the factors
         for _, layer in lora_layers(model):
-            layer.adapters["default"].lora_A.add_(0.05)
-            layer.adapters["default"].lora_B.mul_(1.3)
+            layer.lora_A.add_(0.05)
+            layer.lora_B.mul_(1.3)
     trained = logits(model)
     pissa_to_lora(model, initial)
     assert (logits(model) - trained).abs().max() / trained.abs().max() < 1e-5
     for path, layer in lora_layers(model):
         original = base.get_submodule(path).weight
         assert (layer.base.weight - original).abs().max() < 1e-5
-        assert layer.adapters["default"].r == 8 and layer.adapters["default"].scaling == 1.0
+        assert layer.r == 8 and layer.scaling == 1.0
 
 
 def test_pissa_refuses_a_4bit_base_before_changing_anything():
@@ -115,7 +115,7 @@ def test_init_lora_weights_options():
     model = apply_lora(copy.deepcopy(base), r=4, alpha=8, init_lora_weights="pissa")
     ref = logits(base)
     assert (logits(model) - ref).abs().max() / ref.abs().max() < 1e-5
-    assert model.blocks[0].attn.q_proj.adapters["default"].lora_B.abs().max() > 0
+    assert model.blocks[0].attn.q_proj.lora_B.abs().max() > 0
     with pytest.raises(ValueError, match="init_lora_weights"):
         apply_lora(tiny(), init_lora_weights="gaussian")
     with pytest.raises(ValueError, match="PiSSA needs a float"):

@@ -65,7 +65,7 @@ def test_unknown_target_lists_available_names():
 def test_applying_twice_is_an_error():
     model = apply_lora(tiny_gpt())
     with pytest.raises(ValueError, match="already applied"):
-        apply_lora(model, targets=("q_proj",), adapter_name="other")
+        apply_lora(model, targets=("q_proj",))
 
 
 def test_parameter_counts():
@@ -75,7 +75,7 @@ def test_parameter_counts():
     assert count_parameters(model) == (lora, total_before + lora)
     rows = parameter_table(model)
     assert (sum(r[1] for r in rows), sum(r[2] for r in rows)) == count_parameters(model)
-    assert ("blocks.0.attn.q_proj.adapters.default", 256, 256) in rows
+    assert ("blocks.0.attn.q_proj", 256, 256) in rows
     assert f"{lora:,}" in format_table(rows).splitlines()[-1]
 
 
@@ -112,7 +112,7 @@ def test_lora_state_dict_holds_only_adapter_tensors():
     model = apply_lora(tiny_gpt(), r=4)
     state = lora_state_dict(model)
     assert len(state) == 2 * 2 * 2
-    assert all(k.endswith((".adapters.default.lora_A", ".adapters.default.lora_B")) for k in state)
+    assert all(k.endswith(("_proj.lora_A", "_proj.lora_B")) for k in state)
     assert lora_state_dict(model, "missing") == {}
 
 

@@ -48,7 +48,7 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert all(torch.equal(saved[k], loaded[k]) for k in saved)
     idx = tokens()
     assert torch.equal(fresh(idx)[0], model(idx)[0])
-    assert all(p.requires_grad == ("adapters" in n) for n, p in fresh.named_parameters())
+    assert all(p.requires_grad == (".lora_" in n) for n, p in fresh.named_parameters())
 
 
 def test_files_follow_peft_layout(tmp_path):

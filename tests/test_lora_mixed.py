@@ -8,8 +8,8 @@ import torch
 
 from lora import (add_adapter, apply_lora, disable_adapters, merge_lora, mixed_adapters,
                   prepare_qlora, set_active_adapters, unmerge_lora)
-from lora.mixed import stacked_factors
-from lora.mixed_function import MixedLoRAFunction, mixed_delta_autograd
+from lora.many.mixed import stacked_factors
+from lora.many.mixed_function import MixedLoRAFunction, mixed_delta_autograd
 from tiny_gpt.util.finite_differences import central_differences
 
 FD_TOL = 1e-7   # float64 central differences, eps = 1e-6 (see test_lora_function.py)

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lora import (LoRALinear, add_adapter, apply_lora, combine_adapters, delete_adapter,
-                  merge_lora, set_active_adapters, unmerge_lora)
+from lora import (LoRALinear, MultiLoRALinear, add_adapter, apply_lora, combine_adapters,
+                  delete_adapter, merge_lora, set_active_adapters, unmerge_lora)
 
 F32_TOL = 1e-5  # float32 products of 32-wide vectors: rounding of order 1e-6
 
@@ -131,3 +131,29 @@ def test_apply_lora_then_add_adapter_keeps_default_active():
     add_adapter(model, "second", targets=("q_proj", "v_proj"))
     assert model.q_proj.active == ["default"] and model.v_proj.active == []
     assert all(p.requires_grad == ("adapters" in n) for n, p in model.named_parameters())
+
+
+def test_add_adapter_turns_a_one_adapter_layer_into_a_named_one_with_the_same_tensors():
+    """The reading path's LoRALinear has no names; a second adapter makes it a MultiLoRALinear
+    in place whose "default" adapter IS the old one (an optimizer holding A and B keeps them)."""
+    model = apply_lora(TwoLayers(), targets=("q_proj",), r=2, alpha=4)
+    layer = model.q_proj
+    assert type(layer) is LoRALinear and not hasattr(layer, "adapters")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    A, B, x = layer.lora_A, layer.lora_B, torch.randn(3, 32)
+    before = model(x)
+    add_adapter(model, "second", targets=("q_proj",), r=2, alpha=4)
+    many = model.q_proj
+    assert isinstance(many, MultiLoRALinear) and isinstance(many, LoRALinear)
+    assert many.adapters["default"].lora_A is A and many.adapters["default"].lora_B is B
+    assert many.base is layer.base and many.active == ["default"]
+    assert torch.equal(model(x), before)
+
+
+def test_a_dora_layer_keeps_its_magnitudes_when_it_gets_a_second_adapter():
+    model = apply_lora(TwoLayers(), targets=("q_proj",), r=2, alpha=4, use_dora=True)
+    m = model.q_proj.lora_magnitude_vector
+    add_adapter(model, "second", targets=("q_proj",), r=2, alpha=4)
+    assert model.q_proj.adapters["default"].lora_magnitude_vector is m
+    assert model.q_proj.adapters["default"].use_dora

@@ -9,7 +9,7 @@ import torch
 from lora import (AdapterLibrary, add_adapter, apply_lora, lora_layers, save_adapter,
                   serve_answers, serve_logits, set_active_adapters)
 from lora.io import WEIGHTS_NAME
-from lora.serving import merge_drift, row_groups
+from lora.many.serving import merge_drift, row_groups
 from tiny_gpt import GPT, GPTConfig
 
 ROW_TOL = 1e-5  # float32, relative to the largest |logit|

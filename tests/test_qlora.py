@@ -160,24 +160,34 @@ def test_bad_targets_leave_the_model_untouched(small_model):
     assert not any(isinstance(m, Linear4bit) for m in small_model.modules())
 
 
+@pytest.mark.parametrize("reference", [True, False])
 def test_lora_on_a_4bit_base_runs_the_fused_function_and_equals_the_plain_expression(
-        monkeypatch):
+        monkeypatch, reference):
     """A LoRALinear over a Linear4bit takes LoRAFunction (the weight decoded in forward and
-    again in backward) and computes what base(x) + s B A x by plain autograd computes."""
+    again in backward; the reference or the tuned one, as lora.tuned picks) and computes what
+    base(x) + s B A x by plain autograd computes."""
     from lora.function import LoRAFunction
+    from lora.tuned import TunedLoRAFunction, use_reference
     torch.manual_seed(0)
     layer = LoRALinear(Linear4bit.from_linear(nn.Linear(64, 48)), r=4, alpha=8)
     with torch.no_grad():
         layer.lora_B.normal_(0.0, 0.1)
     calls = []
-    real_apply = LoRAFunction.apply
-    monkeypatch.setattr(LoRAFunction, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    function = LoRAFunction if reference else TunedLoRAFunction
+    real_apply = function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    before = use_reference(reference)
     x = torch.randn(2, 7, 64, requires_grad=True)
     G = torch.randn(2, 7, 48)
     results = []
-    for forward in (layer, lambda x: layer.base(x) + layer.adapters["default"](x)):
-        y = forward(x)
-        results.append((y, *torch.autograd.grad((y * G).sum(), (x, layer.lora_A, layer.lora_B))))
+    plain = lambda x: layer.base(x) + layer.scaling * (x @ layer.lora_A.t()) @ layer.lora_B.t()  # noqa: E731
+    try:
+        for forward in (layer, plain):
+            y = forward(x)
+            results.append((y, *torch.autograd.grad((y * G).sum(),
+                                                    (x, layer.lora_A, layer.lora_B))))
+    finally:
+        use_reference(before)
     assert len(calls) == 1
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=FP32_TOL, rtol=1e-4)

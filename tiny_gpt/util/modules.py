@@ -30,6 +30,14 @@ def is_compressed_weight(weight) -> bool:
             and callable(getattr(weight, "dequantize", None)))
 
 
+def dense(weight, dtype):
+    """The (out, in) float weight to compute with: a compressed weight (is_compressed_weight)
+    decoded to `dtype`, a tensor as it is. The one home of QLoRA's habit "decode, use, drop;
+    decode again in backward": a function that calls this in forward and again in backward
+    keeps only the compressed form alive between the two (quant's DequantMatmul, LoRAFunction)."""
+    return weight.dequantize(dtype) if is_compressed_weight(weight) else weight
+
+
 def as_names(targets, role: str = "target") -> tuple:
     """A name or an iterable of names -> a tuple of non-empty strings (else a ValueError)."""
     names = (targets,) if isinstance(targets, str) else targets

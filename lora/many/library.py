@@ -16,8 +16,8 @@ model unchanged. Loaded adapters are added inactive: a request picks its adapter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .inject import adapter_names
-from .io import CONFIG_NAME, base_fingerprint, load_adapter, read_adapter_config
+from ..inject import adapter_names
+from ..io import CONFIG_NAME, base_fingerprint, load_adapter, read_adapter_config
 from .layer import check_adapter_name
 from .multi import delete_adapter
 

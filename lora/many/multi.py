@@ -1,8 +1,9 @@
 """Several named adapters on one model: add, switch, stack, delete, and combine into a new one.
 
-Each LoRALinear keeps its adapters in a ModuleDict keyed by name, each with its own r, alpha,
-scaling and dropout (lora/layer.py). The active ones are used in forward; when several are
-active their updates add up ("stacking"):
+A layer with several adapters is a MultiLoRALinear (many/layer.py): a ModuleDict of adapters
+keyed by name, each with its own r, alpha, scaling and dropout. A one-adapter LoRALinear becomes
+one when a second adapter joins it (its adapter is then "default"). The active adapters are
+used in forward; when several are active their updates add up ("stacking"):
 
     y = W0 x + b + sum_i s_i B_i A_i x
 
@@ -20,8 +21,11 @@ import torch
 
 from tiny_gpt.util.modules import replace_module
 
-from .inject import adapter_names, attach_adapter, freeze_base, lora_layers, match_targets
-from .layer import check_lora_args
+from ..inject import (DEFAULT, adapter_names, freeze_base, lora_layers, match_targets,
+                      named_adapters)
+from ..layer import LoRALinear, check_lora_args
+from ..variants import check_dora_base, variant_layer
+from .layer import MultiLoRALinear, check_adapter_name, to_many
 
 
 def add_adapter(model, name, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0,
@@ -34,12 +38,57 @@ def add_adapter(model, name, targets=("q_proj", "v_proj"), r=8, alpha=16, dropou
     return model
 
 
+def as_many(model, paths=None):
+    """Turn the LoRA layers at `paths` (default: all) into MultiLoRALinear, in place (each
+    keeps its adapter's tensors, as "default"). -> [(path, MultiLoRALinear)]"""
+    found = []
+    for path, layer in lora_layers(model):
+        if paths is None or path in paths:
+            many = to_many(layer)
+            if many is not layer:
+                replace_module(model, path, many)
+            found.append((path, many))
+    return found
+
+
+def attach_adapter(model, paths, name, r, alpha, dropout=0.0, use_rslora=False,
+                   use_dora=False):
+    """Give every layer in `paths` an adapter `name`: wrap plain linear layers (the adapter
+    active there), add it to LoRA layers (inactive). Checks first, so a bad argument leaves the
+    model untouched. Returns the MultiLoRALinear layers."""
+    check_adapter_name(name)
+    if name in adapter_names(model):
+        raise ValueError(f"adapter {name!r} already exists in the model; pick another name")
+    modules = [model.get_submodule(p) for p in paths]
+    for path, m in zip(paths, modules):
+        check_lora_args(r, alpha, dropout, m.in_features, m.out_features)
+        if isinstance(m, LoRALinear) and m.merged:
+            raise RuntimeError(f"{path} is merged; call unmerge_lora(model) first")
+        if use_dora:
+            check_dora_base(m.base if isinstance(m, LoRALinear) else m, dropout, path)
+    layers = []
+    for path, m in zip(paths, modules):
+        if isinstance(m, LoRALinear):
+            m = to_many(m)
+            m.add_adapter(name, r, alpha, dropout, use_rslora, use_dora)
+        else:
+            m = MultiLoRALinear(variant_layer(use_dora)(m, r, alpha, dropout, use_rslora), name)
+        replace_module(model, path, m)
+        layers.append(m)
+    return layers
+
+
 def train_only_adapter(model, name):
     """Make adapter `name` the only trainable thing in the model (its A and B in every layer):
     the base and every other adapter get requires_grad = False. -> model"""
     _check_known(model, [name])
-    for param_name, p in model.named_parameters():
-        p.requires_grad_(f".adapters.{name}." in param_name)
+    own = set()
+    for _, layer in lora_layers(model):
+        if name in named_adapters(layer):
+            base = {id(p) for p in layer.base.parameters()}
+            own |= {id(p) for p in named_adapters(layer)[name].parameters()} - base
+    for p in model.parameters():
+        p.requires_grad_(id(p) in own)
     return model
 
 
@@ -65,9 +114,10 @@ def set_active_adapters(model, names):
     """Use these adapters (a name or a list; several are stacked) in every layer that has them."""
     names = [names] if isinstance(names, str) else list(names)
     _check_known(model, names)
-    layers = lora_layers(model)
-    _check_unmerged(layers, "change the active adapters")
-    for _, layer in layers:
+    _check_unmerged(lora_layers(model), "change the active adapters")
+    if names == [DEFAULT] and not any(isinstance(m, MultiLoRALinear) for m in model.modules()):
+        return model  # one-adapter layers: "default" is all they have, always active
+    for _, layer in as_many(model):
         layer.set_active([n for n in names if n in layer.adapters])
     return model
 
@@ -75,9 +125,9 @@ def set_active_adapters(model, names):
 def delete_adapter(model, name):
     """Remove adapter `name`; a layer left with no adapter becomes its plain base layer again."""
     _check_known(model, [name])
-    layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.adapters]
+    layers = [(p, layer) for p, layer in lora_layers(model) if name in named_adapters(layer)]
     _check_unmerged(layers, f"delete adapter {name!r}")
-    for path, layer in layers:
+    for path, layer in as_many(model, {p for p, _ in layers}):
         layer.delete_adapter(name)
         if not layer.adapters:
             replace_module(model, path, layer.base)
@@ -113,20 +163,22 @@ def combine_adapters(model, weights, new_name, method="linear", r=None):
     if not weights:
         raise ValueError("weights is empty; give at least one {adapter name: weight}")
     _check_known(model, list(weights))
-    layers = [(p, l) for p, l in lora_layers(model) if any(n in l.adapters for n in weights)]
-    dora = sorted({n for _, l in layers for n in weights if n in l.adapters
-                   and l.adapters[n].use_dora})
+    layers = [(p, named_adapters(l)) for p, l in lora_layers(model)
+              if any(n in named_adapters(l) for n in weights)]
+    dora = sorted({n for _, a in layers for n in weights if n in a
+                   and getattr(a[n], "use_dora", False)})
     if dora:
         raise ValueError(f"DoRA adapters {dora} are not a sum of s B A; they cannot be combined")
-    partial = [p for p, l in layers if not all(n in l.adapters for n in weights)]
+    partial = [p for p, a in layers if not all(n in a for n in weights)]
     if partial:
         raise ValueError(f"layers {partial} lack some of {list(weights)}; combine adapters that "
                          "sit on the same layers")
     factors = {}
-    for path, layer in layers:
-        adapters = [(w, layer.adapters[n]) for n, w in weights.items()]
+    for path, named in layers:
+        adapters = [(w, named[n]) for n, w in weights.items()]
         rank = r or max(a.r for _, a in adapters)
         if method == "linear":
+            layer = model.get_submodule(path)
             check_lora_args(rank, 1.0, 0.0, layer.in_features, layer.out_features)
         factors[path] = _combined_factors(adapters, method, rank)
     rank = next(iter(factors.values()))[1].shape[0]

@@ -21,9 +21,9 @@ import torch
 
 from tiny_gpt.evaluate import greedy_answers
 
-from .inject import disable_adapters, lora_layers, merge_lora, unmerge_lora
+from ..inject import disable_adapters, merge_lora, unmerge_lora
 from .mixed import check_row_names, mixed_adapters
-from .multi import set_active_adapters
+from .multi import as_many, set_active_adapters
 
 WAYS = ("merged", "sub_batches", "mixed", "grouped")
 
@@ -39,7 +39,7 @@ def row_groups(names):
 @contextmanager
 def _active_kept(model):
     """Put every layer's active adapters back as they were on leaving the block."""
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = [layer for _, layer in as_many(model)]
     before = [list(layer.active) for layer in layers]
     try:
         yield
@@ -105,7 +105,7 @@ def merge_drift(model, name, swaps):
     """Largest |W0 after `swaps` merge + unmerge cycles of adapter `name` - W0 before|, over
     the model's LoRA layers: the rounding that way "merged" leaves in the base weights. The
     weights are put back exactly afterwards."""
-    layers = [layer for _, layer in lora_layers(model) if name in layer.adapters]
+    layers = [layer for _, layer in as_many(model) if name in layer.adapters]
     originals = [layer.base.weight.clone() for layer in layers]
     with _active_kept(model):
         set_active_adapters(model, name)

@@ -3,8 +3,8 @@
     with mixed_adapters(model, ["upper", None, "swap", "upper"]):
         logits, _ = model(idx)                 # idx (4, T): row 1 sees the base model alone
 
-On entering, every LoRALinear gets a RowPlan: the adapters in play on that layer, each in a
-slot, one more slot of zeros for the rows that want no adapter there (the base rows, and rows
+On entering, every LoRA layer (made a MultiLoRALinear, many/layer.py) gets a RowPlan: the
+adapters in play on that layer, each in a slot, one more slot of zeros for the rows that want no adapter there (the base rows, and rows
 whose adapter does not sit on this layer: they see the base layer, as set_active_adapters would
 give them), and `rows` (N,), each row's slot. The layer's forward then calls the plan:
 
@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 from tiny_gpt.util.torch_compat import autocast_enabled
 
-from .inject import adapter_names, lora_layers
+from ..inject import adapter_names, lora_layers, named_adapters
 from .mixed_function import MixedLoRAFunction, mixed_delta_autograd
+from .multi import as_many
 
 WAYS = ("gathered", "grouped")
 
@@ -129,13 +130,14 @@ def mixed_adapters(model, names, way="gathered"):
     if merged:
         raise RuntimeError(f"cannot mix adapters per row: {merged} are merged (one weight for "
                            "every row); call unmerge_lora first")
-    dora = sorted({n for layer in layers for n in names if n in layer.adapters
-                   and layer.adapters[n].use_dora})
+    dora = sorted({n for layer in layers for n in names if n in named_adapters(layer)
+                   and getattr(named_adapters(layer)[n], "use_dora", False)})
     if dora:
         raise ValueError(f"DoRA adapters {dora} rescale W0 itself, per adapter: they cannot "
                          "share a base matmul with other rows")
-    if any(layer.row_plan is not None for layer in layers):
+    if any(getattr(layer, "row_plan", None) is not None for layer in layers):
         raise RuntimeError("mixed_adapters blocks do not nest: leave the outer one first")
+    layers = [layer for _, layer in as_many(model)]  # each row plan needs named adapters
     device = next(model.parameters()).device
     plans = [RowPlan(layer, list(names), way, device) for layer in layers]
     try:

@@ -23,8 +23,10 @@ A' = [A; A0] (2r, in) with scaling 1 (alpha = 2r).
 import math
 
 import torch
+import torch.nn as nn
 
-from .layer import LoRAAdapter, LoRALinear, float_weight
+from ..inject import lora_layers, named_adapters
+from ..layer import LoRALinear, float_weight
 
 
 def check_pissa_bases(model, paths):
@@ -40,8 +42,7 @@ def _base(module):
 
 
 def _layers_with(model, name):
-    layers = [(p, m) for p, m in model.named_modules()
-              if isinstance(m, LoRALinear) and name in m.adapters]
+    layers = [(p, m) for p, m in lora_layers(model) if name in named_adapters(m)]
     if not layers:
         raise ValueError(f"no adapter {name!r} in the model")
     merged = [p for p, layer in layers if layer.merged]
@@ -59,7 +60,7 @@ def pissa_init(model, adapter_name="default"):
     layers = _layers_with(model, adapter_name)
     initial = {}
     for path, layer in layers:
-        adapter = layer.adapters[adapter_name]
+        adapter = named_adapters(layer)[adapter_name]
         weight = layer.base.weight
         U, S, Vh = torch.linalg.svd(weight.double(), full_matrices=False)
         root = S[:adapter.r].sqrt() / math.sqrt(adapter.scaling)         # (r,)
@@ -82,14 +83,15 @@ def pissa_to_lora(model, initial, adapter_name="default"):
     if missing:
         raise ValueError(f"no initial factors for {missing}: pass what pissa_init returned")
     for path, layer in layers:
-        old = layer.adapters[adapter_name]
+        adapter = named_adapters(layer)[adapter_name]
         A0, B0 = initial[path]
-        layer.base.weight.add_((old.scaling * B0 @ A0).to(layer.base.weight.dtype))
-        new = LoRAAdapter(layer.in_features, layer.out_features, 2 * old.r, 2 * old.r,
-                          old.dropout, device=old.lora_A.device, dtype=old.lora_A.dtype)
-        new.lora_A.copy_(torch.cat([old.lora_A, A0]))                        # (2r, in)
-        new.lora_B.copy_(torch.cat([old.scaling * old.lora_B, -old.scaling * B0], dim=1))
-        new.lora_A.requires_grad_(old.lora_A.requires_grad)
-        new.lora_B.requires_grad_(old.lora_B.requires_grad)
-        layer.adapters[adapter_name] = new
+        s = adapter.scaling
+        layer.base.weight.add_((s * B0 @ A0).to(layer.base.weight.dtype))
+        A = torch.cat([adapter.lora_A, A0])                                  # (2r, in)
+        B = torch.cat([s * adapter.lora_B, -s * B0], dim=1)                  # (out, 2r)
+        trainable = adapter.lora_A.requires_grad, adapter.lora_B.requires_grad
+        adapter.lora_A = nn.Parameter(A, requires_grad=trainable[0])
+        adapter.lora_B = nn.Parameter(B, requires_grad=trainable[1])
+        adapter.r = adapter.alpha = 2 * adapter.r
+        adapter.scaling, adapter.use_rslora = 1.0, False                     # alpha = 2r
     return model

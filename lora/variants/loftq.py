@@ -20,7 +20,7 @@ import torch
 
 from quant import Linear4bit, normal_float_levels, quantize_4bit
 
-from .inject import lora_layers
+from ..inject import lora_layers, named_adapters
 
 
 @torch.no_grad()
@@ -60,7 +60,7 @@ def apply_loftq(model, float_model, adapter_name="default", bits=4, iters=5, blo
     keep plain quantization. Checks every layer before changing any. Returns
     {layer path: errors} (see loftq_init)."""
     layers = [(p, layer) for p, layer in lora_layers(model)
-              if adapter_name in layer.adapters and isinstance(layer.base, Linear4bit)]
+              if adapter_name in named_adapters(layer) and isinstance(layer.base, Linear4bit)]
     if not layers:
         raise ValueError(f"no adapter {adapter_name!r} on a 4-bit layer in the model")
     floats = {}
@@ -74,7 +74,7 @@ def apply_loftq(model, float_model, adapter_name="default", bits=4, iters=5, blo
         floats[path] = (weight, getattr(source, "bias", None))
     found = {}
     for path, layer in layers:
-        adapter = layer.adapters[adapter_name]
+        adapter = named_adapters(layer)[adapter_name]
         q, A, B, errors = loftq_init(floats[path][0], adapter.r, adapter.scaling, bits, iters,
                                      blocksize, double_quant)
         device = layer.base.codes.device
