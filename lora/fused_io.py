@@ -33,10 +33,10 @@ import torch
 from tiny_gpt.pretrained.loader_maps import file_layout
 from tiny_gpt.util.safetensors import atomic_write_files, load_file, serialize
 
-from .inject import adapter_names, lora_layers
+from .inject import adapter_names, lora_layers, named_adapters
 from .io import (CONFIG_NAME, WEIGHTS_NAME, check_finite_tensors, check_tensors, peft_key,
                  read_adapter_config)
-from .multi import add_adapter, set_active_adapters
+from .many.multi import add_adapter, set_active_adapters
 
 
 def module_map(model):
@@ -52,12 +52,12 @@ def module_map(model):
 def save_adapter_fused(model, directory, adapter_name="default"):
     """Write our GPT-2's adapter in PEFT's layout for transformers' GPT2LMHeadModel (c_attn,
     c_proj, c_fc with fan_in_fan_out). Returns the directory's Path."""
-    found = {p: layer.adapters[adapter_name] for p, layer in lora_layers(model)
-             if adapter_name in layer.adapters}
+    found = {p: named_adapters(layer)[adapter_name] for p, layer in lora_layers(model)
+             if adapter_name in named_adapters(layer)}
     if not found:
         raise ValueError(f"no adapter {adapter_name!r}; the model has {adapter_names(model)}")
     first = next(iter(found.values()))
-    if any(a.use_dora for a in found.values()):
+    if any(getattr(a, "use_dora", False) for a in found.values()):
         raise ValueError("DoRA adapters cannot be fused onto c_attn (the magnitude vector "
                          "belongs to the fused rows); save them with save_adapter")
     modules = module_map(model)
@@ -148,7 +148,7 @@ def load_adapter_fused(model, directory, adapter_name="default", activate=True):
         for file_module, ours in chosen.items():
             A, B = tensors[peft_key(file_module, "A")], tensors[peft_key(file_module, "B")]
             for i, path in enumerate(ours):  # B's row block i belongs to projection i
-                adapter = model.get_submodule(path).adapters[adapter_name]
+                adapter = named_adapters(model.get_submodule(path))[adapter_name]
                 rows = adapter.lora_B.shape[0]
                 adapter.lora_A.copy_(A)
                 adapter.lora_B.copy_(B[i * rows:(i + 1) * rows])

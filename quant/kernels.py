@@ -4,7 +4,8 @@ quant/blockwise.py holds the reference (the definitions, written to be read); qu
 computes the same codes and values faster. Everything else in `quant` calls the functions
 below, so a reader can follow the reference, and a test or a benchmark can switch:
 
-    quant.kernels.TUNED = False        # or LORA_REFERENCE_KERNELS=1 in the environment
+    quant.kernels.TUNED = False        # or LORA_REFERENCE=1 in the environment, which
+                                       # also runs lora's reference Function (lora/tuned)
 
 The tuned functions stay only where they buy at least 10% on the operation they serve;
 `python -m lessons.speed` measures each against its reference, taking turns.
@@ -13,7 +14,7 @@ import os
 
 from . import blockwise, tuned
 
-TUNED = os.environ.get("LORA_REFERENCE_KERNELS", "") != "1"
+TUNED = os.environ.get("LORA_REFERENCE", "") != "1"
 
 
 def block_absmax(blocks):

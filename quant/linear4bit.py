@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tiny_gpt.util.modules import replace_module, select_paths
+from tiny_gpt.util.modules import dense, replace_module, select_paths
 
 from .kernels import decode_table
 from .double_quant import DYNAMIC_MAP, DoubleQuantScales
@@ -36,13 +36,13 @@ class DequantMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qweight: Quantized4bit, bias: Optional[torch.Tensor]):
         ctx.qweight = qweight
-        return F.linear(x, qweight.dequantize(x.dtype), bias)
+        return F.linear(x, dense(qweight, x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.qweight.dequantize(grad_out.dtype)  # (..., in)
+            grad_x = grad_out @ dense(ctx.qweight, grad_out.dtype)  # (..., in), decoded again
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)  # (out,)
         return grad_x, None, grad_bias
