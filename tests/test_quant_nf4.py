@@ -322,3 +322,34 @@ def test_quantizing_with_a_code_book_no_grid_fits_counts_the_midpoints():
     scaled = blocks * reciprocal_scales(block_absmax(blocks))[:, None]
     expected = count_midpoints_below(scaled, midpoints(too_close)).reshape(-1)
     assert torch.equal(unpack_nibbles(quantize_4bit(w, too_close, 64, False).codes), expected)
+
+
+def test_an_8bit_scale_exactly_on_a_midpoint_takes_the_lower_code_and_just_above_the_upper():
+    """The tie rule of the 256-level map of the scales (double quantization) is the 4-bit
+    codes' rule: a value on the midpoint of levels k and k + 1 gets k, one float32 step above
+    gets k + 1. Its own test: the 8-bit codes take another path (a binary search) than the
+    4-bit ones, and a search with the other tie side agrees everywhere but on the 255 ties."""
+    mids = midpoints(DYNAMIC_MAP)                                   # (255,)
+    above = torch.nextafter(mids, torch.tensor(2.0))
+    assert nearest_level(mids, DYNAMIC_MAP).tolist() == list(range(255))
+    assert nearest_level(above, DYNAMIC_MAP).tolist() == list(range(1, 256))
+
+
+def test_a_large_weight_with_other_scales_in_every_region_stays_within_the_nf4_bound():
+    """Quantization works chunk by chunk over a large weight (2^20 values here: several
+    chunks); every chunk must use its own blocks' scales. Rows grow from 1e-3 to 1e2 in size,
+    so a chunk quantized with another chunk's scales lands far outside the bound. Compared with
+    the WEIGHT, not with another dequantization: |w - dequant| <= worst_case_error(NF4) * the
+    block's absmax, plus (double quantization) the error of the block's stored scale."""
+    gen = torch.Generator().manual_seed(4)
+    rows = torch.logspace(-3, 2, 2048)[:, None]                     # (2048, 1)
+    w = torch.randn(2048, 512, generator=gen) * rows                # 2^20 values
+    absmax = block_absmax_per_element(w, 64)
+    plain = quantize_nf4(w, double_quant=False)
+    error = (dequantize_nf4(plain) - w).abs()
+    assert (error <= worst_case_error(NF4_CODE) * absmax * (1 + FP32_SLACK)).all()
+    dq = quantize_nf4(w, double_quant=True)
+    scale_error = (dq.block_scales() - plain.absmax).abs()          # (n_blocks,)
+    per_element = scale_error[:, None].expand(-1, 64).reshape(w.shape)
+    bound = worst_case_error(NF4_CODE) * absmax + per_element
+    assert ((dequantize_nf4(dq) - w).abs() <= bound + FP32_SLACK * absmax).all()
