@@ -36,7 +36,7 @@ Why it is fast: the frozen layer alone costs two big matmuls (x W0^T forward, g 
 with r = 8 each rank-r product costs about one pass over an activation. The code adds as few
 passes as it can; the comments in forward and backward say where, and lora/bench.py measures
 the result against the frozen layer alone. Both big matmuls run on the summed weight W0 + sBA
-(forming it costs out * in * r flops, nothing next to N * out * in): in backward always, and in
+(it costs out * in * r flops, nothing next to N * out * in): in backward without a mask, and in
 forward when there is no dropout mask and W0 is in float32 or float64, where rounding the sum
 costs ~1e-7 of W0. A 16-bit W0 would round away an update below its own step of ~1e-3, so there
 the forward keeps the two products apart; the gradients, checked at bf16 tolerance, take the

@@ -3,12 +3,15 @@
 `quantize_4bit(w, code, ...)` works for any sorted code book of at most 16 levels in [-1, 1];
 NF4 (nf4.py), int4 and FP4 (baselines.py) are thin wrappers that pass their own.
 
-Storage (what `nbytes` counts), for n values and blocks of B:
-    packed codes                      n / 2 bytes                  4 bits / param
-    scales, plain float32 absmax      4 n / B bytes                32 / B bits / param
-    scales, double-quantized          n / B + 4 n / (256 B) + 4    8 / B + 32 / (256 B) + ...
-The 16-entry code book is a shared constant of the format and is not counted; the last block is
-stored zero-padded (under B / 2 extra bytes per tensor).
+Storage (what `nbytes` counts, `storage_bytes` computes), for n values in k = ceil(n / B)
+blocks of B, and the k scales in g = ceil(k / 256) groups of 256:
+    packed codes                      k B / 2 bytes                ~ 4 bits / param
+    scales, plain float32 absmax      4 k bytes                    ~ 32 / B bits / param
+    scales, double-quantized          256 g + 4 g + 4 bytes        ~ 8 / B + 32 / (256 B)
+The approximations hold for large weights. The last block is stored zero-padded, and so are the
+8-bit scale codes, to a whole group of 256: a 32 x 32 weight has 16 blocks but stores 256 scale
+codes, 6.06 bits per parameter, not 4.13. The 16-entry code book is a shared constant of the
+format and is not counted.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -17,7 +20,18 @@ import torch
 
 from .blockwise import (block_absmax, check_blocksize, check_finite, dequantize_blocks,
                         quantize_blocks, to_blocks)
-from .double_quant import DoubleQuantScales, quantize_scales
+from .double_quant import SCALE_BLOCKSIZE, DoubleQuantScales, quantize_scales
+
+
+def storage_bytes(numel, blocksize=64, double_quant=True):
+    """The bytes a weight of `numel` values is stored in (the module docstring's table),
+    padding included: what Quantized4bit.nbytes counts on the stored tensors."""
+    blocks = -(-numel // blocksize)                        # k = ceil(n / B)
+    codes = blocks * blocksize // 2                        # k B / 2: two codes a byte
+    if not double_quant:
+        return codes + 4 * blocks                          # one float32 absmax a block
+    groups = -(-blocks // SCALE_BLOCKSIZE)                 # g = ceil(k / 256)
+    return codes + SCALE_BLOCKSIZE * groups + 4 * groups + 4  # codes, absmax, offset
 
 
 @dataclass

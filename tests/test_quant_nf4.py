@@ -155,6 +155,27 @@ def test_bits_per_param():
     assert quantize_nf4(w, double_quant=True).bits_per_param <= 4.13  # 4 + 8/64 + 32/16384 + ..
 
 
+@pytest.mark.parametrize("shape", [(32, 32), (512, 512), (3, 37), (300, 200), (129, 128)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_the_storage_formula_counts_the_bytes_actually_stored(shape, double_quant):
+    """storage_bytes (the formula, padding of the last block and of the last group of 256
+    scale codes included) equals the bytes of the stored tensors, for weights of one block,
+    one group, a partial group (32 x 32: 16 blocks, 256 codes kept) and just over a group."""
+    from quant.qtensor import storage_bytes
+    q = quantize_nf4(torch.randn(shape), double_quant=double_quant)
+    stored = q.codes.numel() * q.codes.element_size()
+    if double_quant:
+        stored += sum(t.numel() * t.element_size() for t in (q.scales8.codes, q.scales8.absmax,
+                                                              q.scales8.offset))
+    else:
+        stored += q.absmax.numel() * q.absmax.element_size()
+    n = torch.Size(shape).numel()
+    assert storage_bytes(n, 64, double_quant) == stored == q.nbytes
+    assert q.bits_per_param == 8 * stored / n
+    if shape == (32, 32) and double_quant:
+        assert q.bits_per_param == 8 * (512 + 256 + 4 + 4) / 1024  # 6.06, not ~4.13
+
+
 @pytest.mark.parametrize("shape", [(3, 37), (1000,), (2, 3, 50)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_partial_blocks_shapes_and_dtypes(shape, dtype):

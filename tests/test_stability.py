@@ -59,6 +59,26 @@ def test_the_scaler_follows_torch_grad_scaler():
         torch.testing.assert_close(p1.detach(), p2.detach(), rtol=0, atol=0)
 
 
+def test_a_second_unscale_before_update_is_refused_and_divides_nothing():
+    """unscale_ twice in one step would divide the gradients by S twice (torch's GradScaler
+    refuses it too); after update() the next step may unscale again."""
+    scaler = DynamicLossScaler(init_scale=4.0)
+    p, opt = _sgd_param()
+    scaler.scale((p * 2.0).sum()).backward()
+    scaler.unscale_(opt)
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+    with pytest.raises(RuntimeError, match="unscale_\\(\\) has already been called"):
+        scaler.unscale_(opt)
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+    scaler.step(opt)  # uses the one unscaling, does not unscale again
+    assert torch.equal(p.detach(), torch.full((3,), 1.0 - 0.1 * 2.0))
+    scaler.update()
+    opt.zero_grad()
+    scaler.scale((p * 2.0).sum()).backward()
+    scaler.unscale_(opt)
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
 def _lora_model(small_cfg, seed=0, dropout=0.0):
     torch.manual_seed(seed)
     model = GPT(small_cfg)
