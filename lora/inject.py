@@ -139,6 +139,10 @@ def format_table(rows, header=("module", "trainable", "total")):
 def merge_lora(model):
     """Fold every LoRALinear's active adapters into its base weight; returns `model`. Every
     layer is checked first, so a layer that cannot merge leaves all of them unmerged."""
+    layers = lora_layers(model)
+    if layers and not any(layer.active for _, layer in layers):  # e.g. the active one deleted
+        raise ValueError(f"no active adapter to merge; the model has {adapter_names(model)}: "
+                         "choose the ones to merge with set_active_adapters first")
     return _every_layer_or_none(model, "check_can_merge", "merge")
 
 

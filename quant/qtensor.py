@@ -74,6 +74,10 @@ class Quantized4bit:
 
     def dequantize(self, dtype=None):
         """-> tensor of `shape` in `dtype` (default: the original dtype)."""
+        if not (dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point)):
+            raise ValueError(f"dequantize: dtype must be None (the original, {self.dtype}) or a "
+                             f"floating-point torch.dtype such as torch.float32 or "
+                             f"torch.bfloat16, got {dtype!r}")
         blocks = dequantize_blocks(self.codes, self.block_scales(), self.code, self.blocksize,
                                    dtype or self.dtype, self.table)  # (n_blocks, blocksize)
         if blocks.numel() == self.numel:  # no padded last block to cut off
@@ -116,6 +120,11 @@ def quantize_4bit(w, code, blocksize=64, double_quant=True, who="quantize_4bit")
     The 4-bit codes always use the exact float32 absmax; double quantization only changes how
     the scales are stored, never which level a value picked.
     """
+    if not (isinstance(w, torch.Tensor) and w.is_floating_point()):
+        what = (f"a {w.dtype} tensor" if isinstance(w, torch.Tensor)
+                else f"an object of type {type(w).__name__}")
+        raise TypeError(f"{who}: w must be a floating-point torch.Tensor, got {what}; "
+                        "convert it first, e.g. torch.tensor(w, dtype=torch.float32)")
     check_blocksize(blocksize)
     if w.numel() == 0:
         raise ValueError(f"{who}: cannot quantize an empty tensor of shape {tuple(w.shape)}")

@@ -94,8 +94,8 @@ def test_two_ranks_give_one_process_gradient_and_weights():
     assert r0["wrong"] > 1e-2  # averaging per-rank means weights rank 1's few tokens more
     assert r0["weights"] <= 1e-5
     assert r0["losses"] == r1["losses"]  # the logged loss is the global one, on every rank
-    # ... and it is the loss one process logs on the whole batch: float32 sums in another
-    # order (per rank, then across ranks), and the weights after step 1 differ by 1e-5 at most (above)
+    # ... and it is the loss one process logs on the whole batch, to float32 sums in another
+    # order (per rank, then across ranks) on weights that differ by 1e-5 at most (above)
     assert r0["losses"] == pytest.approx(r0["losses_alone"], rel=1e-5)
     assert "every rank would write the same" in r0["refused"]  # refused before any step
 

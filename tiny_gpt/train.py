@@ -264,11 +264,13 @@ def train(model, get_batch: Callable, cfg: TrainConfig, evaluate: Optional[Calla
         check_writable(cfg.ckpt_path)  # found now, not after all the training
     if cfg.compile:
         check_compilable(model)
-    torch.manual_seed(cfg.seed)
     run = _Run(model.to(device).train(), cfg, torch.Generator().manual_seed(cfg.seed))
     if cfg.resume and cfg.ckpt_path and Path(cfg.ckpt_path).exists():
+        # checked whole before anything is loaded; it sets torch's RNG to the file's
         run.state, run.best_weights = load_checkpoint(cfg.ckpt_path, model, run.optimizer,
                                                       run.batch_gen, run.scaler)
+    else:
+        torch.manual_seed(cfg.seed)
     result = TrainResult(steps=run.state["step"], tokens=run.state["tokens"], wall_time=0.0)
     log = open(cfg.log_path, "a") if cfg.log_path else None
     progress, t0 = Progress(cfg.max_steps, cfg.progress), time.time()
