@@ -140,6 +140,8 @@ def merge_lora(model):
     """Fold every LoRALinear's active adapters into its base weight; returns `model`. Every
     layer is checked first, so a layer that cannot merge leaves all of them unmerged."""
     layers = lora_layers(model)
+    for path, layer in layers:
+        layer.check_can_merge(path)  # first: a layer's own reason is the more precise one
     if layers and not any(layer.active for _, layer in layers):  # e.g. the active one deleted
         raise ValueError(f"no active adapter to merge; the model has {adapter_names(model)}: "
                          "choose the ones to merge with set_active_adapters first")
