@@ -4,7 +4,7 @@ One layer (features -> features), rank r, float32, forward + backward with an in
 four ways:
   frozen    the nn.Linear alone, weight frozen: forward x W0^T + b, backward g W0
   lora      LoRALinear unmerged, through LoRAFunction's hand-derived backward (lora/function.py)
-  naive     the seed's F.linear(x, W0 + s B A) with autograd: it forms dW on every forward, and
+  naive     the one-line F.linear(x, W0 + s B A) with autograd: it forms dW on every forward, and
             autograd then builds the (out, in) gradient of W0 + sBA, a third big matmul
   autograd  base(x) + s (x A^T) B^T with plain autograd, the way typical libraries write it
   peft      PEFT's own LoRA layer with the same A and B, where peft is installed (it is never a
