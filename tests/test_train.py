@@ -196,3 +196,42 @@ def test_compile_of_a_4bit_model_is_refused_where_torch_cannot_compile_it(small_
         train(four_bit, _batches, cfg, device="cpu")
     assert all(torch.equal(before[k], v) for k, v in four_bit.state_dict().items())
     train_module.check_compilable(small_model)  # float weights only: allowed
+
+
+def test_three_steps_of_train_are_three_textbook_sgd_steps_on_the_big_batch(small_model):
+    """train() with SGD (momentum 0.9), a constant lr, no clipping and 2 micro-batches a step
+    ends with the weights of three plain steps of torch's SGD, each on the loss of one batch
+    holding both micro-batches, gradients fresh every step. Float32, the same sums in another
+    order: 1e-5 of the weights' scale. A loop that forgot to zero the gradients, normalised
+    per micro-batch, or stepped the lr would land elsewhere."""
+    cfg = TrainConfig(max_steps=3, lr=0.1, warmup_steps=0, schedule="constant",
+                      optimizer="sgd", grad_clip=0, grad_accum=2, progress=False)
+    reference = copy.deepcopy(small_model)
+    train(small_model, _batches, cfg, device="cpu")
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(3):
+        x1, y1, _ = _batches(gen)
+        x2, y2, _ = _batches(gen)
+        optimizer.zero_grad()
+        reference(torch.cat([x1, x2]), torch.cat([y1, y2]))[1].backward()
+        optimizer.step()
+    for (name, p), q in zip(small_model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("grad_clip, factor", [(1.0, 0.1), (20.0, 1.0), (0, 1.0)])
+def test_a_step_clips_the_global_gradient_norm_to_grad_clip(grad_clip, factor):
+    """Two parameters whose gradients have a global norm of 10 (6 and 8): clipped to 1 they
+    are scaled by 1/10; a limit above the norm, or 0 (off), leaves them as they are. Plain SGD
+    with lr 1 makes the step the (clipped) gradient itself; the gradients are cleared after."""
+    from tiny_gpt.train import optimizer_step
+    model = torch.nn.Linear(1, 1)
+    grads = [torch.tensor([[6.0]]), torch.tensor([8.0])]
+    before = [p.detach().clone() for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    optimizer_step(model, torch.optim.SGD(model.parameters(), lr=1.0), None, grad_clip)
+    for p, b, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(b - p.detach(), g * factor)
+        assert p.grad is None
