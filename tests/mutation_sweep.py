@@ -4,6 +4,7 @@ that should catch it, and report which bugs the suite catches and which survive 
     python tests/mutation_sweep.py                 # every mutation (tens of minutes on 2 cores)
     python tests/mutation_sweep.py --list          # what each one does, runs nothing
     python tests/mutation_sweep.py --only dora     # those whose name or file holds "dora"
+                                                   # (repeat --only for several)
     python tests/mutation_sweep.py --jobs 2        # two at a time, each in its own copy
 
 A mutation is (name, file, exact old text, new text, the pytest selection that should catch
@@ -362,8 +363,8 @@ def report(results):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--only", default="", help="run the mutations whose name or file "
-                        "contains this text")
+    parser.add_argument("--only", action="append", default=[], help="run the mutations whose "
+                        "name or file contains this text (repeat it for several)")
     parser.add_argument("--list", action="store_true", help="list the mutations, run nothing")
     parser.add_argument("--jobs", type=int, default=1, help="mutations run at a time (each "
                         "in its own copy of the tree)")
@@ -371,9 +372,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    chosen = [mu for mu in MUTATIONS if args.only in mu.name or args.only in mu.file]
+    chosen = [mu for mu in MUTATIONS
+              if not args.only or any(t in mu.name or t in mu.file for t in args.only)]
     if not chosen:
-        parser.error(f"no mutation matches --only {args.only!r}")
+        parser.error(f"no mutation matches --only {args.only}")
     if args.list:
         for mu in chosen:
             found = "" if locate(ROOT, mu) is not None else "   [not found]"

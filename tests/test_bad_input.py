@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lora import (LoRALinear, apply_lora, load_adapter, load_model_weights, merge_lora,
-                  save_adapter, save_merged_model, unmerge_lora)
+from lora import (LoRALinear, add_adapter, apply_lora, combine_adapters, delete_adapter,
+                  load_adapter, load_model_weights, merge_lora, save_adapter, save_merged_model,
+                  unmerge_lora)
+from lora.inject import adapter_names
 from lora.io import CONFIG_NAME, WEIGHTS_NAME
-from quant import Linear4bit, quantize_model
-from tiny_gpt import GPT, GPTConfig, decode, load_text
+from quant import Linear4bit, dequantize_nf4, quantize_model, quantize_nf4
+from tiny_gpt import GPT, GPTConfig, TrainConfig, VOCAB_SIZE, decode, load_text, train
 from tiny_gpt.util.safetensors import load_file, save_file
 
 
@@ -197,7 +199,6 @@ def test_float_token_ids_are_refused():
 
 
 def two_adapters():
-    from lora import add_adapter
     model = add_adapter(lora_model(), "second", r=2, alpha=4)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -207,7 +208,6 @@ def two_adapters():
 
 
 def test_merge_after_deleting_the_active_adapter_says_nothing_is_active():
-    from lora import delete_adapter
     model = delete_adapter(two_adapters(), "default")
     before = snapshot(model)
     with pytest.raises(ValueError, match="no active adapter to merge; the model has \\['second'\\]"
@@ -220,8 +220,6 @@ def test_merge_after_deleting_the_active_adapter_says_nothing_is_active():
 @pytest.mark.parametrize("method", ["cat", "linear"])
 @pytest.mark.parametrize("weight", [float("nan"), float("inf"), "1", None])
 def test_combine_with_a_weight_that_is_not_a_finite_number_is_refused(method, weight):
-    from lora import combine_adapters
-    from lora.inject import adapter_names
     model = two_adapters()
     before = snapshot(model)
     with pytest.raises(ValueError, match="every weight must be a finite number; got "
@@ -232,8 +230,6 @@ def test_combine_with_a_weight_that_is_not_a_finite_number_is_refused(method, we
 
 @pytest.mark.parametrize("r", [0, -1, 2.0, True])
 def test_combine_linear_with_a_rank_below_1_is_refused_not_replaced(r):
-    from lora import combine_adapters
-    from lora.inject import adapter_names
     model = two_adapters()
     before = snapshot(model)
     with pytest.raises(ValueError, match="r must be None \\(the largest r of the adapters "
@@ -260,7 +256,6 @@ def test_save_adapter_where_a_folder_has_a_files_name_writes_nothing(tmp_path, i
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool, "float32"])
 def test_dequantize_to_a_dtype_that_is_not_floating_point_is_refused(dtype):
-    from quant import dequantize_nf4, quantize_nf4
     q = quantize_nf4(torch.randn(8, 8))
     with pytest.raises(ValueError, match="dtype must be None \\(the original, torch.float32\\) "
                                          "or a floating-point torch.dtype"):
@@ -271,25 +266,35 @@ def test_dequantize_to_a_dtype_that_is_not_floating_point_is_refused(dtype):
                                      (3.0, "an object of type float"),
                                      (torch.ones(4, 4, dtype=torch.int64), "a torch.int64 tensor")])
 def test_quantize_nf4_of_something_not_a_float_tensor_is_refused(w, what):
-    from quant import quantize_nf4
     with pytest.raises(TypeError, match=f"quantize_nf4: w must be a floating-point "
                                         f"torch.Tensor, got {what}; convert it first"):
         quantize_nf4(w)
 
 
-def test_resume_from_a_checkpoint_of_another_optimizer_changes_nothing(tmp_path):
-    from tiny_gpt import TrainConfig, VOCAB_SIZE, train
-
+@pytest.mark.parametrize("written_with_its_class", [True, False])
+def test_resume_from_a_checkpoint_of_another_optimizer_changes_nothing(tmp_path,
+                                                                        written_with_its_class):
+    """SGD's momentum buffers are not AdamW's moments: refused before the model, the RNG or
+    the file change (the model was loaded, and torch seeded, before the failure once). A file
+    written before checkpoints named the optimizer's class is judged by its hyper-parameters."""
     def batches(gen):
         x = torch.randint(VOCAB_SIZE, (4, 17), generator=gen)
         return x[:, :-1], x[:, 1:], None
+
     ckpt = tmp_path / "c.safetensors"
     train(gpt(), batches, TrainConfig(max_steps=2, optimizer="sgd", ckpt_path=str(ckpt),
                                       progress=False), device="cpu")
+    saved = "SGD"
+    if not written_with_its_class:
+        tensors, meta = load_file(ckpt)
+        trainer = json.loads(meta["trainer"])
+        del trainer["optimizer"]
+        save_file(tensors, ckpt, {"trainer": json.dumps(trainer)})
+        saved = "an optimizer without betas"
     data, model = ckpt.read_bytes(), gpt(seed=1)
     before, rng = snapshot(model), torch.get_rng_state()
-    with pytest.raises(ValueError, match="holds the state of SGD, this run uses AdamW; resume "
-                                         "with the optimizer it was trained with"):
+    with pytest.raises(ValueError, match=f"holds the state of {saved}, this run uses AdamW; "
+                                         "resume with the optimizer it was trained with"):
         train(model, batches, TrainConfig(max_steps=4, ckpt_path=str(ckpt), resume=True,
                                           progress=False), device="cpu")
     assert same_state(model.state_dict(), before)
