@@ -16,6 +16,8 @@ selection, and puts the file back:
 
     caught      the selection failed (a test, or the import of the mutated code)
     survived    every selected test passed with the bug in place: a test is missing
+    timed out   the selection ran past --timeout: not counted (a bug that makes a test hang
+                is caught in a sense, but a slow, busy machine looks the same); rerun it
     not found   the old text is not in the file exactly once: the code moved or changed;
                 re-point the mutation (its file and snippet) rather than count it
 
@@ -277,16 +279,17 @@ def locate(root, mutation):
 
 
 def run_tests(root, tests, timeout):
-    """pytest on `tests` inside `root`, stopping at the first failure -> (passed, seconds)."""
+    """pytest on `tests` inside `root`, stopping at the first failure -> ("passed", "failed"
+    or "timed out", seconds)."""
     start = time.time()
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     env = {**__import__("os").environ, "PYTHONPATH": str(root)}
     try:
         done = subprocess.run(command, cwd=root, env=env, capture_output=True, timeout=timeout)
-        passed = done.returncode == 0
+        result = "passed" if done.returncode == 0 else "failed"
     except subprocess.TimeoutExpired:
-        passed = False  # a bug that makes the tests hang is caught too
-    return passed, time.time() - start
+        result = "timed out"
+    return result, time.time() - start
 
 
 def try_mutation(root, mutation, timeout):
@@ -297,10 +300,10 @@ def try_mutation(root, mutation, timeout):
     path = root / mutation.file
     path.write_text(text.replace(mutation.old, mutation.new))
     try:
-        passed, seconds = run_tests(root, mutation.tests, timeout)
+        result, seconds = run_tests(root, mutation.tests, timeout)
     finally:
         path.write_text(text)
-    return ("survived" if passed else "caught"), seconds
+    return {"passed": "survived", "failed": "caught"}.get(result, result), seconds
 
 
 def make_copies(n):
@@ -332,12 +335,13 @@ def sweep(mutations, jobs, timeout):
         selections = sorted({mu.tests for mu in mutations if locate(copies[0], mu) is not None})
         baseline = dict(zip(selections, in_parallel(
             copies, selections, lambda root, tests: run_tests(root, tests, timeout)[0])))
-        for tests, passed in baseline.items():
-            if not passed:
-                print(f"baseline fails, its mutations are not counted: {' '.join(tests)}")
+        for tests, result in baseline.items():
+            if result != "passed":
+                print(f"baseline {result}, its mutations are not counted: {' '.join(tests)}",
+                      flush=True)
 
         def one(root, mu):
-            if locate(root, mu) is not None and not baseline[mu.tests]:
+            if locate(root, mu) is not None and baseline[mu.tests] != "passed":
                 return "baseline fails", 0.0
             outcome = try_mutation(root, mu, timeout)
             print(f"{outcome[0]:>14}  {outcome[1]:6.1f} s  {mu.file}: {mu.name}", flush=True)
@@ -355,7 +359,7 @@ def report(results):
         by.setdefault(outcome, []).append(mu)
     counted = len(by.get("caught", [])) + len(by.get("survived", []))
     print(f"\ncaught {len(by.get('caught', []))} / tried {counted}")
-    for outcome in ("survived", "not found", "baseline fails"):
+    for outcome in ("survived", "timed out", "not found", "baseline fails"):
         for mu in by.get(outcome, []):
             print(f"  {outcome}: {mu.file}: {mu.name}")
     return 0 if not by.get("survived") else 1
@@ -368,7 +372,7 @@ def main(argv=None):
     parser.add_argument("--list", action="store_true", help="list the mutations, run nothing")
     parser.add_argument("--jobs", type=int, default=1, help="mutations run at a time (each "
                         "in its own copy of the tree)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per test run")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per test run")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
