@@ -143,6 +143,23 @@ def test_double_quant_scale_error_is_small_and_bounded():
     assert relative.mean() < 0.003 and relative.max() < 0.01  # measured ~0.0016 and ~0.008
 
 
+@pytest.mark.parametrize("shape", [(300, 200), (32, 32), (129, 128)])
+def test_each_block_gets_its_own_scale_back_when_the_last_group_is_padded(shape):
+    """938, 16 and 258 blocks: the scale codes are padded to whole groups of 256, and the
+    decoded scales must be the first `count` ones, each within the 8-bit bound of ITS block's
+    true absmax (a decoder that cut the padding off in the wrong place shifts every scale by
+    one block and fails here; the 512 x 512 weight above fills whole groups and cannot tell)."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    scales = quantize_nf4(w, double_quant=False).absmax
+    assert scales.numel() % SCALE_BLOCKSIZE != 0
+    decoded = quantize_nf4(w, double_quant=True).block_scales()
+    centred = to_blocks(scales - scales.mean(), SCALE_BLOCKSIZE)  # (n_groups, 256)
+    group_absmax = centred.abs().amax(dim=1).repeat_interleave(SCALE_BLOCKSIZE)[: scales.numel()]
+    assert decoded.shape == scales.shape
+    bound = worst_case_error(DYNAMIC_MAP) * group_absmax + FP32_SLACK * scales
+    assert ((decoded - scales).abs() <= bound).all()
+
+
 def test_dynamic_map():
     assert DYNAMIC_MAP.numel() == 256 and (DYNAMIC_MAP[1:] > DYNAMIC_MAP[:-1]).all()
     assert DYNAMIC_MAP.max() == 1 and (DYNAMIC_MAP == 0).any()
