@@ -106,8 +106,15 @@ def apply_lora(model, targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0, 
 
 
 def merge_lora(model):
-    """Fold every LoRALinear's update into its base weight; returns `model`. Every layer is
+    """Fold every LoRA layer's update into its base weight; returns `model`. Every layer is
     checked first, so a layer that cannot merge leaves all of them unmerged."""
+    layers = lora_layers(model)
+    for path, layer in layers:
+        layer.check_can_merge(path)  # first: a layer's own reason is the more precise one
+    # a layer with several adapters (lora/many) may have none active, e.g. the active deleted
+    if layers and not any(getattr(layer, "active", True) for _, layer in layers):
+        raise ValueError(f"no active adapter to merge; the model has {adapter_names(model)}: "
+                         "choose the ones to merge with set_active_adapters first")
     return _every_layer_or_none(model, "check_can_merge", "merge")
 
 

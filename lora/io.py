@@ -92,9 +92,22 @@ def save_adapter(model, directory, adapter_name="default"):
               "target_modules": _target_modules(model, [p for p, _ in found]),
               "base_model_fingerprint": base_fingerprint(model)}
     directory = Path(directory)
+    _check_adapter_directory(directory)
     atomic_write_files({directory / WEIGHTS_NAME: serialize(tensors, {"format": "pt"}),
                         directory / CONFIG_NAME: json.dumps(config, indent=2).encode("utf-8")})
     return directory
+
+
+def _check_adapter_directory(directory):
+    """Refuse, before writing anything, a directory that is a file, or one where a folder has
+    taken the name of one of the two files (the rename into place would fail halfway)."""
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file; save_adapter needs a directory to write "
+                         f"{WEIGHTS_NAME} and {CONFIG_NAME} into")
+    folders = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if (directory / name).is_dir()]
+    if folders:
+        raise ValueError(f"{directory}: {folders} are folders where save_adapter writes its "
+                         "files; remove them or save to another directory")
 
 
 def _check_types(config, path):

@@ -3,7 +3,9 @@
 With blocks of 64, one float32 absmax per block costs 32 / 64 = 0.5 bits per parameter. QLoRA
 quantizes those scales a second time: subtract their mean (they are all positive, so centring
 them uses the signed code book fully), then quantize the centred scales block-wise in blocks
-of 256 to 8 bits. The cost becomes 8 / 64 + 32 / (64 * 256) ~= 0.127 bits per parameter.
+of 256 to 8 bits. The cost becomes 8 / 64 + 32 / (64 * 256) ~= 0.127 bits per parameter for a
+weight of many groups; the codes are padded to a whole group of 256, so a small weight pays more
+(quant/qtensor.py, storage_bytes).
 
 The 8-bit code book. The paper says "8-bit floats"; the reference implementation uses its
 signed "dynamic tree" map, and so do we, derived below (`dynamic_map`): one sign, and for each

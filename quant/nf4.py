@@ -47,7 +47,8 @@ def quantize_nf4(w, blocksize=64, double_quant=True):
         w: the weight; nan/inf raise a ValueError saying how many and where.
         blocksize: values per absmax scale (positive, even); QLoRA uses 64.
         double_quant: store the scales in 8 bits (QLoRA Sec. 3): ~4.127 instead of 4.5
-            bits per parameter at blocksize 64.
+            bits per parameter at blocksize 64, when the blocks fill whole groups of 256
+            scales; the last group is stored padded (qtensor.storage_bytes).
     """
     return quantize_4bit(w, NF4_CODE, blocksize, double_quant, who="quantize_nf4")
 

@@ -3,12 +3,15 @@
 `quantize_4bit(w, code, ...)` works for any sorted code book of at most 16 levels in [-1, 1];
 NF4 (nf4.py), int4 and FP4 (baselines.py) are thin wrappers that pass their own.
 
-Storage (what `nbytes` counts), for n values and blocks of B:
-    packed codes                      n / 2 bytes                  4 bits / param
-    scales, plain float32 absmax      4 n / B bytes                32 / B bits / param
-    scales, double-quantized          n / B + 4 n / (256 B) + 4    8 / B + 32 / (256 B) + ...
-The 16-entry code book is a shared constant of the format and is not counted; the last block is
-stored zero-padded (under B / 2 extra bytes per tensor).
+Storage (what `nbytes` counts, `storage_bytes` computes), for n values in k = ceil(n / B)
+blocks of B, and the k scales in g = ceil(k / 256) groups of 256:
+    packed codes                      k B / 2 bytes                ~ 4 bits / param
+    scales, plain float32 absmax      4 k bytes                    ~ 32 / B bits / param
+    scales, double-quantized          256 g + 4 g + 4 bytes        ~ 8 / B + 32 / (256 B)
+The approximations hold for large weights. The last block is stored zero-padded, and so are the
+8-bit scale codes, to a whole group of 256: a 32 x 32 weight has 16 blocks but stores 256 scale
+codes, 6.06 bits per parameter, not 4.13. The 16-entry code book is a shared constant of the
+format and is not counted.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -17,7 +20,18 @@ import torch
 
 from .blockwise import check_blocksize, check_finite, to_blocks
 from .kernels import block_absmax, dequantize_blocks, quantize_blocks
-from .double_quant import DoubleQuantScales, quantize_scales
+from .double_quant import SCALE_BLOCKSIZE, DoubleQuantScales, quantize_scales
+
+
+def storage_bytes(numel, blocksize=64, double_quant=True):
+    """The bytes a weight of `numel` values is stored in (the module docstring's table),
+    padding included: what Quantized4bit.nbytes counts on the stored tensors."""
+    blocks = -(-numel // blocksize)                        # k = ceil(n / B)
+    codes = blocks * blocksize // 2                        # k B / 2: two codes a byte
+    if not double_quant:
+        return codes + 4 * blocks                          # one float32 absmax a block
+    groups = -(-blocks // SCALE_BLOCKSIZE)                 # g = ceil(k / 256)
+    return codes + SCALE_BLOCKSIZE * groups + 4 * groups + 4  # codes, absmax, offset
 
 
 @dataclass
@@ -60,6 +74,10 @@ class Quantized4bit:
 
     def dequantize(self, dtype=None):
         """-> tensor of `shape` in `dtype` (default: the original dtype)."""
+        if not (dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point)):
+            raise ValueError(f"dequantize: dtype must be None (the original, {self.dtype}) or a "
+                             f"floating-point torch.dtype such as torch.float32 or "
+                             f"torch.bfloat16, got {dtype!r}")
         blocks = dequantize_blocks(self.codes, self.block_scales(), self.code, self.blocksize,
                                    dtype or self.dtype, self.table)  # (n_blocks, blocksize)
         if blocks.numel() == self.numel:  # no padded last block to cut off
@@ -102,6 +120,11 @@ def quantize_4bit(w, code, blocksize=64, double_quant=True, who="quantize_4bit")
     The 4-bit codes always use the exact float32 absmax; double quantization only changes how
     the scales are stored, never which level a value picked.
     """
+    if not (isinstance(w, torch.Tensor) and w.is_floating_point()):
+        what = (f"a {w.dtype} tensor" if isinstance(w, torch.Tensor)
+                else f"an object of type {type(w).__name__}")
+        raise TypeError(f"{who}: w must be a floating-point torch.Tensor, got {what}; "
+                        "convert it first, e.g. torch.tensor(w, dtype=torch.float32)")
     check_blocksize(blocksize)
     if w.numel() == 0:
         raise ValueError(f"{who}: cannot quantize an empty tensor of shape {tuple(w.shape)}")

@@ -10,11 +10,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lora import (LoRALinear, apply_lora, load_adapter, load_model_weights, merge_lora,
-                  save_adapter, save_merged_model, unmerge_lora)
+from lora import (LoRALinear, add_adapter, apply_lora, combine_adapters, delete_adapter,
+                  load_adapter, load_model_weights, merge_lora, save_adapter, save_merged_model,
+                  unmerge_lora)
+from lora.inject import adapter_names
 from lora.io import CONFIG_NAME, WEIGHTS_NAME
-from quant import Linear4bit, quantize_model
-from tiny_gpt import GPT, GPTConfig, decode, load_text
+from quant import Linear4bit, dequantize_nf4, quantize_model, quantize_nf4
+from tiny_gpt import GPT, GPTConfig, TrainConfig, VOCAB_SIZE, decode, load_text, train
 from tiny_gpt.util.safetensors import load_file, save_file
 
 
@@ -191,3 +193,109 @@ def test_a_token_id_outside_the_vocabulary_is_a_clear_error(bad):
 def test_float_token_ids_are_refused():
     with pytest.raises(TypeError, match="integer tensor"):
         gpt()(torch.zeros(1, 4))
+
+
+# --- the last bad inputs: each refused with what is wrong and what is allowed, nothing changed
+
+
+def two_adapters():
+    model = add_adapter(lora_model(), "second", r=2, alpha=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("second.lora_B"):
+                p.normal_()
+    return model
+
+
+def test_merge_after_deleting_the_active_adapter_says_nothing_is_active():
+    model = delete_adapter(two_adapters(), "default")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="no active adapter to merge; the model has \\['second'\\]"
+                                         ": choose the ones to merge with set_active_adapters"):
+        merge_lora(model)
+    assert same_state(model.state_dict(), before)
+    assert not any(m.merged for m in model.modules() if isinstance(m, LoRALinear))
+
+
+@pytest.mark.parametrize("method", ["cat", "linear"])
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), "1", None])
+def test_combine_with_a_weight_that_is_not_a_finite_number_is_refused(method, weight):
+    model = two_adapters()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="every weight must be a finite number; got "
+                                         "\\{'default': "):
+        combine_adapters(model, {"default": weight, "second": 1.0}, "both", method=method)
+    assert same_state(model.state_dict(), before) and "both" not in adapter_names(model)
+
+
+@pytest.mark.parametrize("r", [0, -1, 2.0, True])
+def test_combine_linear_with_a_rank_below_1_is_refused_not_replaced(r):
+    model = two_adapters()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="r must be None \\(the largest r of the adapters "
+                                         "combined\\) or a whole number >= 1, got"):
+        combine_adapters(model, {"default": 0.5, "second": 0.5}, "both", method="linear", r=r)
+    assert same_state(model.state_dict(), before) and "both" not in adapter_names(model)
+
+
+@pytest.mark.parametrize("in_the_way", [CONFIG_NAME, WEIGHTS_NAME])
+def test_save_adapter_where_a_folder_has_a_files_name_writes_nothing(tmp_path, in_the_way):
+    model = lora_model()
+    save_adapter(model, tmp_path / "old")  # an older adapter beside, to see nothing moves
+    (tmp_path / "new" / in_the_way).mkdir(parents=True)
+    with pytest.raises(ValueError, match=f"\\['{in_the_way}'\\] are folders where save_adapter "
+                                         "writes its files; remove them or save to another"):
+        save_adapter(model, tmp_path / "new")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == [in_the_way]
+    assert (tmp_path / "new" / in_the_way).is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="file is a file; save_adapter needs a directory"):
+        save_adapter(model, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool, "float32"])
+def test_dequantize_to_a_dtype_that_is_not_floating_point_is_refused(dtype):
+    q = quantize_nf4(torch.randn(8, 8))
+    with pytest.raises(ValueError, match="dtype must be None \\(the original, torch.float32\\) "
+                                         "or a floating-point torch.dtype"):
+        dequantize_nf4(q, dtype=dtype)
+
+
+@pytest.mark.parametrize("w, what", [([[1.0, 2.0]], "an object of type list"),
+                                     (3.0, "an object of type float"),
+                                     (torch.ones(4, 4, dtype=torch.int64), "a torch.int64 tensor")])
+def test_quantize_nf4_of_something_not_a_float_tensor_is_refused(w, what):
+    with pytest.raises(TypeError, match=f"quantize_nf4: w must be a floating-point "
+                                        f"torch.Tensor, got {what}; convert it first"):
+        quantize_nf4(w)
+
+
+@pytest.mark.parametrize("written_with_its_class", [True, False])
+def test_resume_from_a_checkpoint_of_another_optimizer_changes_nothing(tmp_path,
+                                                                        written_with_its_class):
+    """SGD's momentum buffers are not AdamW's moments: refused before the model, the RNG or
+    the file change (the model was loaded, and torch seeded, before the failure once). A file
+    written before checkpoints named the optimizer's class is judged by its hyper-parameters."""
+    def batches(gen):
+        x = torch.randint(VOCAB_SIZE, (4, 17), generator=gen)
+        return x[:, :-1], x[:, 1:], None
+
+    ckpt = tmp_path / "c.safetensors"
+    train(gpt(), batches, TrainConfig(max_steps=2, optimizer="sgd", ckpt_path=str(ckpt),
+                                      progress=False), device="cpu")
+    saved = "SGD"
+    if not written_with_its_class:
+        tensors, meta = load_file(ckpt)
+        trainer = json.loads(meta["trainer"])
+        del trainer["optimizer"]
+        save_file(tensors, ckpt, {"trainer": json.dumps(trainer)})
+        saved = "an optimizer without betas"
+    data, model = ckpt.read_bytes(), gpt(seed=1)
+    before, rng = snapshot(model), torch.get_rng_state()
+    with pytest.raises(ValueError, match=f"holds the state of {saved}, this run uses AdamW; "
+                                         "resume with the optimizer it was trained with"):
+        train(model, batches, TrainConfig(max_steps=4, ckpt_path=str(ckpt), resume=True,
+                                          progress=False), device="cpu")
+    assert same_state(model.state_dict(), before)
+    assert torch.equal(torch.get_rng_state(), rng) and ckpt.read_bytes() == data

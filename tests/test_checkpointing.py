@@ -209,3 +209,27 @@ def test_unknown_implementation_is_a_clear_error():
         GPTConfig(checkpoint_impl="magic")
     with pytest.raises(ValueError, match="unknown checkpoint implementation"):
         run_checkpointed(torch.nn.Identity(), torch.zeros(1), impl="magic")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_recompute_leaves_the_global_rng_where_plain_backward_leaves_it(gpt64, impl):
+    """The recompute in backward replays the forward's dropout masks from a saved RNG state,
+    inside fork_rng: the global generator must come out of backward where it went in. Without
+    that, every backward advances it, and the NEXT step's masks differ from a run without
+    checkpointing -- invisible in one step, visible in the three compared here (dropout on,
+    one seed set once, an SGD step between)."""
+    model, idx, tgt = gpt64
+    runs = {}
+    for name, m in (("plain", copy.deepcopy(model)), ("ckpt", with_checkpointing(model, impl))):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        torch.manual_seed(1)
+        losses = []
+        for _ in range(3):
+            loss = m(idx, tgt)[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        runs[name] = losses, torch.get_rng_state()
+    assert runs["ckpt"][0] == runs["plain"][0]
+    assert torch.equal(runs["ckpt"][1], runs["plain"][1])

@@ -6,19 +6,17 @@ import pytest
 import torch
 
 from lora import apply_lora, prepare_qlora
-from tiny_gpt import GPT, GPTConfig
 from tiny_gpt.util.torch_compat import dynamo_traces_function_backward
 
 dynamo = pytest.importorskip("torch._dynamo")
 
 
 @pytest.mark.parametrize("variant", ["base", "lora", "qlora"])
-def test_forward_has_no_graph_break(variant):
+def test_forward_has_no_graph_break(variant, small_model):
     if variant == "qlora" and not dynamo_traces_function_backward():
         pytest.skip(f"torch {torch.__version__} cannot compile a 4-bit model (torch 2.1.2 fails "
                     "inside dynamo; train(compile=True) refuses it there)")
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
+    model = small_model
     if variant == "lora":
         model = apply_lora(copy.deepcopy(model), targets=("q_proj", "v_proj"), r=4)
     elif variant == "qlora":

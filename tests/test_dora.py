@@ -169,3 +169,29 @@ def test_dora_refusals_change_nothing():
     with pytest.raises(ValueError, match="DoRA adapters .* rescale"):
         with mixed_adapters(model, ["default", "plain", None]):
             pass
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_16_bit_forward_equals_the_float64_formula_within_16_bit_rounding(dtype):
+    """In 16 bits V = W0 + sBA would round the update away, so the forward computes
+    x W0^T + s (x A^T) B^T instead (the module docstring): held against the formula in
+    float64 on the same (16-bit-representable) values. Tolerance: bf16 keeps 8 significant
+    bits (relative rounding 2^-8 ~ 0.4% per value, a few roundings deep), fp16 11; 2% of the
+    output's norm is a few times that -- while a lost factor s = 4 on an update about as large
+    as W0 x is off by far more."""
+    if dtype == torch.float16 and not fp16_matmul_on_cpu():
+        pytest.skip("this torch has no float16 matmul on CPU")
+    x, W, b, A, B, m = (t.detach().to(dtype) for t in inputs(N=16, n_in=32, n_out=24, r=4))
+    B = B / 4  # s B A with s = 4 about as large as W0
+    y = DoRAFunction.apply(x, W, b, A, B, m, 4.0, False)
+    assert y.dtype == dtype
+    ref = dora_reference(*(t.double() for t in (x, W, b, A, B, m)), 4.0)
+    assert (y.double() - ref).norm() / ref.norm() < 2e-2
+
+
+def fp16_matmul_on_cpu():
+    try:
+        torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)
+        return True
+    except RuntimeError:
+        return False

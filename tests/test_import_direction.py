@@ -1,4 +1,5 @@
-"""Imports run one way: lessons -> (lora, quant) -> tiny_gpt -> torch (DESIGN.md, "Layout").
+"""Imports run one way: lessons -> (lora, quant) -> tiny_gpt -> torch; this test is where the rule
+is written down and held.
 
 Every module of the four packages is parsed (not imported) and each of its imports resolved to
 a top-level package, relative imports included. The rule:

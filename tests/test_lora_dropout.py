@@ -8,7 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import LoRALinear, apply_lora
-from tiny_gpt import GPT, GPTConfig
 
 F32_TOL = 1e-5  # float32 sums of a few dozen O(1) products
 P = 0.3
@@ -100,10 +99,8 @@ def test_the_base_path_is_never_dropped(path):
     assert torch.allclose(layer.train()(x), layer.base(x), atol=0)
 
 
-def test_a_model_with_lora_dropout_gives_different_losses_in_train_mode_only():
-    torch.manual_seed(0)
-    model = apply_lora(GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)), r=4,
-                       alpha=8, dropout=0.5)
+def test_a_model_with_lora_dropout_gives_different_losses_in_train_mode_only(small_model):
+    model = apply_lora(small_model, r=4, alpha=8, dropout=0.5)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):

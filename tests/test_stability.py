@@ -59,6 +59,26 @@ def test_the_scaler_follows_torch_grad_scaler():
         torch.testing.assert_close(p1.detach(), p2.detach(), rtol=0, atol=0)
 
 
+def test_a_second_unscale_before_update_is_refused_and_divides_nothing():
+    """unscale_ twice in one step would divide the gradients by S twice (torch's GradScaler
+    refuses it too); after update() the next step may unscale again."""
+    scaler = DynamicLossScaler(init_scale=4.0)
+    p, opt = _sgd_param()
+    scaler.scale((p * 2.0).sum()).backward()
+    scaler.unscale_(opt)
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+    with pytest.raises(RuntimeError, match="unscale_\\(\\) has already been called"):
+        scaler.unscale_(opt)
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+    scaler.step(opt)  # uses the one unscaling, does not unscale again
+    assert torch.equal(p.detach(), torch.full((3,), 1.0 - 0.1 * 2.0))
+    scaler.update()
+    opt.zero_grad()
+    scaler.scale((p * 2.0).sum()).backward()
+    scaler.unscale_(opt)
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+
+
 def _lora_model(small_cfg, seed=0, dropout=0.0):
     torch.manual_seed(seed)
     model = GPT(small_cfg)
@@ -143,3 +163,18 @@ def test_same_seed_gives_identical_losses_and_another_seed_does_not(small_cfg):
     assert losses_a == losses_b  # bit-identical floats, dropout masks included
     assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
     assert losses_a != losses_c
+
+
+def test_fp16_storage_rounds_every_output_gradient_to_a_float16_value():
+    """Not just counted: the gradient that flows on IS the float16 one. With x = 1 (one row),
+    the bias and weight gradients are the output gradient itself, so they must equal g rounded
+    to float16 -- exactly -- for a g whose float32 values float16 cannot hold (1 + 2^-13 needs 13
+    significant bits, float16 keeps 11) and one below float16's smallest subnormal."""
+    layer = torch.nn.Linear(2, 3)
+    g = torch.tensor([[1 + 2 ** -13, -3.0000002, 1e-9]])
+    assert not torch.equal(g.half().float(), g)
+    with Fp16Backward(layer) as sim:
+        (layer(torch.ones(1, 2)) * g).sum().backward()
+    assert torch.equal(layer.bias.grad, g.half().float()[0])
+    assert torch.equal(layer.weight.grad, g.half().float().t().expand(3, 2))
+    assert (sim.nonzero, sim.flushed) == (3, 1)

@@ -1,5 +1,6 @@
 """tiny_gpt/util/torch_compat.py agrees with torch's own autocast state and papers over the
 differences of torch 2.1."""
+import pytest
 import torch
 
 from tiny_gpt.util.torch_compat import autocast_dtype, autocast_enabled
@@ -26,6 +27,15 @@ def test_turning_off_autocast_where_torch_has_none_is_a_no_op(monkeypatch):
         assert compat.autocast_enabled("cpu")  # torch's own spelling of this differs before 2.4
 
 
-def test_autocast_available_knows_cpu():
+@pytest.mark.parametrize("device_type", ["cpu", "cuda", "mps", "xpu", "hpu", "meta"])
+def test_autocast_available_gives_torchs_own_answer(device_type):
+    """Where torch can say (torch >= 2.4), our answer is torch's, for every device type -- a
+    hard-coded True for "mps", which torch < 2.5 lacks, would fail here. Everywhere, a device
+    type we call available takes a disabled torch.autocast without error (no GPU needed)."""
     from tiny_gpt.util.torch_compat import autocast_available
-    assert autocast_available("cpu")
+    ours = autocast_available(device_type)
+    if hasattr(torch.amp, "is_autocast_available"):
+        assert ours == torch.amp.is_autocast_available(device_type)
+    if ours:
+        with torch.autocast(device_type, enabled=False):
+            pass

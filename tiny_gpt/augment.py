@@ -1,6 +1,6 @@
 """Data augmentation for the tasks: new training inputs composed from the training words.
 
-The seed's fix for overfitting on a small set is "add dropout and data augmentation". An
+The usual fix for overfitting on a small set is "add dropout and data augmentation". An
 augmentation must keep every answer correct; here it does so by construction. The inputs of
 the training examples are taken apart into their words, those words are joined into inputs that
 the set does not hold yet (one or two words for `upper`, as the task draws them), and each new

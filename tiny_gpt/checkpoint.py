@@ -12,8 +12,8 @@ Names inside the file:
     optim.<i>.<key>                    optimizer state of the i-th trainable parameter
     best.<parameter name>              the best validated trainable weights (if tracked)
     rng.torch, rng.batch, rng.cuda     torch's global generator, the batch generator, CUDA's
-    metadata "trainer"                 JSON: step, optimizer param groups, best score so far,
-                                       the loss scaler's state (fp16)...
+    metadata "trainer"                 JSON: step, the optimizer's class and param groups,
+                                       best score so far, the loss scaler's state (fp16)...
 """
 import json
 
@@ -35,7 +35,7 @@ def save_checkpoint(path, model, optimizer, batch_gen: torch.Generator, state: d
     tensors["rng.batch"] = batch_gen.get_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    trainer = dict(state, param_groups=opt["param_groups"])
+    trainer = dict(state, param_groups=opt["param_groups"], optimizer=type(optimizer).__name__)
     if scaler is not None:
         trainer["scaler"] = scaler.state_dict()
     save_file(tensors, path, metadata={"trainer": json.dumps(trainer)})
@@ -52,6 +52,7 @@ def load_checkpoint(path, model, optimizer, batch_gen: torch.Generator, scaler=N
     best = _section(tensors, "best.") or None
     _check_fits(path, model, model_sd, best, optimizer, trainer, scaler)
     model.load_state_dict(model_sd)
+    trainer.pop("optimizer", None)  # checked above; not part of the run's state
     optimizer.load_state_dict(_optimizer_state(tensors, trainer.pop("param_groups")))
     if scaler is not None:
         scaler.load_state_dict(trainer.pop("scaler"))
@@ -82,6 +83,7 @@ def _check_fits(path, model, model_sd, best, optimizer, trainer, scaler):
                              any(best[n].shape != trainable[n].shape for n in best)):
         raise ValueError(f"{path}: the checkpoint's best weights are not this model's "
                          f"trainable parameters ({sorted(best)[:3]} vs {sorted(trainable)[:3]})")
+    _check_optimizer_kind(path, optimizer, trainer)
     saved = [len(g["params"]) for g in trainer["param_groups"]]
     if saved != [len(g["params"]) for g in optimizer.param_groups]:
         raise ValueError(f"{path}: the checkpoint's optimizer holds {saved} parameters per "
@@ -90,6 +92,22 @@ def _check_fits(path, model, model_sd, best, optimizer, trainer, scaler):
         saved_with = "with" if "scaler" in trainer else "without"
         raise ValueError(f"{path}: the checkpoint was saved {saved_with} a loss scaler (fp16); "
                          "resume with the precision it was trained in")
+
+
+def _check_optimizer_kind(path, optimizer, trainer):
+    """The optimizer's state means nothing to another kind (SGD's momentum buffer is not AdamW's
+    moments). The class name is in the file; a file without it is judged by its groups'
+    hyper-parameters: AdamW's have "betas", SGD's have "momentum" and no "betas"."""
+    ours = type(optimizer).__name__
+    saved = trainer.get("optimizer")
+    if saved is None:
+        has_betas = ["betas" in g for g in trainer["param_groups"]]
+        if any(has_betas) != ("betas" in optimizer.param_groups[0]):
+            saved = "an optimizer " + ("with" if any(has_betas) else "without") + " betas"
+    if saved is not None and saved != ours:
+        raise ValueError(f"{path}: the checkpoint holds the state of {saved}, this run uses "
+                         f"{ours}; resume with the optimizer it was trained with "
+                         "(TrainConfig.optimizer)")
 
 
 def _optimizer_state(tensors, param_groups):

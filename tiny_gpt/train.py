@@ -52,7 +52,7 @@ class TrainConfig:
     ckpt_every: int = 0            # steps between checkpoints (0: only at the end, if a path)
     resume: bool = False           # continue from ckpt_path if it exists
     progress: bool = True          # one-line progress display with ETA
-    loraplus_lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): parameters named *lora_B* train
+    loraplus_lr_ratio: float = 1.0  # LoRA+ (Hayou et al. 2024): parameters named .lora_B train
                                     # at this multiple of lr (16 in the paper); 1 = plain LoRA
     compile: bool = False          # run the training steps through torch.compile (inductor);
                                    # the first step compiles (tens of seconds on a 2-core CPU)
@@ -149,7 +149,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def param_groups(model, cfg: TrainConfig):
     """The trainable parameters as optimizer groups, each with an "lr_scale" that the schedule
-    multiplies its lr by: LoRA+ puts every lora_B (by name) in a group of its own at
+    multiplies its lr by: LoRA+ puts every parameter held as `.lora_B` (the attribute's exact
+    name: an adapter named "lora_Bx" keeps its A at 1) in a group of its own at
     loraplus_lr_ratio, everything else at 1. (B starts at zero and A at random: Hayou et al.
     show that one lr for both is too small for B or too large for A as the width grows.)"""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -157,7 +158,7 @@ def param_groups(model, cfg: TrainConfig):
         raise ValueError("the model has no parameters that require grad; nothing to train")
     if cfg.loraplus_lr_ratio == 1.0:
         return [{"params": [p for _, p in named], "lr_scale": 1.0}]
-    is_B = ["lora_B" in n for n, _ in named]
+    is_B = [n.rsplit(".", 1)[-1] == "lora_B" for n, _ in named]  # the attribute, not a substring
     if not any(is_B):
         raise ValueError("loraplus_lr_ratio is set, but no trainable parameter is a lora_B")
     groups = [{"params": [p for (_, p), b in zip(named, is_B) if not b], "lr_scale": 1.0},
@@ -223,6 +224,10 @@ def accumulate_gradients(model, micro_batches, device, precision="fp32", scaler=
     and only the last micro-batch's backward all-reduces (tiny_gpt/parallel/data_parallel.py).
     """
     total_tokens = int(global_sum(count_loss_tokens(micro_batches), model))
+    if total_tokens == 0:  # S / N would be 0 / 0: nan loss, nan weights
+        raise ValueError(f"the {len(micro_batches)} micro-batch(es) of this step hold no loss "
+                         "token (every loss mask is all zeros); get_batch must give each step "
+                         "at least one token with mask 1")
     ranks = world_size(model)
     mean_loss = 0.0
     for i, batch in enumerate(micro_batches):
@@ -259,11 +264,13 @@ def train(model, get_batch: Callable, cfg: TrainConfig, evaluate: Optional[Calla
         check_writable(cfg.ckpt_path)  # found now, not after all the training
     if cfg.compile:
         check_compilable(model)
-    torch.manual_seed(cfg.seed)
     run = _Run(model.to(device).train(), cfg, torch.Generator().manual_seed(cfg.seed))
     if cfg.resume and cfg.ckpt_path and Path(cfg.ckpt_path).exists():
+        # checked whole before anything is loaded; it sets torch's RNG to the file's
         run.state, run.best_weights = load_checkpoint(cfg.ckpt_path, model, run.optimizer,
                                                       run.batch_gen, run.scaler)
+    else:
+        torch.manual_seed(cfg.seed)
     result = TrainResult(steps=run.state["step"], tokens=run.state["tokens"], wall_time=0.0)
     log = open(cfg.log_path, "a") if cfg.log_path else None
     progress, t0 = Progress(cfg.max_steps, cfg.progress), time.time()

@@ -17,8 +17,11 @@ with dW_i = s_i B_i A_i:
             Exact only when rank(dW) <= r; otherwise it is the best rank-r approximation in the
             Frobenius norm (Eckart-Young), and the relative error ||dW - B A|| / ||dW|| is reported.
 """
+import math
+
 import torch
 
+from tiny_gpt.util.checks import is_number, is_whole_number
 from tiny_gpt.util.modules import replace_module
 
 from ..inject import (DEFAULT, adapter_names, freeze_base, lora_layers, match_targets,
@@ -160,8 +163,15 @@ def combine_adapters(model, weights, new_name, method="linear", r=None):
         raise ValueError(f"method must be 'linear' or 'cat', got {method!r}")
     if method == "cat" and r is not None:
         raise ValueError("r applies to method='linear' only; 'cat' has rank sum r_i")
-    if not weights:
-        raise ValueError("weights is empty; give at least one {adapter name: weight}")
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError("weights must be a non-empty dict {adapter name: weight}, got "
+                         f"{weights!r}")
+    bad = {n: w for n, w in weights.items() if not (is_number(w) and math.isfinite(w))}
+    if bad:
+        raise ValueError(f"every weight must be a finite number; got {bad}")
+    if not (r is None or is_whole_number(r, 1)):
+        raise ValueError(f"r must be None (the largest r of the adapters combined) or a whole "
+                         f"number >= 1, got {r!r}")
     _check_known(model, list(weights))
     layers = [(p, named_adapters(l)) for p, l in lora_layers(model)
               if any(n in named_adapters(l) for n in weights)]
@@ -176,7 +186,7 @@ def combine_adapters(model, weights, new_name, method="linear", r=None):
     factors = {}
     for path, named in layers:
         adapters = [(w, named[n]) for n, w in weights.items()]
-        rank = r or max(a.r for _, a in adapters)
+        rank = max(a.r for _, a in adapters) if r is None else r
         if method == "linear":
             layer = model.get_submodule(path)
             check_lora_args(rank, 1.0, 0.0, layer.in_features, layer.out_features)

@@ -21,13 +21,16 @@ class DynamicLossScaler:
     Scale S starts at init_scale. After a backward of S * loss, unscale_ divides the gradients
     by S (in the parameters' dtype) and looks for inf/nan. step() skips the optimizer step if
     it found any; update() then multiplies S by backoff_factor, or, after growth_interval
-    finite steps in a row, by growth_factor. Factors of 1 give a static scale."""
+    finite steps in a row, by growth_factor. Factors of 1 give a static scale. As with
+    GradScaler, unscale_ runs at most once per optimizer between two update() calls: a second
+    call would divide the gradients by S again, so it is refused."""
 
     def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
                  growth_interval=2000):
         self._scale, self.growth_factor = float(init_scale), growth_factor
         self.backoff_factor, self.growth_interval = backoff_factor, growth_interval
         self.good_steps, self.found_inf = 0, None
+        self.unscaled = set()  # id() of the optimizers unscaled since the last update()
 
     def get_scale(self):
         return self._scale
@@ -37,7 +40,11 @@ class DynamicLossScaler:
 
     def unscale_(self, optimizer):
         """grad <- grad / S in the parameter's dtype (an fp16-stored grad comes back to fp32)."""
-        self.found_inf = False
+        if id(optimizer) in self.unscaled:
+            raise RuntimeError("unscale_() has already been called on this optimizer since the "
+                               "last update(); call it once per step, before clipping")
+        self.unscaled.add(id(optimizer))
+        self.found_inf = bool(self.found_inf)  # several optimizers: any inf skips the step
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
@@ -45,7 +52,7 @@ class DynamicLossScaler:
                     self.found_inf |= not bool(torch.isfinite(p.grad).all())
 
     def step(self, optimizer):
-        if self.found_inf is None:
+        if id(optimizer) not in self.unscaled:
             self.unscale_(optimizer)
         if not self.found_inf:
             optimizer.step()
@@ -60,6 +67,7 @@ class DynamicLossScaler:
                 self._scale *= self.growth_factor
                 self.good_steps = 0
         self.found_inf = None
+        self.unscaled.clear()
 
 
 class Fp16Backward:

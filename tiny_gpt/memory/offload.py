@@ -1,4 +1,4 @@
-"""The seed's "CPU offload": the frozen block weights live in CPU memory and visit the
+"""CPU offload of a frozen base: the frozen block weights live in CPU memory and visit the
 accelerator one block at a time, in forward and again in backward (FrozenBaseOffload says how).
 """
 import torch
