@@ -4,6 +4,15 @@ the fine-tuning recipe, a seeded LoRA copy of the base, step timing and moving a
 A lesson is a script with a ``main(argv=None)``. It prints a table of numbers it measured in the
 same run, saves plots under ``runs/<lesson>/``, and writes ``summary.json`` there, which
 ``python -m lessons`` collects into one table at the end.
+
+Where ``runs/`` is: the repository's own ``runs/`` folder (RUNS, found from this file's place,
+not from the current folder, so a lesson started from anywhere finds the cached base model);
+``--runs FOLDER`` puts it elsewhere.
+
+A lesson's sizes (steps, examples, repeats) are one frozen dataclass, conventionally
+``Budget``, whose defaults are the default run, with a ``QUICK`` instance for ``--quick``;
+``parse_args(..., budget=(Budget(), QUICK))`` chooses between them, once, and the lesson reads
+``args.budget`` everywhere.
 """
 import argparse
 import copy
@@ -19,31 +28,38 @@ import torch
 
 from lora import apply_lora, prepare_qlora
 from tiny_gpt.data import get_batch
-from tiny_gpt.evaluate import exact_match
+from tiny_gpt.evaluate import exact_match, task_loss
+from tiny_gpt.finetune import finetune
 from tiny_gpt.memory.step_time import time_step
 from tiny_gpt.pretrain import PretrainRecipe, corpus_ids, load_base, pretrain, save_base
-from tiny_gpt.tasks import get_task, sample_batch
-from tiny_gpt.train import TrainConfig, pick_device, train
+from tiny_gpt.tasks import get_task
+from tiny_gpt.train import TrainConfig, pick_device
 from tiny_gpt.util.safetensors import atomic_write_bytes
 from tiny_gpt.util.timing import round_robin_phase_medians
 
-RUNS = Path("runs")
+RUNS = Path(__file__).resolve().parent.parent / "runs"  # the repository's runs/
 BASE_RECIPE = PretrainRecipe()
 # --quick: a smoke-run base of a few seconds; its numbers mean nothing, its code paths are real.
 QUICK_RECIPE = replace(BASE_RECIPE, corpus_chars=50_000, steps=10, warmup_steps=2,
                        batch_size=8, seq_len=64, eval_every=5, eval_batches=1)
 
 
-def parse_args(description: str, argv=None, add_args=None) -> argparse.Namespace:
+def parse_args(description: str, argv=None, add_args=None, budget=None) -> argparse.Namespace:
     """--quick, --device, --seed, --runs for every lesson; add_args(parser) adds its own. A bad
-    flag is a usage error (exit status 2) before anything runs."""
-    parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
+    flag is a usage error (exit status 2) before anything runs; flags are never abbreviated
+    (``--r 4`` is not ``--runs 4``). budget: (full, quick) -- args.budget is `quick` under
+    --quick, else `full`: a dataclass instance, or a function of the parsed args giving one
+    (for a budget set by flags, such as --steps)."""
+    parser = argparse.ArgumentParser(description=description.strip().splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run of a few seconds (tiny budgets, numbers meaningless)")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, ...")
     parser.add_argument("--seed", type=whole_number(0), default=0,
                         help="seed for everything random")
-    parser.add_argument("--runs", default=str(RUNS), help="folder for outputs and the base cache")
+    parser.add_argument("--runs", default=str(RUNS),
+                        help="folder for outputs and the base cache (default: the "
+                             "repository's runs/)")
     parser.add_argument("--compile", action="store_true",
                         help="fine-tune through torch.compile (TrainConfig.compile)")
     if add_args:
@@ -55,8 +71,18 @@ def parse_args(description: str, argv=None, add_args=None) -> argparse.Namespace
         parser.error(f"--device: {e}")
     if Path(args.runs).exists() and not Path(args.runs).is_dir():
         parser.error(f"--runs {args.runs} is a file; give a folder")
+    if budget is not None:
+        args.budget = choose_budget(args, *budget)
     torch.manual_seed(args.seed)
     return args
+
+
+def choose_budget(args, full, quick):
+    """The one place --quick picks a lesson's sizes: `quick` under --quick, else `full` (or
+    full(args), when the default run's budget is read from flags)."""
+    if args.quick:
+        return quick
+    return full(args) if callable(full) else full
 
 
 def whole_number(low: int):
@@ -149,6 +175,14 @@ def print_table(title: str, headers, rows) -> str:
     text = "\n".join(lines)
     print(text + "\n", flush=True)
     return text
+
+
+def takeaway(*sentences) -> None:
+    """Print a lesson's conclusion, one line each starting with 'Takeaway: ' (the results page
+    collects them). Each sentence must be computed from the run's measurements."""
+    for sentence in sentences:
+        print(f"Takeaway: {sentence}", flush=True)
+    print()
 
 
 def write_summary(args, name: str, numbers: dict) -> None:
@@ -314,9 +348,8 @@ def short_config(args, steps: int, eval_every: int, method: str = "lora", **over
 
 
 def fit(model, examples, cfg, args, evaluate=None):
-    """tiny_gpt.train on batches of TASK_BATCH examples drawn from `examples`."""
-    return train(model, lambda g: sample_batch(examples, TASK_BATCH, g), cfg, evaluate,
-                 device=args.device)
+    """tiny_gpt.finetune on batches of TASK_BATCH examples drawn from `examples`."""
+    return finetune(model, {"train": examples}, cfg, TASK_BATCH, args.device, evaluate=evaluate)
 
 
 def tuned_accuracy(args, model, cfg, seed: int, task_name: str = DEFAULT_TASK,
@@ -325,8 +358,22 @@ def tuned_accuracy(args, model, cfg, seed: int, task_name: str = DEFAULT_TASK,
     set to it, so the batch order follows too), then score it on that seed's test prompts.
     Returns (test exact match, TrainResult): one seed's measurement of one recipe."""
     splits = task_splits(args, task_name, seed)
-    result = fit(model, splits["train"], replace(cfg, seed=seed), args, evaluate)
+    result = finetune(model, splits, replace(cfg, seed=seed), TASK_BATCH, args.device,
+                      evaluate=evaluate)
     return exact_match(model, splits["test"], args.device), result
+
+
+def probe_lr(args, build, candidates, splits, steps: int, method: str = "lora"):
+    """The learning-rate probe: a short run of a fresh build() at each candidate peak lr on
+    splits['train'] (--seed's batch order), scored by the answer loss on splits['val'] -- an
+    lr is chosen on validation data, never on the test set. Returns (the lr of the lowest
+    loss, {lr: validation loss})."""
+    losses = {}
+    for lr in candidates:
+        model = build()
+        fit(model, splits["train"], short_config(args, steps, 0, method, lr=lr), args)
+        losses[lr] = task_loss(model, splits["val"])
+    return min(losses, key=losses.get), losses
 
 
 def tail_mean(values, frac: float = 0.1) -> float:
