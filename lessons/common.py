@@ -109,6 +109,28 @@ def positive_number(text):
     return value
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+
+
+def target_list(text):
+    """An argparse type: comma-separated projections, 'q,v' or 'q_proj,v_proj' (of PROJECTIONS)
+    -> a tuple of full names."""
+    names = tuple(t.strip() if t.strip().endswith("_proj") else f"{t.strip()}_proj"
+                  for t in text.split(",") if t.strip())
+    unknown = [n for n in names if n not in PROJECTIONS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give projections from {', '.join(PROJECTIONS)} (or q, k, v, o, up, "
+            f"down), comma-separated")
+    return tuple(dict.fromkeys(names))
+
+
+def targets_label(targets) -> str:
+    """('q_proj', 'v_proj') -> 'Q,V'; the MLP's projections keep their names ('up', 'down')."""
+    return ",".join(t.removesuffix("_proj").upper() if len(t) == 6 else t.removesuffix("_proj")
+                    for t in targets)
+
+
 def lesson_dir(args, name: str) -> Path:
     path = Path(args.runs) / name
     path.mkdir(parents=True, exist_ok=True)

@@ -208,7 +208,7 @@ def in_words(verdict: Verdict, shown: str, contradicted: str, cannot_tell: str) 
     """The sentence a Verdict allows: `shown` where it holds, `contradicted` where the interval
     says the opposite, `cannot_tell` where it cannot decide -- followed by the interval."""
     said = {True: shown, False: contradicted, None: cannot_tell}[verdict.holds]
-    return f"{said} ({verdict.text})"
+    return f"{said} ({verdict.text.rsplit(': ', 1)[-1]})"
 
 
 def rank(spreads: Dict[str, Spread], scale: float = 100.0, unit: str = " points") -> List[str]:
