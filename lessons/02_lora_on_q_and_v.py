@@ -39,7 +39,7 @@ from lessons.common import (DEFAULT_TASK, FINETUNE_STEPS, LORA_ALPHA, LORA_R, LO
                             lora_copy, median_step_seconds, moving_average, parse_args,
                             positive_number, print_table, run_main, saved_figure, takeaway,
                             target_list, targets_label, task_splits, whole_number, write_summary)
-from lessons.seeds import Spread, Trials, add_seeds_flag, compare, errorbars, in_words, seeds_of
+from lessons.seeds import Trials, add_seeds_flag, compare, errorbars, in_words, seeds_of
 from lora import apply_lora, count_parameters, format_table, parameter_table
 from tiny_gpt import exact_match, sample_batch
 from tiny_gpt.evaluate import greedy_answers

@@ -427,3 +427,25 @@ def saved_figure(path: Path, ncols: int = 1, figsize=(6.5, 3.8)):
         save_figure(fig, path)
     finally:
         plt.close(fig)
+
+
+def saved_heatmaps(path: Path, rows, title: str, label: str, width_ratios=None):
+    """rows: [[(matrix (i, j), panel title), ...], ...] -> one heatmap per matrix, values 0..1,
+    indexed from 1 as i (down) and j (across); one colorbar, saved to `path`."""
+    plt = matplotlib_pyplot()
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(len(rows), len(rows[0]), figsize=(15, 2.75 * len(rows)),
+                             layout="constrained", squeeze=False,
+                             gridspec_kw={"width_ratios": width_ratios})
+    for ax_row, panels in zip(axes, rows):
+        for ax, (m, panel_title) in zip(ax_row, panels):
+            im = ax.imshow(m.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto",
+                           extent=(0.5, m.shape[1] + 0.5, m.shape[0] + 0.5, 0.5))
+            ax.set(title=panel_title, xlabel="j", ylabel="i")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(im, ax=axes.ravel().tolist(), label=label)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"saved {path}")
