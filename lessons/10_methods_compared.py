@@ -44,18 +44,18 @@ Run: ``python lessons/10_methods_compared.py`` (about five minutes on 2 cores; `
 ``--seeds`` change the budget), ``--quick`` for a smoke run of a few seconds.
 """
 import copy
+from dataclasses import dataclass
 
 import torch
 
 from lessons.common import (DEFAULT_TASK, FINETUNE_LR, FINETUNE_STEPS, LORA_R, Checks,
                             get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
-                            median_step_seconds, parse_args, print_table, run_main, save_figure,
-                            short_config, tail_mean, task_splits, tuned_accuracy, whole_number,
-                            write_summary)
-from lessons.seeds import Spread, add_seeds_flag, errorbars, over_seeds, rank, seeds_of
+                            median_step_seconds, parse_args, print_table, probe_lr, run_main,
+                            save_figure, short_config, tail_mean, takeaway, task_splits,
+                            tuned_accuracy, whole_number, write_summary)
+from lessons.seeds import Spread, Trials, add_seeds_flag, compare, errorbars, rank, seeds_of
 from lora import count_parameters, dequantized_float_model, merge_lora
 from tiny_gpt import exact_match, make_batch, sample_batch
-from tiny_gpt.finetune import finetune
 from tiny_gpt.memory.ledger import measure_step
 from tiny_gpt.methods.adapter_tuning import apply_adapter_tuning
 from tiny_gpt.methods.prefix_tuning import PrefixTuning
@@ -72,15 +72,26 @@ BOTTLENECK, N_PREFIX = 8, 10  # LoRA and QLoRA take lessons/common.py's targets,
 # run near five minutes on 2 cores; a budget short of convergence, where full fine-tuning, LoRA
 # and QLoRA are not all at 100% and differences between methods could still show
 STEPS, PROBE_STEPS = 160, 60
-QUICK_STEPS = 2  # --quick: 2 seeds x 5 methods, each 2 steps (under 20 s; numbers meaningless)
 # A grid ending at 3e-2 left the prefix's best peak on its edge, and the prefix far below the
 # other methods at the same budget; 3e-3 never won for either method
 PROBE_LRS = [1e-2, 3e-2, 1e-1, 3e-1]
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int = STEPS              # optimizer steps per method and seed (--steps)
+    probe_steps: int = PROBE_STEPS  # steps of each learning-rate probe run (--probe-steps)
+    step_repeats: int = 10          # timed training steps per method, taking turns
+    forward_repeats: int = 15       # timed forward passes per model, taking turns
+
+
+# --quick: 2 seeds x 5 methods, each 2 steps (under 20 s; numbers meaningless)
+QUICK = Budget(steps=2, probe_steps=2, step_repeats=3, forward_repeats=3)
 MERGEABLE = {"full": "nothing to merge", "adapter": "no: gelu between W_down, W_up",
              "prefix": "no: extra keys/values", "lora": "yes: W + sBA",
              "qlora": "yes, into a float copy"}
-# The seed's section 12, verbatim: parameter efficiency, compute cost, flexibility, notes.
-SEED_TABLE = {"full": ("no", "High", "Moderate", "Updates all parameters"),
+# The comparison as it is usually drawn: parameter efficiency, compute cost, flexibility, notes.
+USUAL_TABLE = {"full": ("no", "High", "Moderate", "Updates all parameters"),
               "adapter": ("yes", "Medium", "High", "Bottleneck MLPs per layer"),
               "prefix": ("yes", "Low", "Medium", "Learned prompt vectors"),
               "lora": ("yes", "Low", "High", "Mergeable, simple low-rank updates"),
@@ -116,7 +127,7 @@ def build(method, base, seed):
 def method_config(args, lr, steps=None, eval_every=0):
     """The shared recipe (schedule, warmup, clipping, batch 32) with this method's peak lr and
     this lesson's step budget, keeping the last weights (no validation picks a step)."""
-    return short_config(args, steps or args.steps, eval_every, lr=lr)
+    return short_config(args, steps or args.budget.steps, eval_every, lr=lr)
 
 
 def probe_learning_rates(args, base, splits):
@@ -126,15 +137,10 @@ def probe_learning_rates(args, base, splits):
            "adapter": 1e-2, "prefix": 1e-2}
     if args.no_probe:
         return lrs
-    steps = 2 if args.quick else args.probe_steps
-    rows = []
+    rows, steps = [], args.budget.probe_steps
     for method in ("adapter", "prefix"):
-        losses = {}
-        for lr in PROBE_LRS:
-            cfg = method_config(args, lr, steps, eval_every=steps)
-            result = finetune(build(method, base, args.seed), splits, cfg, device=args.device)
-            losses[lr] = result.evals[-1][1]["val_loss"]
-        lrs[method] = min(losses, key=losses.get)
+        lrs[method], losses = probe_lr(args, lambda: build(method, base, args.seed), PROBE_LRS,
+                                       splits, steps)
         rows.append([LABELS[method]] + [round(losses[lr], 4) for lr in PROBE_LRS]
                     + [f"{lrs[method]:g}"])
     print_table(f"Learning-rate probe: validation answer loss after {steps} steps (seed "
@@ -176,22 +182,22 @@ def train_over_seeds(args, base, lrs):
     on that seed's test prompts. Returns ({name: Spread}: '<method>' test exact match and
     '<method> loss' the end of its training loss; the first seed's models, {method: model})."""
     seeds = seeds_of(args)
-    print(f"Fine-tuning each method for {args.steps} steps on seeds {seeds} (shared recipe is "
-          f"{FINETUNE_STEPS} for one method; same data, batch and schedule for all):", flush=True)
-    models = {}
+    print(f"Fine-tuning each method for {args.budget.steps} steps on seeds {seeds} (shared "
+          f"recipe is {FINETUNE_STEPS} for one method; same data, batch and schedule for all):",
+          flush=True)
 
-    def measure(seed):
-        numbers = {}
-        for m in METHODS:
-            model = build(m, base, seed)
-            numbers[m], result = tuned_accuracy(args, model, method_config(args, lrs[m]), seed)
-            numbers[f"{m} loss"] = tail_mean(result.losses)
-            models.setdefault(m, model)  # the first seed's, for the inference and merge checks
-        print(f"  seed {seed}: " + ", ".join(f"{m} {100 * numbers[m]:.1f}%" for m in METHODS),
-              flush=True)
-        return numbers
-
-    return over_seeds(seeds, measure), models
+    def train(method, seed):
+        model = build(method, base, seed)
+        acc, result = tuned_accuracy(args, model, method_config(args, lrs[method]), seed)
+        print(f"  seed {seed}: {method} {100 * acc:.1f}%", flush=True)
+        return {"acc": acc, "loss": tail_mean(result.losses), "model": model}
+    runs = Trials(seeds, train)
+    accuracy = {}
+    for m in METHODS:
+        found = runs.spreads(m, ("acc", "loss"))
+        accuracy[m], accuracy[f"{m} loss"] = found["acc"], found["loss"]
+    # the first seed's models, for the inference and merge checks
+    return accuracy, {m: runs.one(m, seeds[0])["model"] for m in METHODS}
 
 
 @torch.no_grad()
@@ -238,7 +244,7 @@ def print_results(args, accuracy, inference, x, n_test):
         rows.append([LABELS[m], accuracy[m].percent(), accuracy[f"{m} loss"].show(1, "{:.4f}"),
                      round(1e3 * latency[m], 2), round(overhead[m], 2), MERGEABLE[m],
                      merged_cell])
-    print_table(f"Results after {args.steps} steps: test exact match (mean [min, max] over n "
+    print_table(f"Results after {args.budget.steps} steps: test exact match (mean [min, max] over n "
                 f"seeds, each on its own {n_test} held-out prompts) and inference (seed "
                 f"{args.seed}'s models, one forward pass, batch {tuple(x.shape)})",
                 ["method", f"test acc (n={n_test} prompts)", "train loss (last 10%)",
@@ -253,6 +259,12 @@ def print_ranking(accuracy, n_test):
     lines = rank({LABELS[m]: accuracy[m] for m in METHODS})
     print(f"Ranking by test exact match (n={n_test} prompts per seed; paired by seed, 95% "
           "t-interval of the difference):\n  " + "\n  ".join(lines) + "\n")
+    best = max(METHODS, key=lambda m: accuracy[m].mean)
+    below = {m: compare(accuracy[best], accuracy[m], best, m).holds for m in METHODS if m != best}
+    takeaway(f"at {accuracy[best].n} seeds and this budget, {LABELS[best]} has the highest mean "
+             f"test exact match; measurably below it: "
+             f"{', '.join(LABELS[m] for m, h in below.items() if h) or 'none'}; not measurably "
+             f"different: {', '.join(LABELS[m] for m, h in below.items() if h is None) or 'none'}")
     return lines
 
 
@@ -260,16 +272,17 @@ def print_seed_comparison(costs, accuracy, overhead, base_params):
     full = costs["full"]
     rows = []
     for m in METHODS:
-        rows.append([LABELS[m].split(" (")[0], *SEED_TABLE[m][:3],
+        rows.append([LABELS[m].split(" (")[0], *USUAL_TABLE[m][:3],
                      f"{100 * costs[m]['trainable'] / base_params:.2f}%",
                      round(costs[m]["step_ms"] / full["step_ms"], 2),
                      round(costs[m]["ledger"].total / full["ledger"].total, 2),
                      round(overhead[m], 2), accuracy[m].percent()])
-    print_table("The seed's comparison (section 12) beside what we measured",
-                ["method", "seed: param eff.", "seed: compute", "seed: flexibility",
+    print_table("The usual comparison table beside what we measured",
+                ["method", "usual: param eff.", "usual: compute", "usual: flexibility",
                  "trainable", "step time / full", "train memory / full", "inference / base",
                  "test acc (mean [min, max] n=random seeds)"], rows)
-    print("Seed notes: " + "; ".join(f"{LABELS[m]}: {SEED_TABLE[m][3]}" for m in METHODS) + "\n")
+    print("Usual notes: " + "; ".join(f"{LABELS[m]}: {USUAL_TABLE[m][3]}" for m in METHODS)
+          + "\n")
 
 
 def plot(costs, accuracy, overhead, base_params, path):
@@ -302,7 +315,7 @@ def plot(costs, accuracy, overhead, base_params, path):
 
 
 def summary(args, lrs, costs, accuracy, inference):
-    numbers = {"steps": args.steps, "seeds": accuracy["full"].n, "base_acc": accuracy["base"].mean}
+    numbers = {"steps": args.budget.steps, "seeds": accuracy["full"].n, "base_acc": accuracy["base"].mean}
     for m in METHODS:
         numbers.update({f"{m}_acc": accuracy[m].mean, f"{m}_acc_lo": accuracy[m].lo,
                         f"{m}_acc_hi": accuracy[m].hi, f"{m}_trainable": costs[m]["trainable"],
@@ -326,21 +339,20 @@ def judge(args, merge_gaps):
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv, add_args)
+    args = parse_args(__doc__, argv, add_args,
+                      budget=(lambda a: Budget(a.steps, a.probe_steps), QUICK))
     out = lesson_dir(args, NAME)
     base, _ = get_base_model(args)
     base.requires_grad_(False).eval()
     splits = task_splits(args, DEFAULT_TASK)  # the first seed's: probe, costs, inference
     base_params = base.num_params()
-    if args.quick:  # a smoke run: two seeds of every method, each a couple of steps
-        args.steps = QUICK_STEPS
     lrs = probe_learning_rates(args, base, splits)
-    costs = training_costs(args, base, splits, lrs, repeats=3 if args.quick else 10)
+    costs = training_costs(args, base, splits, lrs, repeats=args.budget.step_repeats)
     print_training_costs(args, costs, lrs, base_params)
     accuracy, trained = train_over_seeds(args, base, lrs)
     accuracy["base"] = Spread((exact_match(base, splits["test"], args.device),))  # one seed
     x = make_batch(splits["test"][:64])[0].to(args.device)  # (<= 64, T): answers included
-    inference = inference_costs(base, trained, x, repeats=3 if args.quick else 15)
+    inference = inference_costs(base, trained, x, repeats=args.budget.forward_repeats)
     print_results(args, accuracy, inference, x, len(splits["test"]))
     print_ranking(accuracy, len(splits["test"]))
     print_seed_comparison(costs, accuracy, inference["overhead"], base_params)

@@ -211,6 +211,14 @@ def in_words(verdict: Verdict, shown: str, contradicted: str, cannot_tell: str) 
     return f"{said} ({verdict.text.rsplit(': ', 1)[-1]})"
 
 
+def print_verdicts(title: str, verdicts) -> None:
+    """Print what the intervals allow, one verdict (or sentence) a line, under a title."""
+    print(f"{title}:")
+    for v in verdicts:
+        print(f"  {v if isinstance(v, str) else v.text}")
+    print()
+
+
 def rank(spreads: Dict[str, Spread], scale: float = 100.0, unit: str = " points") -> List[str]:
     """Lines that say, for the best recipe by mean against each other one, what the intervals
     allow: a ranking is only as fine as the differences that are measurable."""
