@@ -244,7 +244,8 @@ def print_results(args, accuracy, inference, x, n_test):
         rows.append([LABELS[m], accuracy[m].percent(), accuracy[f"{m} loss"].show(1, "{:.4f}"),
                      round(1e3 * latency[m], 2), round(overhead[m], 2), MERGEABLE[m],
                      merged_cell])
-    print_table(f"Results after {args.budget.steps} steps: test exact match (mean [min, max] over n "
+    print_table(f"Results after {args.budget.steps} steps: test exact match (mean [min, max] "
+                f"over n "
                 f"seeds, each on its own {n_test} held-out prompts) and inference (seed "
                 f"{args.seed}'s models, one forward pass, batch {tuple(x.shape)})",
                 ["method", f"test acc (n={n_test} prompts)", "train loss (last 10%)",
@@ -315,7 +316,8 @@ def plot(costs, accuracy, overhead, base_params, path):
 
 
 def summary(args, lrs, costs, accuracy, inference):
-    numbers = {"steps": args.budget.steps, "seeds": accuracy["full"].n, "base_acc": accuracy["base"].mean}
+    numbers = {"steps": args.budget.steps, "seeds": accuracy["full"].n,
+               "base_acc": accuracy["base"].mean}
     for m in METHODS:
         numbers.update({f"{m}_acc": accuracy[m].mean, f"{m}_acc_lo": accuracy[m].lo,
                         f"{m}_acc_hi": accuracy[m].hi, f"{m}_trainable": costs[m]["trainable"],
