@@ -164,7 +164,8 @@ def print_samples(args, model):
     gen = torch.Generator().manual_seed(args.seed)
     for prompt in ["The ", "Anna says \"", "Who "]:
         idx = torch.tensor([encode(prompt)], device=args.device)
-        text = decode(model.generate(idx, args.budget.sample_chars, temperature=0.8, top_k=10, generator=gen)[0])
+        text = decode(model.generate(idx, args.budget.sample_chars, temperature=0.8, top_k=10,
+                                     generator=gen)[0])
         print(f"  {text.splitlines()[0]!r}")
 
 

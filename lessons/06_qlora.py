@@ -348,8 +348,8 @@ def plot(curves, spreads, lin, whole, out, window=25):
 
 def stack_check(base, args):
     """Before training: three SGD steps of QLoRA and of its float twin (the same adapters, the
-    base in float) on three batches of the task -- the usual advice to validate
-    numeric stability on a small subset first (lora/stack_check.py). Returns the list of problems."""
+    base in float) on three batches of the task -- the usual advice to validate numeric
+    stability on a small subset first (lora/stack_check.py). Returns the list of problems."""
     train = get_task(DEFAULT_TASK).splits(n_train=96, n_val=1, n_test=1, seed=args.seed)["train"]
     batches = [make_batch(train[i:i + 32]) for i in range(0, 96, 32)]
     report = check_qlora_stack(lora_copy(base, args.seed, quantized=True),

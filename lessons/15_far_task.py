@@ -4,9 +4,9 @@ Where LoRA is not enough: it is "not a universal replacement: for extreme distri
 full fine-tuning may still be necessary"; and the usual fix for underfitting: "gradually
 increase rank; add adapters to more modules". The tasks of the other lessons (upper-casing,
 swapping, reversing) redirect a skill the base already has -- its corpus echoes words in
-quotes -- and there lesson 02 measures LoRA r=8 on Q and V against full fine-tuning. Here the task is `atbash`: every letter mirrored
-in the alphabet (a <-> z, b <-> y, ...), a mapping of 26 letters that nothing in the corpus
-shows. The answer must be computed letter by letter, and the attention's Q and V projections
+quotes -- and there lesson 02 measures LoRA r=8 on Q and V against full fine-tuning. Here the
+task is `atbash`: every letter mirrored in the alphabet (a <-> z, b <-> y, ...), a mapping of
+26 letters that nothing in the corpus shows. The answer must be computed letter by letter, and the attention's Q and V projections
 can only choose *where* to read from and what to carry; the new per-letter mapping has to be
 computed somewhere, and the MLPs are where a transformer computes per position.
 
