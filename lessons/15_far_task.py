@@ -6,9 +6,10 @@ increase rank; add adapters to more modules". The tasks of the other lessons (up
 swapping, reversing) redirect a skill the base already has -- its corpus echoes words in
 quotes -- and there lesson 02 measures LoRA r=8 on Q and V against full fine-tuning. Here the
 task is `atbash`: every letter mirrored in the alphabet (a <-> z, b <-> y, ...), a mapping of
-26 letters that nothing in the corpus shows. The answer must be computed letter by letter, and the attention's Q and V projections
-can only choose *where* to read from and what to carry; the new per-letter mapping has to be
-computed somewhere, and the MLPs are where a transformer computes per position.
+26 letters that nothing in the corpus shows. The answer must be computed letter by letter, and
+the attention's Q and V projections can only choose *where* to read from and what to carry; the
+new per-letter mapping has to be computed somewhere, and the MLPs are where a transformer
+computes per position.
 
 The same budget for every recipe (steps, batch, schedule), over seeds, on the same test words:
 
