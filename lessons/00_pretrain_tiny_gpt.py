@@ -28,8 +28,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from lessons.common import (Checks, base_path, base_recipe, get_base_model, lesson_dir,
-                            matplotlib_pyplot, median_step_seconds, parse_args, print_table,
-                            run_main, save_figure, takeaway, write_summary)
+                            median_step_seconds, parse_args, print_table, run_main, takeaway,
+                            write_summary)
+from lessons.plots import matplotlib_pyplot, save_figure
 from tiny_gpt import TASKS, decode, encode, exact_match, load_text
 from tiny_gpt.data import get_batch
 from tiny_gpt.model import GPT

@@ -40,9 +40,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
-                            parse_args, print_table, run_main, save_figure, task_splits,
-                            takeaway, write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse_args, print_table,
+                            run_main, takeaway, write_summary)
+from lessons.plots import matplotlib_pyplot, save_figure
+from lessons.recipe import task_splits
 from lessons.speed import TARGETS
 from lora import LoRAFunction, LoRALinear, lora_layers
 from lora.bench import benchmark_lora_linear

@@ -34,11 +34,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, FINETUNE_STEPS, LORA_ALPHA, LORA_R, LORA_TARGETS,
-                            TASK_BATCH, Checks, finetune_config, get_base_model, lesson_dir,
-                            lora_copy, median_step_seconds, moving_average, parse_args,
-                            positive_number, print_table, run_main, saved_figure, takeaway,
-                            target_list, targets_label, task_splits, whole_number, write_summary)
+from lessons.common import (Checks, LORA_ALPHA, LORA_R, LORA_TARGETS, get_base_model, lesson_dir,
+                            lora_copy, median_step_seconds, parse_args, positive_number,
+                            print_table, run_main, takeaway, target_list, targets_label,
+                            whole_number, write_summary)
+from lessons.plots import moving_average, saved_figure
+from lessons.recipe import DEFAULT_TASK, FINETUNE_STEPS, TASK_BATCH, finetune_config, task_splits
 from lessons.seeds import Trials, add_seeds_flag, compare, errorbars, in_words, seeds_of
 from lora import apply_lora, count_parameters, format_table, parameter_table
 from tiny_gpt import exact_match, sample_batch

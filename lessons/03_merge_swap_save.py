@@ -35,9 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, Checks, finetune_config, get_base_model, lesson_dir,
-                            matplotlib_pyplot, parse_args, print_table, run_main, save_figure,
-                            takeaway, task_splits, write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, parse_args, print_table, run_main,
+                            takeaway, write_summary)
+from lessons.plots import matplotlib_pyplot, save_figure
+from lessons.recipe import DEFAULT_TASK, finetune_config, task_splits
 from lora import (add_adapter, combine_adapters, disable_adapters, load_adapter,
                   load_model_weights, merge_lora, save_adapter, save_merged_model,
                   set_active_adapters, train_only_adapter)

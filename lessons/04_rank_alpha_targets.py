@@ -56,10 +56,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lessons.common import (DEFAULT_TASK, Checks, finetune_config, get_base_model, lesson_dir,
-                            lora_copy, parse_args, print_table, run_main, saved_figure,
-                            saved_heatmaps, short_config, takeaway, targets_label, task_splits,
-                            tuned_accuracy, whole_number, write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse_args, print_table,
+                            run_main, takeaway, targets_label, whole_number, write_summary)
+from lessons.plots import saved_figure, saved_heatmaps
+from lessons.recipe import DEFAULT_TASK, finetune_config, short_config, task_splits, tuned_accuracy
 from lessons.seeds import (Trials, Verdict, add_seeds_flag, compare, errorbars, over_seeds,
                            rank, seeds_of, within)
 from lora import count_parameters, lora_scaling

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
-from lessons.common import (Checks, get_base_model, lesson_dir, matplotlib_pyplot, parse_args,
-                            print_table, run_main, save_figure, takeaway, write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, parse_args, print_table, run_main,
+                            takeaway, write_summary)
+from lessons.plots import matplotlib_pyplot, save_figure
 from quant import NF4_CODE, quantize_fp4, quantize_int4, quantize_nf4
 from quant.blockwise import nearest_level, to_blocks, unpack_nibbles
 from quant.nf4 import NF4_OFFSET

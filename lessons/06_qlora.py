@@ -35,11 +35,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, LORA_ALPHA, LORA_R, Checks, base_recipe,
-                            get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
-                            moving_average, parse_args, print_table, run_main, save_figure,
-                            short_config, tail_mean, takeaway, task_splits, tuned_accuracy,
-                            whole_number, write_summary)
+from lessons.common import (Checks, LORA_ALPHA, LORA_R, base_recipe, get_base_model, lesson_dir,
+                            lora_copy, parse_args, print_table, run_main, takeaway, whole_number,
+                            write_summary)
+from lessons.plots import matplotlib_pyplot, moving_average, save_figure
+from lessons.recipe import DEFAULT_TASK, short_config, tail_mean, task_splits, tuned_accuracy
 from lessons.seeds import (Trials, add_seeds_flag, errorbars, in_words, paired_interval,
                            seeds_of, within)
 from lora import (LoRALinear, check_qlora_stack, count_parameters, dequantized_float_model,

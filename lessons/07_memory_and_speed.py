@@ -50,9 +50,9 @@ from dataclasses import astuple, dataclass
 import torch
 
 from lessons import speed
-from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
-                            parse_args, print_table, run_main, save_figure, takeaway,
-                            text_batch, write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse_args, print_table,
+                            run_main, takeaway, text_batch, write_summary)
+from lessons.plots import matplotlib_pyplot, save_figure
 from lora import lora_layers
 from quant import Linear4bit
 from tiny_gpt.memory.checkpointing import checkpoint_submodules, enable_input_require_grads

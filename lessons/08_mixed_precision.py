@@ -34,10 +34,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from lessons.common import (DEFAULT_TASK, TASK_BATCH, Checks, fit, get_base_model, lesson_dir,
-                            lora_copy, parse_args, plot_loss_curves, print_table, run_main,
-                            saved_figure, short_config, tail_mean, takeaway, task_splits,
-                            write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse_args, print_table,
+                            run_main, takeaway, write_summary)
+from lessons.plots import plot_loss_curves, saved_figure
+from lessons.recipe import DEFAULT_TASK, TASK_BATCH, fit, short_config, tail_mean, task_splits
 from tiny_gpt import sample_batch
 from tiny_gpt.memory.loss_scaling import DynamicLossScaler, Fp16Backward, scaled_fp16_grads
 from tiny_gpt.train import (accumulate_gradients, lr_at, make_optimizer, optimizer_step,

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, FINETUNE_LR, Checks, base_recipe, fit, get_base_model,
-                            lesson_dir, lora_copy, parse_args, plot_loss_curves, positive_number,
-                            print_table, run_main, saved_figure, short_config, tail_mean,
-                            takeaway, task_splits, write_summary)
+from lessons.common import (Checks, base_recipe, get_base_model, lesson_dir, lora_copy, parse_args,
+                            positive_number, print_table, run_main, takeaway, write_summary)
+from lessons.plots import plot_loss_curves, saved_figure
+from lessons.recipe import DEFAULT_TASK, FINETUNE_LR, fit, short_config, tail_mean, task_splits
 from lessons.seeds import Trials, add_seeds_flag, compare, errorbars, in_words, over_seeds, seeds_of
 from lora import disable_adapters
 from tiny_gpt import exact_match

@@ -48,11 +48,12 @@ from dataclasses import dataclass
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, FINETUNE_LR, FINETUNE_STEPS, LORA_R, Checks,
-                            get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
-                            median_step_seconds, parse_args, print_table, probe_lr, run_main,
-                            save_figure, short_config, tail_mean, takeaway, task_splits,
-                            tuned_accuracy, whole_number, write_summary)
+from lessons.common import (Checks, LORA_R, get_base_model, lesson_dir, lora_copy,
+                            median_step_seconds, parse_args, print_table, run_main, takeaway,
+                            whole_number, write_summary)
+from lessons.plots import matplotlib_pyplot, save_figure
+from lessons.recipe import (DEFAULT_TASK, FINETUNE_LR, FINETUNE_STEPS, probe_lr, short_config,
+                            tail_mean, task_splits, tuned_accuracy)
 from lessons.seeds import Spread, Trials, add_seeds_flag, compare, errorbars, rank, seeds_of
 from lora import count_parameters, dequantized_float_model, merge_lora
 from tiny_gpt import exact_match, make_batch, sample_batch

@@ -37,9 +37,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lessons.common import (Checks, finetune_config, get_base_model, lesson_dir, parse_args,
-                            print_table, run_main, saved_figure, takeaway, task_splits,
-                            write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, parse_args, print_table, run_main,
+                            takeaway, write_summary)
+from lessons.plots import saved_figure
+from lessons.recipe import finetune_config, task_splits
 from lora import (AdapterLibrary, add_adapter, disable_adapters, lora_layers,
                   mixed_adapters, save_adapter, serve_answers, serve_logits, set_active_adapters)
 from lora.serving import merge_drift

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, TASK_BATCH, Checks, get_base_model, lesson_dir,
-                            lora_copy, median_step_seconds, parse_args, plot_loss_curves,
-                            print_table, run_main, saved_figure, short_config, task_splits,
-                            takeaway, tuned_accuracy, write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, median_step_seconds,
+                            parse_args, print_table, run_main, takeaway, write_summary)
+from lessons.plots import plot_loss_curves, saved_figure
+from lessons.recipe import DEFAULT_TASK, TASK_BATCH, short_config, task_splits, tuned_accuracy
 from lessons.seeds import Trials, add_seeds_flag, compare, errorbars, print_verdicts, seeds_of
 from lora import loftq_init, lora_scaling
 from lora.dora import DoRAFunction, dora_reference

@@ -49,9 +49,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lessons.common import (Checks, TASK_BATCH, get_base_model, lesson_dir, lora_copy,
-                            parse_args, print_table, run_main, saved_figure, short_config, takeaway,
-                            task_splits, write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse_args, print_table,
+                            run_main, takeaway, write_summary)
+from lessons.plots import saved_figure
+from lessons.recipe import TASK_BATCH, short_config, task_splits
 from lora import add_adapter, load_adapter, save_adapter, train_only_adapter
 from quant import Linear4bit
 from tiny_gpt import sample_batch

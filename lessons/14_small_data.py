@@ -30,9 +30,10 @@ restored weights against the weights at the stop, and against (a)'s full run, pa
 """
 from dataclasses import dataclass
 
-from lessons.common import (Checks, DEFAULT_TASK, get_base_model, lesson_dir, lora_copy,
-                            parse_args, print_table, run_main, saved_figure, short_config,
-                            takeaway, task_splits, write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse_args, print_table,
+                            run_main, takeaway, write_summary)
+from lessons.plots import saved_figure
+from lessons.recipe import DEFAULT_TASK, short_config, task_splits
 from lessons.seeds import (add_seeds_flag, compare, errorbars, in_words, over_seeds,
                            print_verdicts, seeds_of)
 from tiny_gpt import exact_match, get_task

@@ -32,9 +32,10 @@ the same budget, show the contrast.
 import copy
 from dataclasses import dataclass
 
-from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse_args,
-                            print_table, probe_lr, run_main, saved_figure, short_config,
-                            takeaway, task_splits, tuned_accuracy, write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse_args, print_table,
+                            run_main, takeaway, write_summary)
+from lessons.plots import saved_figure
+from lessons.recipe import probe_lr, short_config, task_splits, tuned_accuracy
 from lessons.seeds import (Trials, add_seeds_flag, compare, errorbars, in_words, print_verdicts,
                            seeds_of)
 from tiny_gpt import exact_match

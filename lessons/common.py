@@ -1,5 +1,6 @@
 """What every lesson shares: its command line, its output folder, the cached base model, tables,
-the fine-tuning recipe, a seeded LoRA copy of the base, step timing and moving averages.
+its checks and takeaway, a seeded LoRA copy of the base, and step timing. The fine-tuning
+recipe is lessons/recipe.py; plots, lessons/plots.py; seeds, lessons/seeds.py.
 
 A lesson is a script with a ``main(argv=None)``. It prints a table of numbers it measured in the
 same run, saves plots under ``runs/<lesson>/``, and writes ``summary.json`` there, which
@@ -20,7 +21,6 @@ import json
 import platform
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,12 +28,9 @@ import torch
 
 from lora import apply_lora, prepare_qlora
 from tiny_gpt.data import get_batch
-from tiny_gpt.evaluate import exact_match, task_loss
-from tiny_gpt.finetune import finetune
 from tiny_gpt.memory.step_time import time_step
 from tiny_gpt.pretrain import PretrainRecipe, corpus_ids, load_base, pretrain, save_base
-from tiny_gpt.tasks import get_task
-from tiny_gpt.train import TrainConfig, pick_device
+from tiny_gpt.train import pick_device
 from tiny_gpt.util.safetensors import atomic_write_bytes
 from tiny_gpt.util.timing import round_robin_phase_medians
 
@@ -215,20 +212,6 @@ def write_summary(args, name: str, numbers: dict) -> None:
                        json.dumps(record, indent=1).encode())
 
 
-def save_figure(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"saved {path}")
-
-
-def matplotlib_pyplot():
-    """pyplot with a non-interactive backend (lessons only ever save figures)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def run_main(main):
     """Entry point used at the bottom of every lesson file: main()'s return is the exit status
     (non-zero when one of the lesson's own checks failed)."""
@@ -294,30 +277,7 @@ class Checks:
 
 
 # ---------------------------------------------------------------------------------------------
-# The fine-tuning recipe every lesson shares, so that their numbers can be compared.
-
-DEFAULT_TASK = "upper"   # the task the lessons tune on; "swap" is the second, for lesson 03
-FINETUNE_STEPS = 500     # optimizer steps of a default fine-tuning run (--seeds of them)
-FINETUNE_LR = {"lora": 1e-2, "full": 1e-3}  # peak learning rates (tiny models take large ones)
-
-
-def finetune_config(args, method: str = "lora", **overrides):
-    """The shared TrainConfig for fine-tuning; --quick cuts it to a few steps."""
-    steps = 6 if args.quick else FINETUNE_STEPS
-    cfg = dict(max_steps=steps, lr=FINETUNE_LR[method], warmup_steps=min(50, steps // 3),
-               eval_every=max(1, steps // 5), seed=args.seed, progress=not args.quick,
-               compile=args.compile)
-    cfg.update(overrides)
-    return TrainConfig(**cfg)
-
-
-def task_splits(args, task_name: str = DEFAULT_TASK, seed=None):
-    """train / val / test examples drawn with `seed` (default --seed); --quick keeps 16 of
-    each so evaluation is instant."""
-    splits = get_task(task_name).splits(seed=args.seed if seed is None else seed)
-    if args.quick:
-        splits = {k: v[:16] for k, v in splits.items()}
-    return splits
+# A seeded LoRA copy of the base, and step timing (the fine-tuning recipe: lessons/recipe.py).
 
 
 LORA_TARGETS, LORA_R, LORA_ALPHA = ("q_proj", "v_proj"), 8, 16  # the LoRA paper's Q,V at r = 8
@@ -345,107 +305,3 @@ def median_step_seconds(runs: dict, micro_batches, repeats: int) -> dict:
              for name, (model, opt) in runs.items()}
     medians = round_robin_phase_medians(steps, repeats)
     return {name: phases["total"] for name, phases in medians.items()}
-
-
-def moving_average(values, k: int) -> list:
-    """Means of every k consecutive values: entry j is mean(values[j : j + k]), so there are
-    len(values) - k + 1 of them (plot them at steps k .. len(values)). k is cut to the length."""
-    t = torch.as_tensor(values, dtype=torch.float64)
-    k = max(1, min(k, len(t)))
-    return t.unfold(0, k, 1).mean(1).tolist()
-
-
-# ---------------------------------------------------------------------------------------------
-# Short runs of the shared recipe, for the lessons that measure one change at a time (08, 09).
-
-TASK_BATCH = 32  # task examples per optimizer step, as in every lesson
-
-
-def short_config(args, steps: int, eval_every: int, method: str = "lora", **overrides):
-    """The shared recipe cut to `steps` steps (warmup min(50, steps // 3)), validating every
-    `eval_every` steps (0: never), keeping the last weights, no progress line; overrides win."""
-    cfg = dict(max_steps=steps, warmup_steps=min(50, steps // 3), restore_best=False,
-               eval_every=eval_every, progress=False)
-    return finetune_config(args, method, **{**cfg, **overrides})
-
-
-def fit(model, examples, cfg, args, evaluate=None):
-    """tiny_gpt.finetune on batches of TASK_BATCH examples drawn from `examples`."""
-    return finetune(model, {"train": examples}, cfg, TASK_BATCH, args.device, evaluate=evaluate)
-
-
-def tuned_accuracy(args, model, cfg, seed: int, task_name: str = DEFAULT_TASK,
-                   evaluate=None):
-    """Train `model` with `cfg` on the task's examples drawn with `seed` (the config's seed is
-    set to it, so the batch order follows too), then score it on that seed's test prompts.
-    Returns (test exact match, TrainResult): one seed's measurement of one recipe."""
-    splits = task_splits(args, task_name, seed)
-    result = finetune(model, splits, replace(cfg, seed=seed), TASK_BATCH, args.device,
-                      evaluate=evaluate)
-    return exact_match(model, splits["test"], args.device), result
-
-
-def probe_lr(args, build, candidates, splits, steps: int, method: str = "lora"):
-    """The learning-rate probe: a short run of a fresh build() at each candidate peak lr on
-    splits['train'] (--seed's batch order), scored by the answer loss on splits['val'] -- an
-    lr is chosen on validation data, never on the test set. Returns (the lr of the lowest
-    loss, {lr: validation loss})."""
-    losses = {}
-    for lr in candidates:
-        model = build()
-        fit(model, splits["train"], short_config(args, steps, 0, method, lr=lr), args)
-        losses[lr] = task_loss(model, splits["val"])
-    return min(losses, key=losses.get), losses
-
-
-def tail_mean(values, frac: float = 0.1) -> float:
-    """Mean of the last `frac` of the values (at least one): a run's end, with its noise."""
-    tail = values[-max(1, int(len(values) * frac)):]
-    return sum(tail) / len(tail)
-
-
-def plot_loss_curves(ax, curves: dict, k: int = 10) -> None:
-    """{label: training loss per step} -> their k-step moving averages on `ax` (log scale),
-    each mean drawn at the last step it covers, so the curves start at step k. k is cut to the
-    shortest curve; the curves take the colors C0, C1, ... in order."""
-    k = max(1, min([k] + [len(v) for v in curves.values()]))
-    for label, losses in curves.items():
-        avg = moving_average(losses, k)
-        ax.plot(range(len(losses) - len(avg) + 1, len(losses) + 1), avg, lw=1, label=str(label))
-    ax.set(xlabel="step", ylabel=f"training loss ({k}-step mean)", yscale="log")
-    ax.legend(fontsize=7)
-
-
-@contextmanager
-def saved_figure(path: Path, ncols: int = 1, figsize=(6.5, 3.8)):
-    """``with saved_figure(path, ncols) as axes:`` draw on a row of ncols axes (one axis when
-    ncols is 1); on leaving the block the figure is saved to `path` and closed."""
-    plt = matplotlib_pyplot()
-    fig, axes = plt.subplots(1, ncols, figsize=figsize)
-    try:
-        yield axes
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)
-
-
-def saved_heatmaps(path: Path, rows, title: str, label: str, width_ratios=None):
-    """rows: [[(matrix (i, j), panel title), ...], ...] -> one heatmap per matrix, values 0..1,
-    indexed from 1 as i (down) and j (across); one colorbar, saved to `path`."""
-    plt = matplotlib_pyplot()
-    from matplotlib.ticker import MaxNLocator
-    fig, axes = plt.subplots(len(rows), len(rows[0]), figsize=(15, 2.75 * len(rows)),
-                             layout="constrained", squeeze=False,
-                             gridspec_kw={"width_ratios": width_ratios})
-    for ax_row, panels in zip(axes, rows):
-        for ax, (m, panel_title) in zip(ax_row, panels):
-            im = ax.imshow(m.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto",
-                           extent=(0.5, m.shape[1] + 0.5, m.shape[0] + 0.5, 0.5))
-            ax.set(title=panel_title, xlabel="j", ylabel="i")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.colorbar(im, ax=axes.ravel().tolist(), label=label)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"saved {path}")
