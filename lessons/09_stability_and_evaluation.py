@@ -43,7 +43,8 @@ from lessons.common import (Checks, base_recipe, get_base_model, lesson_dir, lor
                             positive_number, print_table, run_main, takeaway, write_summary)
 from lessons.plots import plot_loss_curves, saved_figure
 from lessons.recipe import DEFAULT_TASK, FINETUNE_LR, fit, short_config, tail_mean, task_splits
-from lessons.seeds import Trials, add_seeds_flag, compare, errorbars, in_words, over_seeds, seeds_of
+from lessons.seeds import (Trials, add_seeds_flag, compare, errorbars, in_words, over_seeds,
+                           print_verdicts, seeds_of)
 from lora import disable_adapters
 from tiny_gpt import exact_match
 from tiny_gpt.evaluate import logits_of, measure_drift, task_loss
@@ -78,13 +79,6 @@ def accuracy(model, splits, args):
 def acc_budget(args, seeds):
     """How an accuracy was measured, for the table titles."""
     return f"{len(seeds)} seeds, n={args.budget.test_examples} test prompts"
-
-
-def say(*verdicts):
-    """Print verdicts (lessons/seeds.py) under a table, one a line."""
-    for v in verdicts:
-        print(f"  {v if isinstance(v, str) else v.text}")
-    print()
 
 
 @dataclass(frozen=True)
@@ -167,8 +161,9 @@ def divergence(args, sweeps):
                 ["run", "outcome per seed", "last-10% loss", "val loss"],
                 [[label, outcomes(sweeps, recipe), res[label]["last_loss"].show(fmt="{:.3f}"),
                   res[label]["val_loss"].show(fmt="{:.3f}")] for label, recipe in recipes.items()])
-    say(*[f"{label}: {'rescues' if rescues(sweeps, recipes[label], v) else 'does not rescue'} "
-          f"the run ({v.text})" for label, v in lower.items()])
+    said = {True: "rescues", False: "does not rescue"}
+    print_verdicts(None, [f"{label}: {said[rescues(sweeps, recipes[label], v)]} the run "
+                          f"({v.text})" for label, v in lower.items()])
     return res, lower
 
 
@@ -191,7 +186,8 @@ def schedules(args, sweeps):
                   r["acc"].percent()] for label, r in res.items()])
     (const, c), (cosine, w) = res.items()
     found = compare(w["acc"], c["acc"], cosine, const)
-    say(found, compare(c["val_loss"], w["val_loss"], f"val loss of {const}", cosine, **MILLINATS))
+    print_verdicts(None, [found, compare(c["val_loss"], w["val_loss"], f"val loss of {const}",
+                                         cosine, **MILLINATS)])
     return res, found
 
 
@@ -243,7 +239,7 @@ def drift(args, base, seeds):
                      "LoRA", **MILLINATS),
              compare(tracks["full", "pretrain_loss", end], tracks["lora", "pretrain_loss", end],
                      "pretraining loss of full", "LoRA", **MILLINATS))
-    say(*found)
+    print_verdicts(None, found)
     return tracks, found
 
 
@@ -296,7 +292,7 @@ def task_sensitivity(args, sweeps):
     print_table(f"(e) One learning rate, two tasks (LoRA r=8 Q,V, {args.budget.sweep_steps} "
                 f"steps, warmup + cosine; {len(sweeps.seeds)} seeds)",
                 ["lr"] + [f"{t} val loss" for t in TASKS], rows)
-    say(*[v for t in TASKS for v in best[t][1]], task_verdict(val, best))
+    print_verdicts(None, [v for t in TASKS for v in best[t][1]] + [task_verdict(val, best)])
     return val, best
 
 

@@ -211,9 +211,11 @@ def in_words(verdict: Verdict, shown: str, contradicted: str, cannot_tell: str) 
     return f"{said} ({verdict.text.rsplit(': ', 1)[-1]})"
 
 
-def print_verdicts(title: str, verdicts) -> None:
-    """Print what the intervals allow, one verdict (or sentence) a line, under a title."""
-    print(f"{title}:")
+def print_verdicts(title: Optional[str], verdicts) -> None:
+    """Print what the intervals allow, one verdict (or sentence) a line, under a title (None:
+    right under the table above)."""
+    if title:
+        print(f"{title}:")
     for v in verdicts:
         print(f"  {v if isinstance(v, str) else v.text}")
     print()
