@@ -88,15 +88,16 @@ class Budget:
 
 # --quick: 2 seeds x 5 methods, each 2 steps (under 20 s; numbers meaningless)
 QUICK = Budget(steps=2, probe_steps=2, step_repeats=3, forward_repeats=3)
+
 MERGEABLE = {"full": "nothing to merge", "adapter": "no: gelu between W_down, W_up",
              "prefix": "no: extra keys/values", "lora": "yes: W + sBA",
              "qlora": "yes, into a float copy"}
 # The comparison as it is usually drawn: parameter efficiency, compute cost, flexibility, notes.
 USUAL_TABLE = {"full": ("no", "High", "Moderate", "Updates all parameters"),
-              "adapter": ("yes", "Medium", "High", "Bottleneck MLPs per layer"),
-              "prefix": ("yes", "Low", "Medium", "Learned prompt vectors"),
-              "lora": ("yes", "Low", "High", "Mergeable, simple low-rank updates"),
-              "qlora": ("yes yes", "Very Low", "High", "4-bit quantization + LoRA")}
+               "adapter": ("yes", "Medium", "High", "Bottleneck MLPs per layer"),
+               "prefix": ("yes", "Low", "Medium", "Learned prompt vectors"),
+               "lora": ("yes", "Low", "High", "Mergeable, simple low-rank updates"),
+               "qlora": ("yes yes", "Very Low", "High", "4-bit quantization + LoRA")}
 
 
 def add_args(parser):
