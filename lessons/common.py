@@ -135,7 +135,7 @@ def lesson_dir(args, name: str) -> Path:
 
 
 def base_recipe(args) -> PretrainRecipe:
-    return QUICK_RECIPE if args.quick else BASE_RECIPE
+    return choose_budget(args, BASE_RECIPE, QUICK_RECIPE)
 
 
 def text_batch(args, batch_size: int, block_size: int):

@@ -3,24 +3,21 @@ the steps and learning rates, its splits, its TrainConfig (whole or cut short), 
 seed's recipe and scoring it, and the learning-rate probe."""
 from dataclasses import replace
 
+from lessons.common import choose_budget
 from tiny_gpt.evaluate import exact_match, task_loss
 from tiny_gpt.finetune import finetune
 from tiny_gpt.tasks import get_task
 from tiny_gpt.train import TrainConfig
 
-
 DEFAULT_TASK = "upper"   # the task the lessons tune on; "swap" is the second, for lesson 03
-
-
 FINETUNE_STEPS = 500     # optimizer steps of a default fine-tuning run (--seeds of them)
-
-
+QUICK_STEPS, QUICK_EXAMPLES = 6, 16  # --quick: steps of a run, and examples kept per split
 FINETUNE_LR = {"lora": 1e-2, "full": 1e-3}  # peak learning rates (tiny models take large ones)
 
 
 def finetune_config(args, method: str = "lora", **overrides):
     """The shared TrainConfig for fine-tuning; --quick cuts it to a few steps."""
-    steps = 6 if args.quick else FINETUNE_STEPS
+    steps = choose_budget(args, FINETUNE_STEPS, QUICK_STEPS)
     cfg = dict(max_steps=steps, lr=FINETUNE_LR[method], warmup_steps=min(50, steps // 3),
                eval_every=max(1, steps // 5), seed=args.seed, progress=not args.quick,
                compile=args.compile)
@@ -32,8 +29,9 @@ def task_splits(args, task_name: str = DEFAULT_TASK, seed=None):
     """train / val / test examples drawn with `seed` (default --seed); --quick keeps 16 of
     each so evaluation is instant."""
     splits = get_task(task_name).splits(seed=args.seed if seed is None else seed)
-    if args.quick:
-        splits = {k: v[:16] for k, v in splits.items()}
+    keep = choose_budget(args, None, QUICK_EXAMPLES)
+    if keep:
+        splits = {k: v[:keep] for k, v in splits.items()}
     return splits
 
 

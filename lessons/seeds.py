@@ -48,7 +48,8 @@ def add_seeds_flag(parser, default: int = 3) -> None:
 
 def seeds_of(args) -> List[int]:
     """The seeds a lesson runs: --seed, --seed + 1, ..., --seeds of them."""
-    n = args.seeds or (QUICK_SEEDS if args.quick else args.default_seeds)
+    from .common import choose_budget
+    n = args.seeds or choose_budget(args, args.default_seeds, QUICK_SEEDS)
     return [args.seed + k for k in range(n)]
 
 

@@ -111,3 +111,17 @@ def test_lesson02_trains_the_rank_and_targets_its_flags_name(monkeypatch):
     layers = dict(lora_layers(model))
     assert sorted(p.rsplit(".", 1)[-1] for p in layers) == ["k_proj", "q_proj"]
     assert all(layer.lora_A.shape[0] == 2 for layer in layers.values())
+
+
+def test_probe_lr_picks_the_candidate_of_the_lowest_validation_loss(monkeypatch):
+    """Each candidate trains a fresh build() at its own peak lr; the one whose validation loss
+    is lowest wins (here the loss is (lr - 0.03)^2, so 0.03)."""
+    import lessons.recipe as recipe
+    built = []
+    monkeypatch.setattr(recipe, "fit", lambda model, ex, cfg, args: setattr(model, "lr", cfg.lr))
+    monkeypatch.setattr(recipe, "task_loss", lambda model, val: (model.lr - 0.03) ** 2)
+    args = parse_args("a lesson", ["--device", "cpu"])
+    chosen, losses = recipe.probe_lr(args, lambda: built.append(SimpleNamespace()) or built[-1],
+                                     (0.01, 0.03, 0.1), {"train": [], "val": []}, steps=3)
+    assert chosen == 0.03 and list(losses) == [0.01, 0.03, 0.1]
+    assert len({id(m) for m in built}) == 3  # a fresh model per candidate
