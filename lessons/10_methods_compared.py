@@ -39,9 +39,6 @@ batch, again interleaved, relative to the base model. LoRA can then be merged in
 QLoRA's into a float copy of the dequantized base) and timed again; adapters and a prefix
 cannot: an adapter has a nonlinearity between its two matrices, and a prefix is extra keys and
 values that every attention layer must read.
-
-Run: ``python lessons/10_methods_compared.py`` (about five minutes on 2 cores; ``--steps`` and
-``--seeds`` change the budget), ``--quick`` for a smoke run of a few seconds.
 """
 import copy
 from dataclasses import dataclass
@@ -51,7 +48,7 @@ import torch
 from lessons.common import (Checks, LORA_R, get_base_model, lesson_dir, lora_copy,
                             median_step_seconds, parse_args, print_table, run_main, takeaway,
                             whole_number, write_summary)
-from lessons.plots import matplotlib_pyplot, save_figure
+from lessons.plots import saved_figure
 from lessons.recipe import (DEFAULT_TASK, FINETUNE_LR, FINETUNE_STEPS, probe_lr, short_config,
                             tail_mean, task_splits, tuned_accuracy)
 from lessons.seeds import Spread, Trials, add_seeds_flag, compare, errorbars, rank, seeds_of
@@ -168,8 +165,8 @@ def training_costs(args, base, splits, lrs, repeats):
 
 def print_training_costs(args, costs, lrs, base_params):
     rows = []
-    for m in METHODS:
-        led, c = costs[m]["ledger"], costs[m]
+    for m, c in costs.items():
+        led = c["ledger"]
         rows.append([LABELS[m], f"{c['trainable']:,}", f"{100 * c['trainable'] / base_params:.2f}%",
                      f"{lrs[m]:g}", f"{led.weights / 1024:,.0f}", f"{led.grads / 1024:,.1f}",
                      f"{led.optimizer / 1024:,.1f}", f"{led.activations / 1024:,.0f}",
@@ -203,22 +200,11 @@ def train_over_seeds(args, base, lrs):
 
 
 @torch.no_grad()
-def inference_latency(models: dict, x, repeats):
-    """Median seconds of one forward pass over x for each model, the models taking turns."""
-    for model in models.values():
-        model.eval()
-    return round_robin_medians({name: (lambda m=model: m(x)) for name, model in models.items()},
-                               repeats)
-
-
-@torch.no_grad()
 def merged_variants(trained, x):
     """LoRA merged into W, QLoRA merged into a float copy of its dequantized base, and the
     largest logit change that merging caused (float32 rounding only, if merging is exact)."""
-    lora = trained["lora"]
-    lora_merged = merge_lora(copy.deepcopy(lora))
-    qlora = trained["qlora"]
-    qlora_float = dequantized_float_model(qlora)
+    lora, qlora = trained["lora"], trained["qlora"]
+    lora_merged, qlora_float = merge_lora(copy.deepcopy(lora)), dequantized_float_model(qlora)
     gaps = {"lora": (lora_merged(x)[0] - lora(x)[0]).abs().max().item(),
             "qlora": (qlora_float(x)[0] - qlora(x)[0]).abs().max().item()}
     return {"lora merged": lora_merged, "qlora merged (float)": qlora_float}, gaps
@@ -229,7 +215,9 @@ def inference_costs(base, trained, x, repeats):
     relative to the base's; and how much merging changed the logits."""
     merged, merge_gaps = merged_variants(trained, x)
     timed_models = {"base": base, **{m: trained[m] for m in METHODS}, **merged}
-    latency = inference_latency(timed_models, x, repeats)
+    with torch.no_grad():  # one forward pass over x per model, the models taking turns
+        latency = round_robin_medians({name: (lambda m=model.eval(): m(x))
+                                       for name, model in timed_models.items()}, repeats)
     overhead = {name: latency[name] / latency["base"] for name in timed_models}
     after_merge = {"lora": overhead["lora merged"], "qlora": overhead["qlora merged (float)"]}
     return {"latency": latency, "overhead": overhead, "after_merge": after_merge,
@@ -271,7 +259,7 @@ def print_ranking(accuracy, n_test):
     return lines
 
 
-def print_seed_comparison(costs, accuracy, overhead, base_params):
+def print_usual_comparison(costs, accuracy, overhead, base_params):
     full = costs["full"]
     rows = []
     for m in METHODS:
@@ -289,32 +277,26 @@ def print_seed_comparison(costs, accuracy, overhead, base_params):
 
 
 def plot(costs, accuracy, overhead, base_params, path):
-    plt = matplotlib_pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    ax = axes[0]
-    errorbars(ax, [f"{m}\n{costs[m]['trainable']:,}" for m in METHODS],
-              [accuracy[m] for m in METHODS], color=[f"C{k}" for k in range(len(METHODS))])
-    ax.set(ylabel="test exact match (%)", xlabel="method and its trainable parameters",
-           title=f"Accuracy over {accuracy['full'].n} seeds (base: {base_params:,} parameters)")
-    ax = axes[1]
-    bottom = [0.0] * len(METHODS)
-    for kind in ["frozen", "trainable", "grads", "optimizer"]:
-        values = [getattr(costs[m]["ledger"], kind) / 2 ** 20 for m in METHODS]
-        ax.bar(METHODS, values, bottom=bottom, label=kind)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    for k, m in enumerate(METHODS):  # activations dwarf the rest at batch 32: written, not drawn
-        ax.text(k, bottom[k], f"act.\n{costs[m]['ledger'].activations / 2 ** 20:.0f}",
-                ha="center", va="bottom", fontsize=7)
-    ax.set(ylabel="MiB", ylim=(0, 1.25 * max(bottom)),
-           title="Training memory without activations (MiB)")
-    ax.legend(fontsize=7)
-    ax = axes[2]
-    names = list(overhead)
-    ax.barh(names, [overhead[n] for n in names])
-    ax.axvline(1.0, color="k", lw=0.8)
-    ax.set(xlabel="forward time / base forward time", title="Inference cost")
-    save_figure(fig, path)
-    plt.close(fig)
+    with saved_figure(path, ncols=3, figsize=(14, 4)) as (ax, mem, inf):
+        errorbars(ax, [f"{m}\n{costs[m]['trainable']:,}" for m in METHODS],
+                  [accuracy[m] for m in METHODS], color=[f"C{k}" for k in range(len(METHODS))])
+        ax.set(ylabel="test exact match (%)", xlabel="method and its trainable parameters",
+               title=f"Accuracy over {accuracy['full'].n} seeds (base: {base_params:,} "
+                     "parameters)")
+        bottom = [0.0] * len(METHODS)
+        for kind in ["frozen", "trainable", "grads", "optimizer"]:
+            values = [getattr(costs[m]["ledger"], kind) / 2 ** 20 for m in METHODS]
+            mem.bar(METHODS, values, bottom=bottom, label=kind)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        for k, m in enumerate(METHODS):  # activations dwarf the rest at batch 32: written
+            mem.text(k, bottom[k], f"act.\n{costs[m]['ledger'].activations / 2 ** 20:.0f}",
+                     ha="center", va="bottom", fontsize=7)
+        mem.set(ylabel="MiB", ylim=(0, 1.25 * max(bottom)),
+                title="Training memory without activations (MiB)")
+        mem.legend(fontsize=7)
+        inf.barh(list(overhead), list(overhead.values()))
+        inf.axvline(1.0, color="k", lw=0.8)
+        inf.set(xlabel="forward time / base forward time", title="Inference cost")
 
 
 def summary(args, lrs, costs, accuracy, inference):
@@ -326,11 +308,10 @@ def summary(args, lrs, costs, accuracy, inference):
                         f"{m}_step_ms": costs[m]["step_ms"], f"{m}_lr": lrs[m],
                         f"{m}_inference_vs_base": inference["overhead"][m],
                         f"{m}_optimizer_bytes": costs[m]["ledger"].optimizer})
-    after_merge, merge_gaps = inference["after_merge"], inference["merge_gaps"]
-    numbers.update({"lora_merged_inference_vs_base": after_merge["lora"],
-                    "qlora_merged_inference_vs_base": after_merge["qlora"],
-                    "lora_merge_max_logit_change": merge_gaps["lora"],
-                    "qlora_merge_max_logit_change": merge_gaps["qlora"]})
+    numbers.update({f"{m}_merged_inference_vs_base": v
+                    for m, v in inference["after_merge"].items()})
+    numbers.update({f"{m}_merge_max_logit_change": v
+                    for m, v in inference["merge_gaps"].items()})
     return numbers
 
 
@@ -359,7 +340,7 @@ def main(argv=None):
     inference = inference_costs(base, trained, x, repeats=args.budget.forward_repeats)
     print_results(args, accuracy, inference, x, len(splits["test"]))
     print_ranking(accuracy, len(splits["test"]))
-    print_seed_comparison(costs, accuracy, inference["overhead"], base_params)
+    print_usual_comparison(costs, accuracy, inference["overhead"], base_params)
     plot(costs, accuracy, inference["overhead"], base_params, out / "methods_compared.png")
     write_summary(args, NAME, summary(args, lrs, costs, accuracy, inference))
     return judge(args, inference["merge_gaps"])
