@@ -113,3 +113,38 @@ def test_lesson05_kurtosis_sentence_says_whether_flatness_separates_the_winners(
 ])
 def test_lesson11_says_whether_the_swap_drift_grows(drift, said):
     assert f"rounding {said} with" in lesson("11").drift_sentence(drift)
+
+
+# --- lesson 04's checks table: exact properties judged under --quick too ----------------------
+
+def judge_04(counts_off=0, growth_off=1.0):
+    """Lesson 04's judge on made-up measurements: equal budgets (unless counts_off) and the
+    first-step growth each rule predicts (times growth_off for alpha = 2r)."""
+    from types import SimpleNamespace
+
+    from lessons.common import parse_args
+    from tiny_gpt import GPT, GPTConfig
+    l04 = lesson("04")
+    base = GPT(GPTConfig())
+    budget = l04.lora_param_count(base, l04.TARGET_SETS[l04.BUDGET[0]], l04.BUDGET[1])
+    runs = SimpleNamespace(base=base, seeds=[0], one=lambda spec, seed: {
+        "trainable": budget + (counts_off if spec.targets == ("q_proj",) else 0)})
+    ratio = (l04.LARGE / l04.R_MID) ** 0.5
+    norms = {("alpha fixed", l04.R_MID): 1.0, ("alpha fixed", l04.LARGE): 1 / ratio,
+             ("alpha = 2r", l04.R_MID): 1.0, ("alpha = 2r", l04.LARGE): ratio * growth_off,
+             ("rsLoRA", l04.R_MID): 1.0, ("rsLoRA", l04.LARGE): 1.0}
+    found = [("a claim", "cannot tell", "the interval"), ("b claim", "reproduced", "x"),
+             ("c claim", "contradicted", "y")]
+    args = parse_args("lesson 04", ["--quick"])
+    return l04.judge(args, runs, None, budget, norms, found)
+
+
+def test_lesson04_checks_pass_on_equal_budgets_and_the_predicted_growth(capsys):
+    assert judge_04() == 0  # the findings are targets: not judged under --quick
+    out = capsys.readouterr().out
+    assert "cannot tell (not judged: the interval cannot tell)" in out
+
+
+@pytest.mark.parametrize("counts_off, growth_off", [(1, 1.0), (0, 2.0)])
+def test_lesson04_checks_fail_on_unequal_budgets_or_another_growth(counts_off, growth_off):
+    assert judge_04(counts_off, growth_off) == 1
