@@ -23,13 +23,14 @@ model is cached in ``runs/base/``; later lessons load it from there (and train i
 import argparse
 import json
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from lessons.common import (Checks, base_path, base_recipe, get_base_model, lesson_dir,
-                            matplotlib_pyplot, median_step_seconds, parse_args, print_table,
-                            run_main, save_figure, write_summary)
+                            median_step_seconds, parse_args, print_table, run_main, takeaway,
+                            write_summary)
+from lessons.plots import matplotlib_pyplot, save_figure
 from tiny_gpt import TASKS, decode, encode, exact_match, load_text
 from tiny_gpt.data import get_batch
 from tiny_gpt.model import GPT
@@ -39,6 +40,18 @@ from tiny_gpt.tasks import corpus_words, lexicon
 
 NAME = "00_pretrain"
 BASE_ACC_MAX = 0.10
+RELOAD_TOL = 1e-5  # the same float32 forward on the same windows: only the summation order
+
+
+@dataclass(frozen=True)
+class Budget:
+    task_prompts: int = None   # test prompts of each task the base is scored on (None: all)
+    copy_items: int = 150      # items of the copying table
+    step_repeats: int = 5      # timed steps with checkpointing off and on, taking turns
+    sample_chars: int = 120    # characters of each sample
+
+
+QUICK = Budget(task_prompts=20, copy_items=10, step_repeats=1, sample_chars=20)
 
 
 def add_args(parser):
@@ -91,8 +104,7 @@ def print_pretraining(args, model, recipe, result, train_ids, val_ids):
 
 def print_base_on_tasks(args, model):
     """Exact match of the base on every task's held-out prompts: {task: accuracy}."""
-    n_test = 20 if args.quick else None  # --quick: a smoke run, not a measurement
-    tests = {name: task.splits()["test"][:n_test] for name, task in TASKS.items()}
+    tests = {name: task.splits()["test"][:args.budget.task_prompts] for name, task in TASKS.items()}
     base_acc = {name: exact_match(model, tests[name], args.device) for name in TASKS}
     print_table("The base model on the fine-tuning tasks (exact match, held-out prompts)",
                 ["task", "what", "example", "test prompts", "base accuracy"],
@@ -120,7 +132,7 @@ def copying_skill(model, device, words, n_items):
 def print_copying_skill(args, model):
     """Copying corpus words and the tasks' pseudo-words (tiny_gpt/tasks.py), which the base
     never saw: {kind: {echo: accuracy}}."""
-    n_items = 10 if args.quick else 150
+    n_items = args.budget.copy_items
     kinds = {"corpus words": corpus_words(), "pseudo-words": lexicon()[len(corpus_words()):]}
     copy_acc = {kind: copying_skill(model, args.device, words, n_items)
                 for kind, words in kinds.items()}
@@ -142,7 +154,7 @@ def print_checkpointing_cost(args, model_cfg, train_ids, recipe):
     for name, checkpointing in (("off", False), ("on", True)):
         model = GPT(replace(model_cfg, gradient_checkpointing=checkpointing)).to(args.device)
         runs[name] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
-    t = median_step_seconds(runs, [(x, y, None)], repeats=1 if args.quick else 5)
+    t = median_step_seconds(runs, [(x, y, None)], repeats=args.budget.step_repeats)
     print_table("Gradient checkpointing (one training step)", ["", "ms/step", "ratio"],
                 [["off", round(1e3 * t["off"], 1), 1.0],
                  ["on", round(1e3 * t["on"], 1), round(t["on"] / t["off"], 3)]])
@@ -153,8 +165,8 @@ def print_samples(args, model):
     gen = torch.Generator().manual_seed(args.seed)
     for prompt in ["The ", "Anna says \"", "Who "]:
         idx = torch.tensor([encode(prompt)], device=args.device)
-        n_new = 20 if args.quick else 120
-        text = decode(model.generate(idx, n_new, temperature=0.8, top_k=10, generator=gen)[0])
+        text = decode(model.generate(idx, args.budget.sample_chars, temperature=0.8, top_k=10,
+                                     generator=gen)[0])
         print(f"  {text.splitlines()[0]!r}")
 
 
@@ -179,9 +191,23 @@ def summary(model, result, val_loss, base_acc, copy_acc):
             "copy_acc_says": copy_acc[ECHOES[0]], "copy_acc_shouts": copy_acc[ECHOES[1]]}
 
 
-def judge(args, base_acc):
-    """The lessons teach the contrast: the base must not already do the tasks."""
+def conclude(val_loss, base_acc, copy_acc):
+    says, shouts = copy_acc[ECHOES[0]], copy_acc[ECHOES[1]]
+    takeaway(f"the base reaches a validation loss of {val_loss:.3f} nats per character; it "
+             f"copies {100 * says:.0f}% of corpus words in the corpus's echo sentences "
+             f"({100 * shouts:.0f}% in capitals) and scores at most "
+             f"{100 * max(base_acc.values()):.0f}% on the tasks' format, which it never saw")
+
+
+def judge(args, base_acc, val_loss, result):
+    """The saved base reloads as it was saved; the lessons teach the contrast: the base must
+    not already do the tasks."""
     checks = Checks(args)
+    step, metrics = result["evals"][-1]  # the last validation, [step, {"val_loss": ...}]
+    if step == result["steps"]:  # of the weights that were saved
+        gap = abs(val_loss - metrics["val_loss"])
+        checks.must("the saved base reloads to the validation loss it was saved with",
+                    gap <= RELOAD_TOL * max(1.0, val_loss), f"|diff| {gap:.1e}")
     for task, acc in base_acc.items():
         checks.target(f"the base scores <= {BASE_ACC_MAX:.0%} on '{task}'", acc <= BASE_ACC_MAX,
                       f"{acc:.1%}")
@@ -189,7 +215,7 @@ def judge(args, base_acc):
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv, add_args)
+    args = parse_args(__doc__, argv, add_args, budget=(Budget(), QUICK))
     out = lesson_dir(args, NAME)
     model, recipe, result = obtain_model(args, out)
     train_ids, val_ids = corpus_ids(recipe)
@@ -201,7 +227,8 @@ def main(argv=None):
     print_samples(args, model)
     plot_curve(out)
     write_summary(args, NAME, summary(model, result, val_loss, base_acc, copy_acc))
-    return judge(args, base_acc)
+    conclude(val_loss, base_acc, copy_acc)
+    return judge(args, base_acc, val_loss, result)
 
 
 if __name__ == "__main__":

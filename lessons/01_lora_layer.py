@@ -19,7 +19,7 @@ u = x A^T (N, r):
 and nothing for W0. This lesson checks that hand-written backward tensor by tensor against
 autograd and against central finite differences, in float64, and prints OK / max difference.
 
-Why not the seed's forward, F.linear(x, W0 + s B A)? It computes the same numbers, and forming
+Why not the naive forward, F.linear(x, W0 + s B A)? It computes the same numbers, and forming
 W0 + s B A is cheap (out * in * r flops, nothing next to the N * out * in of the matmul). What
 costs is that autograd differentiates through the sum: its backward builds the full (out, in)
 gradient dL/dW_eff = g^T x -- a third big matmul, as costly as the forward itself -- and only
@@ -34,21 +34,25 @@ dequantizes W0 for its forward and again for its backward, adds s B A to that pa
 keeps nothing in float -- the naive layer, through autograd, would keep its W_eff for backward.
 """
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
-                            parse_args, print_table, run_main, save_figure, task_splits,
-                            write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse_args, print_table,
+                            run_main, takeaway, write_summary)
+from lessons.plots import matplotlib_pyplot, save_figure
+from lessons.recipe import task_splits
+from lessons.speed import TARGETS
 from lora import LoRAFunction, LoRALinear, lora_layers
 from lora.bench import benchmark_lora_linear
 from tiny_gpt import make_batch
 from tiny_gpt.util.finite_differences import central_differences
 
 NAME = "01_lora_layer"
-TARGET_RATIO = 1.20   # our LoRALinear, fwd + bwd, at most this many times the frozen layer
+# our LoRALinear, fwd + bwd, at most this many times the frozen layer: the speed report's target
+TARGET_RATIO = TARGETS["LoRALinear / frozen nn.Linear"]
 # The loss below is linear in any single entry of x, A or B (the others held fixed), so a
 # central difference has no truncation error at all: what is left is rounding, about
 # 1e-16 * |L| / eps with |L| ~ 100 here, i.e. ~1e-10 for eps = 1e-4. FD_TOL leaves wide room.
@@ -109,7 +113,7 @@ def backward_inputs(N=6, d_in=10, d_out=8, r=3, dropout=False, seed=0):
 
 
 def backward_check(scaling=2.0):
-    """Ours vs autograd (factored), autograd (the seed's naive W0 + sBA), finite differences."""
+    """Ours vs autograd (factored), autograd (the naive W0 + sBA), finite differences."""
     rows, worst = [], 0.0
     for dropout in (False, True):
         x, W, b, A, B, G, mask = backward_inputs(dropout=dropout)
@@ -125,7 +129,7 @@ def backward_check(scaling=2.0):
             ours = grads["ours"][i]
             d_auto = (ours - grads["autograd"][i]).abs().max().item()
             d_fd = (ours - central_differences(loss, t, FD_EPS)).abs().max().item()
-            # the seed's naive layer has no dropout, so it is compared without one only
+            # the naive layer has no dropout, so it is compared without one only
             d_naive = "-" if dropout else (ours - grads["naive"][i]).abs().max().item()
             ok = d_auto < AUTOGRAD_TOL and d_fd < FD_TOL and (dropout or d_naive < AUTOGRAD_TOL)
             worst = max(worst, d_fd)
@@ -144,15 +148,25 @@ def backward_check(scaling=2.0):
     return all(r[-1] == "OK" for r in rows) and passed, worst
 
 
+@dataclass(frozen=True)
+class Budget:
+    """The timed layer: tokens x features, and interleaved rounds."""
+    tokens: int = 8192
+    features: int = 512
+    repeats: int = 25
+
+
+QUICK = Budget(tokens=512, features=128, repeats=3)
+
+
 def timing(args):
     """lora.bench: frozen layer vs ours vs plain autograd vs naive, fwd + input-grad bwd."""
-    size = dict(tokens=512, features=128, repeats=3) if args.quick else dict(
-        tokens=8192, features=512, repeats=25)
+    size = asdict(args.budget)
     res = benchmark_lora_linear(r=8, threads=2, **size)
     what = {"frozen": "nn.Linear alone, weight frozen (the reference)",
             "lora": "our LoRALinear (LoRAFunction, hand-derived backward)",
             "autograd": "base(x) + s (x A^T) B^T, plain autograd",
-            "naive": "the seed's F.linear(x, W0 + s B A), autograd"}
+            "naive": "the naive F.linear(x, W0 + s B A), autograd"}
     order = ["frozen", "lora", "autograd", "naive"]
     rows = [[k, what[k], round(1e3 * res["seconds"][k], 2), round(res["ratio"][k], 3)]
             for k in order]
@@ -180,7 +194,7 @@ def plot_timing(res, order, path):
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, budget=(Budget(), QUICK))
     out, checks = lesson_dir(args, NAME), Checks(args)
     fraction = shapes_table()
     max_diff, grad_A, grad_B = zero_init_check(args)
@@ -195,6 +209,10 @@ def main(argv=None):
     checks.shown(f"LoRALinear fwd+bwd <= {TARGET_RATIO:.2f}x the frozen layer",
                  ratio <= TARGET_RATIO, f"{ratio:.3f}x")
     plot_timing(res, order, out / "timing.png")
+    takeaway(f"the hand-derived backward {'matches' if backward_ok else 'does NOT match'} "
+             f"autograd and finite differences (worst {worst_fd:.1e}); one LoRA layer costs "
+             f"{ratio:.2f}x the frozen layer, the naive W0 + sBA form "
+             f"{res['ratio']['naive'] / ratio:.2f}x ours")
     write_summary(args, NAME, {
         "adapter_fraction_of_layer": fraction, "zero_init_max_abs_diff": max_diff,
         "step0_max_grad_A": grad_A, "step0_max_grad_B": grad_B,

@@ -21,22 +21,24 @@ A, B unfrozen. Switching the active adapter switches the task, at no cost. Stack
 
     h = W0 x + s B_up A_up x + s B_sw A_sw x,
 
-is *not* a model that does both: each update was trained with the other absent, and the sum
-pushes every input in both directions. That is the seed's "adapter conflicts when stacking",
-measured below. A "cat" combination (lora/multi.py) builds one adapter whose update is exactly
+need not be a model that does both: each update was trained with the other absent, and the
+sum pushes every input in both directions -- adapter conflicts when stacking, measured below.
+A "cat" combination (lora/multi.py) builds one adapter whose update is exactly
 w1 dW_up + w2 dW_sw (rank 16): with weights 1, 1 it *is* the stack -- same logits, same
-conflicts -- and 0.5, 0.5 halves both updates, which weakens each task instead of reconciling
-them. The seed's advice, "avoid overlapping target modules", is tested too: "upper" on Q only
-and "swap" on V only (r = 16 each, the same budget), then stacked. The remedy that works is the
-one the table's first rows show: keep the adapters separate and pick one per request.
+conflicts -- and 0.5, 0.5 halves both updates, which weakens each task rather than reconciling
+them. The usual advice, "avoid overlapping target modules", is tested too: "upper" on Q only
+and "swap" on V only (r = 16 each, the same budget), then stacked. The table's first rows show the
+other way out: keep the adapters separate and pick one per request.
 """
 import copy
+from dataclasses import dataclass
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, Checks, finetune_config, get_base_model, lesson_dir,
-                            matplotlib_pyplot, parse_args, print_table, run_main, save_figure,
-                            task_splits, write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, parse_args, print_table, run_main,
+                            takeaway, write_summary)
+from lessons.plots import matplotlib_pyplot, save_figure
+from lessons.recipe import DEFAULT_TASK, finetune_config, task_splits
 from lora import (add_adapter, combine_adapters, disable_adapters, load_adapter,
                   load_model_weights, merge_lora, save_adapter, save_merged_model,
                   set_active_adapters, train_only_adapter)
@@ -57,13 +59,22 @@ F32_REL_TOL = 1e-5
 CAT_REL_TOL = 1e-4
 
 
+@dataclass(frozen=True)
+class Budget:
+    steps: int = STEPS      # optimizer steps per adapter
+    repeats: int = 200      # timed forward passes per model, taking turns
+
+
+QUICK = Budget(steps=6, repeats=5)
+
+
 def train_adapter(model, name, splits, args, targets=("q_proj", "v_proj"), r=8):
     """Add adapter `name` and train it alone: every other parameter, other adapters
     included, has requires_grad = False while it trains."""
     add_adapter(model, name, targets=targets, r=r, alpha=2 * r)
     set_active_adapters(model, name)
     train_only_adapter(model, name)
-    cfg = finetune_config(args, "lora", **({} if args.quick else {"max_steps": STEPS}))
+    cfg = finetune_config(args, "lora", max_steps=args.budget.steps)
     result = finetune(model, splits, cfg, batch_size=32, device=args.device)
     print(f"trained adapter {name!r} on {targets}: {result.steps} steps, "
           f"{result.wall_time:.1f} s\n")
@@ -81,10 +92,10 @@ def merge_section(model, reference, x, args):
 
     variants = {"base model": reference, "LoRA unmerged": model, "LoRA merged": merged}
     seconds = round_robin_medians({k: (lambda m=m: m(x)) for k, m in variants.items()},
-                                  5 if args.quick else 200, warmup=3)
+                                  args.budget.repeats, warmup=3)
     base_s = seconds["base model"]
     print_table(f"(a) Forward pass over a fixed batch {tuple(x.shape)}, no grad, median of "
-                f"{5 if args.quick else 200} interleaved repeats",
+                f"{args.budget.repeats} interleaved repeats",
                 ["model", "ms", "x base"],
                 [[k, f"{1e3 * s:.3f}", f"{s / base_s:.3f}"] for k, s in seconds.items()])
     print(f"max |merged logits - unmerged logits| = {diff:.3g}, {rel:.2g} of the largest |logit| "
@@ -161,7 +172,7 @@ def combination_section(model, tests, x, device):
 
 
 def non_overlapping_section(reference, splits, tests, args):
-    """The seed's advice, "avoid overlapping target modules": the first task's adapter on Q
+    """The usual advice, "avoid overlapping target modules": the first task's adapter on Q
     only, the second's on V only (r = 16: the same trainable count as Q + V at r = 8)."""
     split = copy.deepcopy(reference)
     for task, target in zip(TASK_NAMES, ("q_proj", "v_proj")):
@@ -212,6 +223,19 @@ def accuracy_table(rows, tests, steps, cat_diff, svd_err):
           f"sum up to a relative error of {svd_err:.3f} (worst layer)\n")
 
 
+def conclude(rows):
+    """Stacked against each adapter alone, on each task (one seed's adapters)."""
+    alone = {t: rows[f"{t} only"][t] for t in TASK_NAMES}
+    stacked = {t: rows["stacked (both active)"][t] for t in TASK_NAMES}
+    lost = [t for t in TASK_NAMES if stacked[t] < alone[t]]
+    said = (f"stacking both costs {' and '.join(lost)} accuracy: the adapters conflict" if lost
+            else "stacking both costs neither task accuracy here")
+    alone_text = ", ".join(f"{100 * a:.0f}% on {t}" for t, a in alone.items())
+    stacked_text = ", ".join(f"{100 * a:.0f}%" for a in stacked.values())
+    takeaway(f"each adapter alone scores {alone_text}; stacked, {stacked_text}: {said} (one "
+             "seed's adapters)")
+
+
 def summary(seconds, merge_diff, saved, cat_diff, rows):
     stacked = rows["stacked (both active)"]
     return {"merged_over_base_latency": seconds["LoRA merged"] / seconds["base model"],
@@ -235,7 +259,7 @@ def judge(args, merge_rel, saved, cat_rel, seconds):
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, budget=(Budget(), QUICK))
     out, device = lesson_dir(args, NAME), args.device
     splits = {t: task_splits(args, t) for t in TASK_NAMES}
     tests = {t: s["test"] for t, s in splits.items()}
@@ -253,6 +277,7 @@ def main(argv=None):
     stacked_samples(model, tests, device)
     plot_accuracy(rows, seconds, out / "adapters.png")
     write_summary(args, NAME, summary(seconds, merge_diff, saved, cat_diff, rows))
+    conclude(rows)
     return judge(args, merge_rel, saved, cat_rel, seconds)
 
 

@@ -9,7 +9,7 @@ shown as mean [min, max] over the seeds, and a ranking is only printed as far as
 budget is short on purpose: a long one brings most settings near 100% on this task, where no
 difference can show.
 
-1. Rank (Sec. 7.2, Table 6). r in {1, 8, 64} on W_q, W_v with alpha = 2r, the seed's rule of
+1. Rank (Sec. 7.2, Table 6). r in {1, 8, 64} on W_q, W_v with alpha = 2r, the common rule of
    thumb, so the scale s = alpha / r = 2 is the same for every rank. Rank r costs
    r (in + out) = 256 r numbers per 128 x 128 projection. A fixed s does not make the steps
    equal: part 3 measures that under this rule the first step of dW grows like sqrt(r), so on
@@ -25,7 +25,7 @@ difference can show.
 
 3. Scaling. The update is dW = s B A. Three rules for s as r grows:
        alpha fixed        s = alpha / r       (LoRA paper, Sec. 4.1)
-       alpha = 2r         s = 2               (the seed's heuristic)
+       alpha = 2r         s = 2               (the common heuristic)
        rank-stabilized    s = alpha / sqrt(r) (rsLoRA, Kalajdzievski 2023)
    What s does to the effective learning rate: AdamW moves every entry of A and B by about lr
    per step whatever the gradient's size, so s multiplies the step that dW takes. On the first
@@ -56,12 +56,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lessons.common import (DEFAULT_TASK, finetune_config, get_base_model, lesson_dir, lora_copy,
-                            matplotlib_pyplot, parse_args, print_table, run_main, saved_figure,
-                            short_config, task_splits, tuned_accuracy, whole_number,
-                            write_summary)
-from lessons.seeds import (add_seeds_flag, compare, errorbars, over_seeds, rank, seeds_of,
-                           within)
+from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse_args, print_table,
+                            run_main, takeaway, targets_label, whole_number, write_summary)
+from lessons.plots import saved_figure, saved_heatmaps
+from lessons.recipe import DEFAULT_TASK, finetune_config, short_config, task_splits, tuned_accuracy
+from lessons.seeds import (Trials, Verdict, add_seeds_flag, compare, errorbars, over_seeds,
+                           rank, seeds_of, within)
 from lora import count_parameters, lora_scaling
 from lora.analysis import (adapter_factors, amplification_factor, lora_param_count, phi_grid,
                            projected_norm, random_phi, random_projected_norm, rank_for_budget,
@@ -77,10 +77,20 @@ TARGET_SETS = {"Q": ("q_proj",), "Q,V": QV,
 BUDGET = ("attn+MLP", 4)   # the budget: all six projections at r = 4 (see the docstring)
 STEPS = 80                 # optimizer steps per run: short enough that settings can differ
 R_MID = 8                  # the paper's rank, and where the scaling rules of part 3 agree
-RANKS = (1, R_MID, 64)     # part 1: a very small rank, the paper's, a large one
-PAIR = (R_MID, RANKS[-1])  # part 4: the adapters compared
+LARGE = 64                 # the large rank of parts 3 and 4
+RANKS = (1, R_MID, LARGE)  # part 1: a very small rank, the paper's, a large one (--ranks)
+PAIR = (R_MID, LARGE)      # part 4: the adapters compared
 AS_WELL = 0.02             # "does as well": within 2 points of exact match (4 of 200 prompts)
 LAYER = 2                  # the block of part 4b and of the similarity plot (of 0..3)
+STEP_RULE_TOL = 1.5        # part 3: ||dW_1|| grows with r as predicted, within this factor
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int = STEPS     # optimizer steps per fine-tune (--steps)
+
+
+QUICK = Budget(steps=3)
 
 
 @dataclass(frozen=True)
@@ -99,59 +109,40 @@ class Spec:
 def add_args(parser):
     parser.add_argument("--steps", type=whole_number(1), default=STEPS,
                         help="optimizer steps per run")
+    parser.add_argument("--ranks", type=whole_number(1), nargs="+", default=RANKS,
+                        help=f"part 1's ranks (default {' '.join(map(str, RANKS))}; r = {R_MID} "
+                             f"and {LARGE} are always run: parts 3 and 4 use them)")
     add_seeds_flag(parser)
 
 
-def label(targets):
-    return ",".join(t.removesuffix("_proj").upper() if len(t) == 6 else t.removesuffix("_proj")
-                    for t in targets)
+def adapted(runs, spec, seed):
+    # A's initial values depend on (seed, r), not on the seed alone: a rank-64 A would then
+    # start with the rank-8 A as its first rows (one random stream) and part 4 would find
+    # them similar for that reason only.
+    return lora_copy(runs.base, 1000 * seed + spec.r, targets=spec.targets, r=spec.r,
+                     alpha=spec.alpha, use_rslora=spec.rslora)
 
 
-class Runs:
-    """Fine-tunes a fresh copy of the base for each distinct (Spec, seed) and keeps its numbers;
-    runs(spec) gives the spec's numbers over the lesson's seeds, as Spreads."""
-
-    def __init__(self, args, base, steps):
-        self.args, self.base, self.steps, self.seeds = args, base, steps, seeds_of(args)
-        self.test_n = len(task_splits(args, DEFAULT_TASK)["test"])
-        self.done = {}
-
-    def budget_text(self):
-        """How every run of the sweeps was measured, for the table titles."""
-        return (f"{self.steps} steps per run, {len(self.seeds)} seeds, n={self.test_n} test "
-                "prompts")
-
-    def adapted(self, spec, seed):
-        # A's initial values depend on (seed, r), not on the seed alone: a rank-64 A would then
-        # start with the rank-8 A as its first rows (one random stream) and part 4 would find
-        # them similar for that reason only.
-        return lora_copy(self.base, 1000 * seed + spec.r, targets=spec.targets, r=spec.r,
-                         alpha=spec.alpha, use_rslora=spec.rslora)
-
-    def __call__(self, spec):
-        """{"acc": Spread, "val_loss": Spread} of `spec` over the seeds."""
-        return over_seeds(self.seeds, lambda seed: {k: self.one(spec, seed)[k]
-                                                    for k in ("acc", "val_loss")})
-
-    def one(self, spec, seed):
-        # the model depends on (targets, r, s, seed) only: rules that agree on s share a run
-        key = (spec.targets, spec.r, spec.scaling, seed)
-        if key not in self.done:
-            self.done[key] = self.train(spec, seed)
-        return self.done[key]
-
-    def train(self, spec, seed):
-        model = self.adapted(spec, seed)
-        cfg = short_config(self.args, self.steps, 0)  # warmup, cosine; the last weights
-        acc, res = tuned_accuracy(self.args, model, cfg, seed)
+def fine_tunes(args, base):
+    """Trials of Specs: each distinct (targets, r, s, seed) fine-tuned once -- the model
+    depends on nothing else, so scaling rules that agree on s share a run."""
+    def train(spec, seed):
+        model = adapted(runs, spec, seed)
+        cfg = short_config(args, args.budget.steps, 0)  # warmup, cosine; the last weights
+        acc, res = tuned_accuracy(args, model, cfg, seed)
         model.eval()
         row = dict(trainable=count_parameters(model)[0], acc=acc,
-                   val_loss=task_loss(model, task_splits(self.args, DEFAULT_TASK, seed)["val"]),
+                   val_loss=task_loss(model, task_splits(args, DEFAULT_TASK, seed)["val"]),
                    factors=adapter_factors(model.cpu()))
-        print(f"  trained {label(spec.targets)} r={spec.r} alpha={spec.alpha:g}"
+        print(f"  trained {targets_label(spec.targets)} r={spec.r} alpha={spec.alpha:g}"
               f"{' rslora' if spec.rslora else ''} seed={seed}: val loss "
               f"{row['val_loss']:.3f}, test acc {acc:.1%} ({res.wall_time:.1f}s)", flush=True)
         return row
+    runs = Trials(seeds_of(args), train, key=lambda s: (s.targets, s.r, s.scaling))
+    runs.args, runs.base, runs.steps = args, base, args.budget.steps
+    runs.budget_text = (f"{runs.steps} steps per run, {len(runs.seeds)} seeds, "
+                        f"n={len(task_splits(args, DEFAULT_TASK)['test'])} test prompts")
+    return runs
 
 
 def spread_cells(res):
@@ -168,8 +159,8 @@ def print_ranking(accs):
 
 # --- part 1: rank ------------------------------------------------------------------------------
 def rank_sweep(runs, ranks):
-    res = {r: runs(Spec(QV, r, 2 * r)) for r in ranks}
-    print_table(f"1. Rank sweep on Q,V, alpha = 2r (s = 2); {runs.budget_text()}",
+    res = {r: runs.spreads(Spec(QV, r, 2 * r), ("acc", "val_loss")) for r in ranks}
+    print_table(f"1. Rank sweep on Q,V, alpha = 2r (s = 2); {runs.budget_text}",
                 ["r", "alpha", "trainable", "test exact match", "val loss"],
                 [[r, 2 * r, f"{runs.one(Spec(QV, r, 2 * r), runs.seeds[0])['trainable']:,}",
                   *spread_cells(res[r])] for r in ranks])
@@ -183,12 +174,12 @@ def target_sweep(runs):
     rows, res = [], {}
     for name, targets in TARGET_SETS.items():
         r = rank_for_budget(runs.base, targets, budget)
-        res[name] = runs(Spec(targets, r, 2 * r))
+        res[name] = runs.spreads(Spec(targets, r, 2 * r), ("acc", "val_loss"))
         trainable = runs.one(Spec(targets, r, 2 * r), runs.seeds[0])["trainable"]
         rows.append([name, r, f"{trainable:,}", f"{trainable / budget - 1:+.1%}",
                      *spread_cells(res[name])])
     print_table(f"2. Where to put {budget:,} trainable parameters (alpha = 2r); "
-                f"{runs.budget_text()}",
+                f"{runs.budget_text}",
                 ["targets", "r", "trainable", "vs budget", "test exact match", "val loss"], rows)
     print_ranking({name: res[name]["acc"] for name in res})
     return res, budget
@@ -204,7 +195,7 @@ def scaling_specs(r):
 def first_step_norm(runs, spec, lr):
     """Mean ||dW||_F / lr over the adapted layers after one AdamW step from B = 0."""
     args = runs.args
-    model = runs.adapted(spec, args.seed).to(args.device).train()
+    model = adapted(runs, spec, args.seed).to(args.device).train()
     x, y, mask = (t.to(args.device) for t in
                   sample_batch(task_splits(args)["train"], 32, torch.Generator().manual_seed(0)))
     masked_cross_entropy(model(x)[0], y, mask).backward()
@@ -215,32 +206,40 @@ def first_step_norm(runs, spec, lr):
 
 def scaling_sweep(runs, large, lr):
     """The rules at r = R_MID (one shared run) and at r = `large`, where they part."""
-    rows, res = [], {}
+    rows, res, norms = [], {}, {}
     for r in (R_MID, large):
         for rule, spec in scaling_specs(r).items():
-            res[rule, r] = runs(spec)
+            res[rule, r] = runs.spreads(spec, ("acc", "val_loss"))
+            norms[rule, r] = first_step_norm(runs, spec, lr)
             predicted = spec.scaling * math.sqrt(r * 128 / 3)  # s sqrt(r out / 3), out = 128
             rows.append([rule, r, round(spec.alpha, 3), round(spec.scaling, 4),
-                         round(first_step_norm(runs, spec, lr), 2), round(predicted, 2),
+                         round(norms[rule, r], 2), round(predicted, 2),
                          *spread_cells(res[rule, r])])
     print_table(f"3. Scaling rules on Q,V; ||dW_1||: after one AdamW step, / lr; "
-                f"{runs.budget_text()}", ["rule", "r", "alpha", "s", "||dW_1||",
+                f"{runs.budget_text}", ["rule", "r", "alpha", "s", "||dW_1||",
                                           "s*sqrt(r*out/3)", "test exact match", "val loss"],
                 rows)
     print_ranking({f"{rule}, r={large}": res[rule, large]["acc"] for rule in scaling_specs(large)})
-    return res
+    return res, norms
 
 
 # --- the papers' findings, and what this run says about them -----------------------------------
 def as_well(small, mid, name_s, name_m):
-    """The paper's "a small rank does as well": within AS_WELL of r = R_MID."""
+    """The paper's "a small rank does as well": within AS_WELL of r = R_MID. Reproduced when
+    the interval of small - mid lies inside [-AS_WELL, AS_WELL], or above 0 (better is as
+    well); not reproduced when it lies below -AS_WELL; otherwise the seeds cannot tell."""
     close = within(small, mid, AS_WELL, name_s, name_m)
+    order = compare(small, mid, name_s, name_m)
     if close.holds:
         return "reproduced", close.text
-    order = compare(small, mid, name_s, name_m)
-    if order.holds is None:
-        return "cannot tell", f"{close.text}; {order.text}"
-    return ("reproduced (and more)" if order.holds else "not reproduced"), order.text
+    if order.holds:
+        return "reproduced (and more)", order.text
+    if close.holds is False and order.holds is False:
+        return "not reproduced", close.text
+    return "cannot tell", f"{close.text}; {order.text}"
+
+
+DECIDED = ("reproduced", "reproduced (and more)", "not reproduced", "contradicted")
 
 
 def beats(a, b, name_a, name_b):
@@ -329,7 +328,7 @@ def amplification_table(runs, pair):
                          round(sp["along_rand"].mean, 3), sp["amp"].show(fmt="{:.2f}"),
                          sp["vs_rand"].show(fmt="{:.2f}")])
     print_table(f"4b. What dW amplifies (block {LAYER}; U, V: top-r singular directions of "
-                f"dW, of W, or random); {runs.budget_text()}",
+                f"dW, of W, or random); {runs.budget_text}",
                 ["W", "r", "||W||", "||dW||", "||U'WV|| dW dirs", "W dirs", "random dirs",
                  "amplification", "vs random dirs"], rows)
     return amps
@@ -348,70 +347,77 @@ def plot_sweeps(runs, rank_res, target_res, scaling_res, large, budget, path):
         for ax, (title, res) in zip(axes, panels):
             errorbars(ax, list(res), [v["acc"] for v in res.values()])
             ax.set(ylabel="test exact match (%)", title=title, ylim=(0, 101))
-        axes[0].figure.suptitle(runs.budget_text())
+        axes[0].figure.suptitle(runs.budget_text)
 
 
 def plot_similarity(grids, pair, path):
     """Like the paper's Fig. 3 (r_s vs r_l) and Fig. 4 (two seeds), for block LAYER: phi of
     the A matrices (left) and of the dW matrices (right); rows: q_proj, v_proj."""
-    plt = matplotlib_pyplot()
-    from matplotlib.ticker import MaxNLocator
-    fig, axes = plt.subplots(2, 4, figsize=(15, 5.5), layout="constrained",
-                             gridspec_kw={"width_ratios": [4, 1.3, 4, 1.3]})
-    for row, proj in enumerate(QV):
-        g_a, seed_a, g_dw, seed_dw = grids[f"blocks.{LAYER}.attn.{proj}"]
-        panels = [(g_a, f"A, r={pair[0]} vs r={pair[1]}"), (seed_a, "A, 2 seeds"),
-                  (g_dw, f"dW, r={pair[0]} vs r={pair[1]}"), (seed_dw, "dW, 2 seeds")]
-        for ax, (m, title) in zip(axes[row], panels):
-            im = ax.imshow(m.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto",
-                           extent=(0.5, m.shape[1] + 0.5, m.shape[0] + 0.5, 0.5))
-            ax.set(title=f"{proj}: {title}", xlabel="j", ylabel="i")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.colorbar(im, ax=axes.ravel().tolist(), label="phi(i, j)")
-    fig.suptitle(f"Subspace similarity in block {LAYER} (random subspaces: max(i, j) / 128)")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"saved {path}")
+    titles = (f"A, r={pair[0]} vs r={pair[1]}", "A, 2 seeds", f"dW, r={pair[0]} vs r={pair[1]}",
+              "dW, 2 seeds")
+    saved_heatmaps(path, [[(m, f"{proj}: {t}") for m, t in
+                           zip(grids[f"blocks.{LAYER}.attn.{proj}"], titles)] for proj in QV],
+                   f"Subspace similarity in block {LAYER} (random subspaces: max(i, j) / 128)",
+                   "phi(i, j)", width_ratios=[4, 1.3, 4, 1.3])
 
 
 def headline_numbers(runs, sweeps, found, sim_rows, amps):
     """The summary.json numbers: mean test exact match of every setting, the findings'
-    outcomes, mean phi(1,1), mean amplification."""
-    rank_res, target_res, scaling_res = sweeps
-    return {**{f"acc_qv_r{r}": v["acc"].mean for r, v in rank_res.items()},
-            **{f"acc_targets_{n}": v["acc"].mean for n, v in target_res.items()},
-            **{f"acc_{rule.replace(' ', '')}_r{r}": v["acc"].mean
-               for (rule, r), v in scaling_res.items()},
-            **{f"finding_{k}": outcome for k, (_, outcome, _) in
-               zip(("small_rank", "qv_vs_q", "rslora"), found)},
-            "steps_per_run": runs.steps, "seeds": len(runs.seeds), "test_n": runs.test_n,
-            "fine_tunes": len(runs.done),
-            "phi11_A_small_large_mean": float(np.mean([r[1] for r in sim_rows])),
-            "phi11_A_seeds_mean": float(np.mean([r[3] for r in sim_rows])),
-            "phi11_dW_small_large_mean": float(np.mean([r[5] for r in sim_rows])),
-            "phi11_dW_seeds_mean": float(np.mean([r[7] for r in sim_rows])),
+    outcomes, mean phi(1,1) (A and dW; small vs large rank, and two seeds), amplification."""
+    accs = {f"qv_r{r}": v for r, v in sweeps[0].items()}
+    accs.update({f"targets_{n}": v for n, v in sweeps[1].items()})
+    accs.update({f"{rule.replace(' ', '')}_r{r}": v for (rule, r), v in sweeps[2].items()})
+    phi = {name: float(np.mean([row[col] for row in sim_rows])) for col, name in
+           ((1, "A_small_large"), (3, "A_seeds"), (5, "dW_small_large"), (7, "dW_seeds"))}
+    return {**{f"acc_{k}": v["acc"].mean for k, v in accs.items()},
+            **{f"finding_{k}": f[1] for k, f in zip(("small_rank", "qv_vs_q", "rslora"), found)},
+            "steps_per_run": runs.steps, "seeds": len(runs.seeds), "fine_tunes": len(runs),
+            **{f"phi11_{k}_mean": v for k, v in phi.items()},
             **{f"amplification_{p}_r{r}": a.mean for (p, r), a in amps.items()}}
 
 
+def judge(args, runs, target_res, budget, step_norms, found):
+    """Exact properties (judged under --quick too) and the papers' findings (where decided)."""
+    checks = Checks(args)
+    counts = {n: runs.one(Spec(t, rank_for_budget(runs.base, t, budget),
+                               2 * rank_for_budget(runs.base, t, budget)), runs.seeds[0])
+              ["trainable"] for n, t in TARGET_SETS.items()}
+    checks.must(f"every target set trains exactly {budget:,} parameters",
+                set(counts.values()) == {budget}, ", ".join(f"{n} {c:,}" for n, c in
+                                                             counts.items()))
+    growth = {rule: step_norms[rule, LARGE] / step_norms[rule, R_MID] for rule in
+              scaling_specs(LARGE)}
+    expect = {"alpha fixed": (R_MID / LARGE) ** 0.5, "alpha = 2r": (LARGE / R_MID) ** 0.5,
+              "rsLoRA": 1.0}
+    checks.must(f"||dW_1|| from r={R_MID} to r={LARGE}: x sqrt({LARGE}/{R_MID})^(-1, 1, 0) by "
+                f"rule (within {STEP_RULE_TOL}x)", all(
+                    1 / STEP_RULE_TOL <= growth[k] / expect[k] <= STEP_RULE_TOL for k in growth),
+                ", ".join(f"{k} {g:.2f}x" for k, g in growth.items()))
+    for claim, outcome, text in found:
+        holds = outcome.startswith("reproduced") if outcome in DECIDED else None
+        checks.verdict(claim, Verdict(holds, f"{outcome}: {text}"))
+    return checks.report()
+
+
 def main(argv=None):
-    args = parse_args(__doc__, argv, add_args)
-    out, steps = lesson_dir(args, NAME), 3 if args.quick else args.steps
-    runs = Runs(args, get_base_model(args)[0].eval(), steps)
+    args = parse_args(__doc__, argv, add_args, budget=(lambda a: Budget(steps=a.steps), QUICK))
+    out, ranks = lesson_dir(args, NAME), sorted(set(args.ranks) | set(PAIR))
+    runs = fine_tunes(args, get_base_model(args)[0].eval())
     t0, cpu0 = time.time(), time.process_time()
-    rank_res = rank_sweep(runs, RANKS)
+    rank_res = rank_sweep(runs, ranks)
     target_res, budget = target_sweep(runs)
-    scaling_res = scaling_sweep(runs, RANKS[-1], finetune_config(args, "lora").lr)
-    found = findings(rank_res, target_res, scaling_res, RANKS[0], RANKS[-1])
+    scaling_res, step_norms = scaling_sweep(runs, LARGE, finetune_config(args, "lora").lr)
+    found = findings(rank_res, target_res, scaling_res, ranks[0], LARGE)
     sim_rows, grids = similarity_table(runs, PAIR)
     amps = amplification_table(runs, PAIR)
-    print(f"{len(runs.done)} fine-tunes of {runs.steps} steps: {time.time() - t0:.0f}s wall, "
+    print(f"{len(runs)} fine-tunes of {runs.steps} steps: {time.time() - t0:.0f}s wall, "
           f"{time.process_time() - cpu0:.0f}s CPU (all threads) in all\n")
-    plot_sweeps(runs, rank_res, target_res, scaling_res, RANKS[-1], budget, out / "sweeps.png")
+    plot_sweeps(runs, rank_res, target_res, scaling_res, LARGE, budget, out / "sweeps.png")
     plot_similarity(grids, PAIR, out / "subspace_similarity.png")
     write_summary(args, NAME, headline_numbers(runs, (rank_res, target_res, scaling_res), found,
                                                sim_rows, amps))
-    return 0
+    takeaway(*(f"{claim}: {outcome}" for claim, outcome, _ in found))
+    return judge(args, runs, target_res, budget, step_norms, found)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,13 @@ the code use says how close each 4-bit format gets to 4 bits. Then NF4's error i
 with int4 and FP4 on N(0, 1) and on every layer of the tiny GPT. Runs in seconds.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 
-from lessons.common import (Checks, get_base_model, lesson_dir, matplotlib_pyplot, parse_args,
-                            print_table, run_main, save_figure, write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, parse_args, print_table, run_main,
+                            takeaway, write_summary)
+from lessons.plots import matplotlib_pyplot, save_figure
 from quant import NF4_CODE, quantize_fp4, quantize_int4, quantize_nf4
 from quant.blockwise import nearest_level, to_blocks, unpack_nibbles
 from quant.nf4 import NF4_OFFSET
@@ -52,6 +54,15 @@ FORMATS = {"NF4": quantize_nf4, "FP4": quantize_fp4, "int4": quantize_int4}
 BITS_TARGETS = {"plain": 4.5, "double_quant": 4.13}  # QLoRA Sec. 3: 4.5 and ~4.127
 LEVEL_TOL = 1e-6  # float32 levels: the published ones are float32 values printed in full
 BLOCKSIZES = (32, 64, 128, 256)
+EVEN_ROWS = 1.25  # plain scales keep the small rows' NMSE within this factor of the large rows'
+
+
+@dataclass(frozen=True)
+class Budget:
+    gauss_rows: int = 1024  # rows of the N(0,1) test matrix, 1024 wide
+
+
+QUICK = Budget(gauss_rows=256)
 # Phi^-1(delta) = 1.848: how many standard deviations NF4's level 1.0 stands for
 NF4_TOP_SIGMA = torch.special.ndtri(torch.tensor(NF4_OFFSET, dtype=torch.float64)).item()
 
@@ -200,15 +211,27 @@ def double_quant_limit(seed, rows=512, cols=512, shrink=1e-3):
                 [[label, f"{r['bits']:.3f}", f"{r['small'][0]:.2e}", f"{r['large'][0]:.2e}",
                   f"{r['small'][1]:.4f}", f"{r['large'][1]:.4f}"] for label, r in found.items()])
     dq, plain = found["double quant"], found["plain float32 scales"]
-    print(f"Double quantization multiplies the small rows' error by "
-          f"{dq['small'][1] / plain['small'][1]:,.0f}: its 8-bit code stores scale - mean, so a "
-          f"small row's scale becomes a value near -mean, coded with an absolute error that the "
-          f"large scales set -- larger than the small scale itself. The remedy, plain float32 "
-          f"scales for such a tensor, costs "
-          f"{plain['bits'] - dq['bits']:.3f} more bits per weight and keeps every row at the usual "
-          f"NF4 error. The scale error is known at quantization time, so it can be checked.\n")
+    print(double_quant_sentence(dq, plain))
     return {"dq_small_rows_nmse": dq["small"][1], "plain_small_rows_nmse": plain["small"][1],
-            "dq_small_rows_scale_err": dq["small"][0]}
+            "plain_large_rows_nmse": plain["large"][1], "dq_small_rows_scale_err": dq["small"][0]}
+
+
+def double_quant_sentence(dq, plain) -> str:
+    """What the table shows: how much double quantization multiplies the small rows' error,
+    and whether plain float32 scales bring them back to the large rows' (within EVEN_ROWS)."""
+    worse = dq["small"][1] / plain["small"][1]
+    even = plain["small"][1] / plain["large"][1]
+    if worse <= 1:
+        return (f"Here double quantization does not hurt the small rows (their error x "
+                f"{worse:.2f}).\n")
+    remedy = ("within " if abs(math.log(even)) <= math.log(EVEN_ROWS) else "NOT within ") + \
+        f"{EVEN_ROWS:g}x of the large rows' error ({even:.2f}x)"
+    return (f"Double quantization multiplies the small rows' error by {worse:,.0f}: its 8-bit "
+            f"code stores scale - mean, so a small row's scale becomes a value near -mean, coded "
+            f"with an absolute error that the large scales set -- larger than the small scale "
+            f"itself. The remedy, plain float32 scales for such a tensor, costs "
+            f"{plain['bits'] - dq['bits']:.3f} more bits per weight and keeps the small rows "
+            f"{remedy}. The scale error is known at quantization time, so it can be checked.\n")
 
 
 def block_kurtosis(w, blocksize=64):
@@ -221,19 +244,33 @@ def block_kurtosis(w, blocksize=64):
 
 def format_comparison(gauss, layers):
     """NMSE of NF4 / FP4 / int4 (plain absmax, blocks of 64) on N(0,1) and on every layer."""
-    rows, table = [], {}
+    rows, table, kurt = [], {}, {}
     for name, w in [("N(0,1)", gauss)] + list(layers.items()):
         e = table[name] = {f: normalised_mse(w, q) for f, q in FORMATS.items()}
-        rows.append([name, f"{block_kurtosis(w):.2f}", f"{e['NF4']:.5f}", f"{e['FP4']:.5f}",
+        kurt[name] = block_kurtosis(w)
+        rows.append([name, f"{kurt[name]:.2f}", f"{e['NF4']:.5f}", f"{e['FP4']:.5f}",
                      f"{e['int4']:.5f}", "yes" if e["NF4"] < e["FP4"] < e["int4"] else "NO"])
     print_table("Quantization error, NMSE = mean((deq(q(w)) - w)^2) / mean(w^2), blocks of 64",
                 ["weight", "kurtosis in blocks", "NF4", "FP4", "int4", "NF4 < FP4 < int4"], rows)
     nf4_best = sum(e["NF4"] < min(e["FP4"], e["int4"]) for e in table.values())
     ordered = sum(e["NF4"] < e["FP4"] < e["int4"] for e in table.values())
     print(f"NF4 lowest error on {nf4_best} of {len(table)} weights; NF4 < FP4 < int4 on "
-          f"{ordered} of {len(table)} (evenly spaced int4 can beat FP4 where blocks are flatter "
-          f"than normal, i.e. lower kurtosis)\n")
+          f"{ordered} of {len(table)}; {kurtosis_sentence(table, kurt)}\n")
     return table, f"{nf4_best}/{len(table)}", f"{ordered}/{len(table)}"
+
+
+def kurtosis_sentence(table, kurt) -> str:
+    """Whether the weights where evenly spaced int4 beats FP4 have flatter blocks (lower
+    kurtosis) than those where FP4 wins: every one of them below every one of the others."""
+    int4_wins = [kurt[n] for n, e in table.items() if e["int4"] < e["FP4"]]
+    fp4_wins = [kurt[n] for n, e in table.items() if e["FP4"] <= e["int4"]]
+    if not int4_wins or not fp4_wins:
+        return f"{'int4' if int4_wins else 'FP4'} beats the other on every weight"
+    ranges = (f"where int4 beats FP4 the blocks' kurtosis is {min(int4_wins):.2f}-"
+              f"{max(int4_wins):.2f}, where FP4 wins {min(fp4_wins):.2f}-{max(fp4_wins):.2f}")
+    if max(int4_wins) < min(fp4_wins):
+        return ranges + ": int4 wins exactly on the flatter blocks"
+    return ranges + ": the ranges overlap, so flatness alone does not decide it"
 
 
 def blocksize_sweep(gauss, layers):
@@ -313,12 +350,12 @@ def plot_errors(table, sweep_rows, per_block, out):
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, budget=(Budget(), QUICK))
     out = lesson_dir(args, NAME)
     diff_derived, _ = levels_table()
     layers = linear_weights(get_base_model(args)[0])  # the 24 linear layers of the tiny GPT
-    n = 256 if args.quick else 1024
-    gauss = torch.randn(n, 1024, generator=torch.Generator().manual_seed(args.seed))
+    gauss = torch.randn(args.budget.gauss_rows, 1024,
+                        generator=torch.Generator().manual_seed(args.seed))
     design_h, gauss_h, model_h, other_h = occupancy_table(gauss, layers)
     per_block, _ = outlier_demo(seed=args.seed)
     packing_table(layers["blocks.0.attn.q_proj"])
@@ -338,11 +375,23 @@ def main(argv=None):
         "entropy_nf4_model": model_h,
         "entropy_fp4_normal": other_h["FP4"], "entropy_int4_normal": other_h["int4"],
         "scale_rel_err_mean": dq["scale_rel_err_mean"], **dq_limit})
-    return judge(args, diff_derived, dq, table)
+    conclude(g, dq)
+    return judge(args, diff_derived, dq, table, dq_limit)
 
 
-def judge(args, diff_derived, dq, table):
+def conclude(g, dq):
+    order = " < ".join(sorted(("NF4", "FP4", "int4"), key=g.get))
+    takeaway(f"on normal weights the 4-bit formats' errors order {order} (NMSE NF4 "
+             f"{g['NF4']:.4f}, FP4 {g['FP4']:.4f}, int4 {g['int4']:.4f}); double quantization "
+             f"stores the scales in {dq['bits_double_quant'] - 4:.3f} bits per weight instead of "
+             f"{dq['bits_plain'] - 4:.3f}")
+
+
+def judge(args, diff_derived, dq, table, dq_limit):
     checks, g = Checks(args), table["N(0,1)"]
+    even = dq_limit["plain_small_rows_nmse"] / dq_limit["plain_large_rows_nmse"]
+    checks.must(f"plain scales keep small rows within {EVEN_ROWS:g}x of the large rows' NMSE",
+                abs(math.log(even)) <= math.log(EVEN_ROWS), f"{even:.2f}x")
     checks.must("NF4 levels derived = the published table", diff_derived <= LEVEL_TOL,
                 f"max |diff| {diff_derived:.1e}")
     for key, bits in (("plain", dq["bits_plain"]), ("double_quant", dq["bits_double_quant"])):

@@ -31,19 +31,21 @@ Default run: a LoRA and a QLoRA fine-tune (--steps each) per seed, 3 seeds, and 
 benchmark: about five minutes on 2 cores.
 """
 import copy
+from dataclasses import dataclass
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, LORA_ALPHA, LORA_R, Checks, base_recipe,
-                            get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
-                            moving_average, parse_args, print_table, run_main, save_figure,
-                            short_config, tail_mean, task_splits, tuned_accuracy, whole_number,
+from lessons.common import (Checks, LORA_ALPHA, LORA_R, base_recipe, get_base_model, lesson_dir,
+                            lora_copy, parse_args, print_table, run_main, takeaway, whole_number,
                             write_summary)
-from lessons.seeds import add_seeds_flag, errorbars, over_seeds, paired_interval, seeds_of, within
+from lessons.plots import matplotlib_pyplot, moving_average, save_figure
+from lessons.recipe import DEFAULT_TASK, short_config, tail_mean, task_splits, tuned_accuracy
+from lessons.seeds import (Trials, add_seeds_flag, errorbars, in_words, paired_interval,
+                           seeds_of, within)
 from lora import (LoRALinear, check_qlora_stack, count_parameters, dequantized_float_model,
                   disable_adapters, load_adapter, lora_layers, merge_lora, save_adapter)
 from quant import DequantMatmul, Linear4bit, quantize_model, quantize_nf4
-from quant.bench import against_bitsandbytes, benchmark_nf4
+from quant.bench import benchmark_nf4
 from quant.blockwise import unpack_nibbles
 from tiny_gpt import exact_match, get_task, make_batch
 from tiny_gpt.evaluate import validation_loss
@@ -57,13 +59,25 @@ METHODS = ("LoRA", "QLoRA")
 # paper compares runs trained to the end; here both are close to 100% on 'upper' by then,
 # though their training loss is still falling (see the plot)
 STEPS = 400
-QUICK_STEPS = 2  # --quick: 2 seeds x 2 methods, each 2 steps (under 20 s; numbers meaningless)
 ACC_MARGIN = 0.03  # "within 3 points": |QLoRA - LoRA| test exact match <= 0.03, paired by seed
 SPEED_TARGET = 1.15      # dequant-matmul time / float32 matmul time, 4096 x 4096, 2048 tokens
 F64_TOL = 1e-12  # float64, the same products in the same order: equal up to rounding (~1e-16)
 # one float32 forward through two code paths (merged vs unmerged weight): only the summation
 # order differs, ~1e-7 relative per op, ~1e-6 after four blocks; relative to the largest logit
 F32_REL_TOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int = STEPS           # optimizer steps of each LoRA and QLoRA run (--steps)
+    step_repeats: int = 15       # timed forward + backward passes per method, taking turns
+    bench: dict = None           # quant.bench.benchmark_nf4's size (None: its default)
+
+
+# --quick: 2 seeds x 2 methods, each 2 steps (under 20 s; numbers meaningless)
+QUICK = Budget(steps=2, step_repeats=3, bench=dict(out_features=256, in_features=256,
+                                                   tokens=128, repeats=3))
+
 MERGES = {"float": "float copy, adapter merged", "requant": "  ... then re-quantized to NF4",
           "fp32": "adapter merged into the fp32 original W0"}
 
@@ -121,26 +135,22 @@ def finetune_both(base, args):
     """LoRA and QLoRA once per seed, with the same targets (Q, V), rank, initial A, data order
     and recipe. Returns ({name: Spread}, {method: [training losses per seed]}, the models of
     the first seed (--seed), on which the later sections work)."""
-    steps = QUICK_STEPS if args.quick else args.steps
-    cfg = short_config(args, steps, eval_every=0)
-    curves, models = {m: [] for m in METHODS}, {}
+    cfg = short_config(args, args.budget.steps, eval_every=0)
 
-    def measure(seed):
-        numbers = {}
-        for method in METHODS:
-            model = lora_copy(base, seed, quantized=method == "QLoRA")  # the same A for both
-            acc, result = tuned_accuracy(args, model, cfg, seed)
-            numbers.update({f"{method} acc": acc, f"{method} loss": tail_mean(result.losses),
-                            f"{method} s": result.wall_time})
-            curves[method].append(result.losses)
-            models.setdefault(method, model)  # the first seed's
-        print(f"  seed {seed}: " + ", ".join(f"{m} {100 * numbers[f'{m} acc']:.1f}%"
-                                             for m in METHODS), flush=True)
-        return numbers
+    def train(method, seed):
+        model = lora_copy(base, seed, quantized=method == "QLoRA")  # the same A for both
+        acc, result = tuned_accuracy(args, model, cfg, seed)
+        print(f"  seed {seed}: {method} {100 * acc:.1f}%", flush=True)
+        return {"acc": acc, "loss": tail_mean(result.losses), "s": result.wall_time,
+                "losses": result.losses, "model": model}
 
-    print(f"fine-tuning LoRA and QLoRA, {steps} steps each, on seeds {seeds_of(args)} ...",
-          flush=True)
-    return over_seeds(seeds_of(args), measure), curves, models
+    print(f"fine-tuning LoRA and QLoRA, {args.budget.steps} steps each, on seeds "
+          f"{seeds_of(args)} ...", flush=True)
+    runs = Trials(seeds_of(args), train)
+    spreads = {f"{m} {k}": v for m in METHODS
+               for k, v in runs.spreads(m, ("acc", "loss", "s")).items()}
+    curves = {m: [runs.one(m, s)["losses"] for s in runs.seeds] for m in METHODS}
+    return spreads, curves, {m: runs.one(m, runs.seeds[0])["model"] for m in METHODS}
 
 
 def step_times(models, args):
@@ -148,7 +158,7 @@ def step_times(models, args):
     x, y, mask = (t.to(args.device) for t in make_batch(task_splits(args)["train"][:32]))
     step = round_robin_medians(
         {m: (lambda model=model: model(x, y, mask)[1].backward()) for m, model in models.items()},
-        repeats=3 if args.quick else 15)
+        repeats=args.budget.step_repeats)
     for model in models.values():
         model.zero_grad(set_to_none=True)  # timing left gradients behind
     return step
@@ -172,6 +182,11 @@ def print_comparison(spreads, models, step, args):
                     "(Sec. 4)",
              None: "so this run neither confirms nor contradicts the QLoRA paper's claim "
                    "(Sec. 4) at this budget"}[verdict.holds]
+    takeaway(in_words(verdict, f"QLoRA (a 4-bit NF4 base) scores within {100 * ACC_MARGIN:g} "
+                               "points of LoRA", f"QLoRA (a 4-bit NF4 base) scores more than "
+                                                 f"{100 * ACC_MARGIN:g} points from LoRA",
+                      f"whether QLoRA scores within {100 * ACC_MARGIN:g} points of LoRA cannot "
+                      "be told at this budget"))
     print(f"QLoRA - LoRA test accuracy, paired by seed: {verdict.text}\n  {paper}\n"
           f"QLoRA step / LoRA step: {step['QLoRA'] / step['LoRA']:.2f}x (median fwd+bwd on a "
           f"batch of 32, seed {args.seed}'s models; every layer dequantizes its weight in "
@@ -286,9 +301,9 @@ def codes_changed(qlora_model, requant):
 def speed_table(args):
     """quant.bench.benchmark_nf4 on 2 threads; --quick: a small size, threads left alone."""
     before = torch.get_num_threads()
-    torch.set_num_threads(before if args.quick else 2)
+    torch.set_num_threads(before if args.budget.bench else 2)
     try:
-        r = benchmark_nf4(256, 256, tokens=128, repeats=3) if args.quick else benchmark_nf4()
+        r = benchmark_nf4(**(args.budget.bench or {}))
     finally:
         torch.set_num_threads(before)
     rows = [["quantize float32 -> NF4 + dq", f"{r['quantize_MB_per_s']:.4g} MB/s", ""],
@@ -299,25 +314,8 @@ def speed_table(args):
     print_table(f"NF4 speed on CPU: W {r['shape'][0]} x {r['shape'][1]}, {r['tokens']} tokens, "
                 f"{r['threads']} threads, medians of alternating runs (MB of float32 weight)",
                 ["operation", "measured", "target"], rows)
-    bitsandbytes_table(args)
+    print("Ours next to bitsandbytes' kernels, where it is installed: python -m lessons.speed\n")
     return r
-
-
-def bitsandbytes_table(args):
-    """Ours next to bitsandbytes' CPU kernels, when it is installed beside the project."""
-    b = against_bitsandbytes(256, 256, repeats=3) if args.quick else against_bitsandbytes()
-    if b is None:
-        print("bitsandbytes is not installed here: the comparison with its NF4 kernels is "
-              "skipped (pip install bitsandbytes in a separate environment to see it)\n")
-        return
-    s = b["seconds"]
-    print_table(f"NF4 next to bitsandbytes, W {b['shape'][0]} x {b['shape'][1]}, blocksize 64, "
-                "double-quantized scales (medians, taking turns)",
-                ["operation", "ours ms", "bitsandbytes ms", "ours / theirs"],
-                [[op, f"{1e3 * s[op]:.1f}", f"{1e3 * s[op + ' (bitsandbytes)']:.1f}",
-                  f"{b[op + '_ratio']:.2f}x"] for op in ("quantize", "dequantize")])
-    print(f"  packed 4-bit codes identical: {b['codes_identical']}; largest gap between the "
-          f"two dequantized weights: {b['max_dequant_gap']:.1e}\n")
 
 
 def plot(curves, spreads, lin, whole, out, window=25):
@@ -350,7 +348,7 @@ def plot(curves, spreads, lin, whole, out, window=25):
 
 def stack_check(base, args):
     """Before training: three SGD steps of QLoRA and of its float twin (the same adapters, the
-    base in float) on three batches of the task -- the seed's advice to validate numeric
+    base in float) on three batches of the task -- the usual advice to validate numeric
     stability on a small subset first (lora/stack_check.py). Returns the list of problems."""
     train = get_task(DEFAULT_TASK).splits(n_train=96, n_val=1, n_test=1, seed=args.seed)["train"]
     batches = [make_batch(train[i:i + 32]) for i in range(0, 96, 32)]
@@ -404,7 +402,8 @@ def summary(spreads, verdict, losses, lin, grad_ok, grad_diff, same, merge_rel, 
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv, add_args)
+    args = parse_args(__doc__, argv, add_args,
+                      budget=(lambda a: Budget(steps=a.steps), QUICK))
     out = lesson_dir(args, NAME)
     base = get_base_model(args)[0].eval()
     grad_ok, grad_diff = dequant_matmul_check(base, args.seed)

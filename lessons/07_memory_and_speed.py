@@ -8,7 +8,7 @@ trained (ZeRO, Rajbhandari et al. 2020, Sec. 3, splits them the same way):
     optimizer     8 phi (+ 4 per tensor)       AdamW's exp_avg and exp_avg_sq; SGD momentum 4 phi
     activations   what autograd saves for backward; grows with batch x sequence length
 
-Full fine-tuning has phi = Phi; LoRA r=8 on Q and V trains phi = 2% of it. Each of the seed's
+Full fine-tuning has phi = Phi; LoRA r=8 on Q and V trains phi = 2% of it. Each of the usual
 memory recipes attacks one line. LoRA: gradients and optimizer state -- and activations too,
 since a frozen layer keeps no input for a weight gradient. QLoRA (Dettmers et al. 2023, Sec. 3):
 the weights. bf16 autocast: activations saved in 2 bytes (some stay float32: see "By dtype").
@@ -45,13 +45,14 @@ Run: ``python lessons/07_memory_and_speed.py``: about 3 minutes on 2 CPU cores, 
 """
 import copy
 import warnings
+from dataclasses import astuple, dataclass
 
 import torch
 
 from lessons import speed
-from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
-                            parse_args, print_table, run_main, save_figure, text_batch,
-                            write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse_args, print_table,
+                            run_main, takeaway, text_batch, write_summary)
+from lessons.plots import matplotlib_pyplot, save_figure
 from lora import lora_layers
 from quant import Linear4bit
 from tiny_gpt.memory.checkpointing import checkpoint_submodules, enable_input_require_grads
@@ -138,12 +139,23 @@ def max_diff(a, b):
     return max((a[n] - b[n]).abs().max().item() for n in a)
 
 
+@dataclass(frozen=True)
+class Budget:
+    batch: int = 16       # B, sequences of the measured batch
+    seq_len: int = 256    # T
+    repeats: int = 7      # timed steps per configuration, taking turns
+    warmup: int = 1
+
+
+QUICK = Budget(batch=4, seq_len=32, repeats=1, warmup=0)
+
+
 class Run:
     """The batch, the configurations, and what one measuring pass found for each of them."""
 
     def __init__(self, args, base):
         self.args, self.device, self.base = args, args.device, base
-        self.B, self.T, self.repeats, warmup = (4, 32, 1, 0) if args.quick else (16, 256, 7, 1)
+        self.B, self.T, self.repeats, warmup = astuple(args.budget)
         x, y = text_batch(args, self.B, self.T)
         self.batch = (x, y, None)
         self.micro = [(x[i::4], y[i::4], None) for i in range(4)]  # 4 micro-batches of B/4
@@ -318,6 +330,14 @@ def targets_section(run, qlora_linear, qlora_base, accum_diff):
     return numbers, checks
 
 
+def conclude(numbers, qlora_linear):
+    extra = numbers["ckpt_extra_time"]
+    takeaway(f"LoRA's optimizer state is {numbers['lora_optimizer_ratio']:.1%} of full "
+             f"fine-tuning's; checkpointing every block cuts the saved activations by "
+             f"{numbers['ckpt_activation_cut']:.0%} for {extra:+.0%} step time; QLoRA's linear "
+             f"weights take {qlora_linear:.1%} of their fp32 bytes")
+
+
 def plot(out, run):
     plt = matplotlib_pyplot()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [3, 2]})
@@ -348,7 +368,7 @@ def plot(out, run):
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, budget=(Budget(), QUICK))
     base, _ = get_base_model(args)
     run = Run(args, base)
     ledger_section(run)
@@ -360,6 +380,7 @@ def main(argv=None):
     numbers, checks = targets_section(run, qlora_linear, qlora_base, accum_diff)
     numbers.update(speed.report(base, args, checks))
     plot(lesson_dir(args, NAME), run)
+    conclude(numbers, qlora_linear)
     write_summary(args, NAME, {
         "batch": [run.B, run.T], **numbers, "accumulation_max_grad_diff": accum_diff,
         **{f"total_MiB {n}": run.ledgers[n].total / MB for n in run.main_rows},

@@ -7,7 +7,8 @@ the test prompts), shown as mean [min, max] n, and a comparison is only conclude
 paired 95% interval of lessons/seeds.py allows it; otherwise the lesson says that no difference
 is measurable at this budget. The runs are far shorter than a full fine-tune (FINETUNE_STEPS in
 lessons/common.py) so that every recipe fits three times in a few minutes; every table title
-says the budget. Parts (a), (b) and (g) share their runs where the recipes are equal.
+says the budget. Parts (a), (b) and (e) share their runs where the recipes are equal.
+Overfitting a small training set (dropout, epochs, early stopping) is lesson 14's.
 
 (a) Divergence. AdamW moves every parameter by about lr per step whatever the gradient's size
     (m / sqrt(v) is ~ +-1), so clipping the gradient norm should not tame a too-high lr. The
@@ -19,21 +20,14 @@ says the budget. Parts (a), (b) and (g) share their runs where the recipes are e
     (every seed learns, and the validation loss is measurably below the too-high lr's).
 (b) Schedules. Warmup (linear 0 -> lr) then cosine decay to lr * min_lr_ratio
     (tiny_gpt.train.lr_at), versus a constant lr.
-(c) Dropout on a small training set (the first small_n training examples): LoRA dropout zeroes
-    entries of the adapter's input x in  s B A dropout(x)  (Hu et al. 2021 keep it in their
-    recipes); it is meant to shrink the gap between training and validation loss. Measured here
-    with dropout 0 and 0.1.
-(d) Early stopping: validate every few steps; stop after `patience` validations without a new
-    best validation loss; restore the best weights. Compared with the weights at the stop and
-    with a run of fixed length ((c)'s, dropout 0).
-(e) Drift from the base, on the *pretraining* text (tiny_gpt/evaluate.py, measure_drift):
+(c) Drift from the base, on the *pretraining* text (tiny_gpt/evaluate.py, measure_drift):
         KL(base || tuned) = mean_t sum_v p_base(v) (log p_base(v) - log p_tuned(v))
     and the tuned model's pretraining loss (forgetting), tracked at every validation, LoRA vs
     full fine-tuning. For LoRA the base is the same model with its adapters disabled, so the KL
-    is exactly zero at step 0 (B = 0): a check, like (f).
-(f) Reproducibility: the seed fixes lora_A's init, the batch order and dropout's masks, so the
+    is exactly zero at step 0 (B = 0): a check, like (d).
+(d) Reproducibility: the seed fixes lora_A's init, the batch order and dropout's masks, so the
     same seed gives bit-identical loss curves (read back from the JSON-lines logs).
-(g) Task sensitivity (the seed's Sec. 11): the same learning rates on two tasks, judged by the
+(e) Task sensitivity: the same learning rates on two tasks, judged by the
     validation loss (an lr is chosen on validation data, never on the test set).
 
 Run it: ``python lessons/09_stability_and_evaluation.py`` (a few minutes on a 2-core CPU);
@@ -45,11 +39,12 @@ from dataclasses import dataclass
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, FINETUNE_LR, Checks, base_recipe, fit, get_base_model,
-                            lesson_dir, lora_copy, parse_args, plot_loss_curves, positive_number,
-                            print_table, run_main, saved_figure, short_config, tail_mean,
-                            task_splits, write_summary)
-from lessons.seeds import add_seeds_flag, compare, errorbars, over_seeds, seeds_of
+from lessons.common import (Checks, base_recipe, get_base_model, lesson_dir, lora_copy, parse_args,
+                            positive_number, print_table, run_main, takeaway, write_summary)
+from lessons.plots import plot_loss_curves, saved_figure
+from lessons.recipe import DEFAULT_TASK, FINETUNE_LR, fit, short_config, tail_mean, task_splits
+from lessons.seeds import (Trials, add_seeds_flag, compare, errorbars, in_words, over_seeds,
+                           print_verdicts, seeds_of)
 from lora import disable_adapters
 from tiny_gpt import exact_match
 from tiny_gpt.evaluate import logits_of, measure_drift, task_loss
@@ -60,32 +55,23 @@ KL_TOL = 1e-6  # float32 logits of the same function computed two ways
 MILLINATS = dict(scale=1000.0, unit=" millinats")  # a loss difference, shown: 0.05 = 50 millinats
 
 
-@dataclass
+@dataclass(frozen=True)
 class Budget:
-    sweep_steps: int = 50        # (a), (b), (g): each run of a sweep
-    small_n: int = 64            # (c), (d): training examples of the small set
-    small_steps: int = 150       # (c)
-    stop_steps: int = 300        # (d): the most early stopping may run
-    patience: int = 3            # (d): validations without a new best before stopping
-    drift_steps: int = 60        # (e)
-    repro_steps: int = 20        # (f)
+    sweep_steps: int = 50        # (a), (b), (e): each run of a sweep
+    drift_steps: int = 60        # (c)
+    repro_steps: int = 20        # (d)
     eval_every: int = 20         # steps between validations
-    drift_windows: tuple = (2, 16, 128)  # (e): batches, windows per batch, window length
-    high_lr: float = 0.1         # (a): the too-high learning rate
+    drift_windows: tuple = (2, 16, 128)  # (c): batches, windows per batch, window length
+    high_lr: float = 0.1         # (a): the too-high learning rate (--high-lr)
     test_examples: int = 100     # test prompts scored by exact match (greedy decoding)
 
 
 # --quick: every code path, a step or two each; the numbers mean nothing.
-QUICK = Budget(sweep_steps=2, small_n=16, small_steps=2, stop_steps=6, patience=1,
-               drift_steps=2, repro_steps=2, eval_every=2, drift_windows=(1, 4, 32),
-               test_examples=4)
+QUICK = Budget(sweep_steps=2, drift_steps=2, repro_steps=2, eval_every=2,
+               drift_windows=(1, 4, 32), test_examples=4)
 
 
 # --- runs ---------------------------------------------------------------------------------
-def val_loss_eval(splits):
-    return lambda m: {"val_loss": task_loss(m, splits["val"])}
-
-
 def accuracy(model, splits, args):
     return exact_match(model, splits["test"][:args.budget.test_examples], args.device)
 
@@ -93,13 +79,6 @@ def accuracy(model, splits, args):
 def acc_budget(args, seeds):
     """How an accuracy was measured, for the table titles."""
     return f"{len(seeds)} seeds, n={args.budget.test_examples} test prompts"
-
-
-def say(*verdicts):
-    """Print verdicts (lessons/seeds.py) under a table, one a line."""
-    for v in verdicts:
-        print(f"  {v if isinstance(v, str) else v.text}")
-    print()
 
 
 @dataclass(frozen=True)
@@ -112,45 +91,32 @@ class Recipe:
     task: str = DEFAULT_TASK
 
 
-class Sweeps:
-    """The runs of (a), (b) and (g), kept per (recipe, seed); test accuracy is measured only
-    for the recipes whose table shows it."""
-
-    def __init__(self, args, base):
-        self.args, self.base, self.seeds, self.done = args, base, seeds_of(args), {}
-
-    def run(self, recipe, seed):
-        if (recipe, seed) not in self.done:
-            self.done[recipe, seed] = self.train(recipe, seed)
-        return self.done[recipe, seed]
-
-    def train(self, recipe, seed):
-        splits = task_splits(self.args, recipe.task, seed)
-        model = lora_copy(self.base, seed, alpha=recipe.alpha, dropout=recipe.dropout)
+def sweep_runs(args, base):
+    """Trials of Recipes, the runs of (a), (b) and (e); test accuracy is scored only for the
+    recipes whose table shows it (acc below)."""
+    def train(recipe, seed):
+        splits = task_splits(args, recipe.task, seed)
+        model = lora_copy(base, seed, alpha=recipe.alpha, dropout=recipe.dropout)
         schedule = dict(warmup_steps=0, schedule="constant") if recipe.constant else {}
-        cfg = short_config(self.args, self.args.budget.sweep_steps, 0, lr=recipe.lr, seed=seed,
+        cfg = short_config(args, args.budget.sweep_steps, 0, lr=recipe.lr, seed=seed,
                            **schedule)
-        losses = fit(model, splits["train"], cfg, self.args).losses
+        losses = fit(model, splits["train"], cfg, args).losses
         return dict(model=model.eval(), splits=splits, losses=losses,
-                    val_loss=task_loss(model, splits["val"]))
+                    val_loss=task_loss(model, splits["val"]), last_loss=tail_mean(losses))
+    return Trials(seeds_of(args), train)
 
-    def acc(self, recipe, seed):
-        row = self.run(recipe, seed)
-        if "acc" not in row:
-            row["acc"] = accuracy(row["model"], row["splits"], self.args)
-        return row["acc"]
 
-    def spreads(self, recipe, with_acc=True):
-        """{"val_loss", "last_loss"[, "acc"]: Spread} of a recipe over the seeds."""
-        def measure(seed):
-            row = self.run(recipe, seed)
-            nums = dict(val_loss=row["val_loss"], last_loss=tail_mean(row["losses"]))
-            return {**nums, "acc": self.acc(recipe, seed)} if with_acc else nums
-        return over_seeds(self.seeds, measure)
+def with_acc(args, sweeps, recipe):
+    """{"val_loss", "last_loss", "acc": Spread}: the recipe's runs, scored on test prompts."""
+    for seed in sweeps.seeds:
+        row = sweeps.one(recipe, seed)
+        row.setdefault("acc", accuracy(row["model"], row["splits"], args))
+    return sweeps.spreads(recipe, ("val_loss", "last_loss", "acc"))
 
-    def curve(self, recipe):
-        """The training losses of the first seed's run, for a plot."""
-        return self.run(recipe, self.seeds[0])["losses"]
+
+def curve(sweeps, recipe):
+    """The training losses of the first seed's run, for a plot."""
+    return sweeps.one(recipe, sweeps.seeds[0])["losses"]
 
 
 # --- (a) divergence and its fixes, (b) schedules ---------------------------------------
@@ -167,7 +133,7 @@ def outcome(losses, learned=0.1):
 
 def outcomes(sweeps, recipe):
     """Each outcome with the number of seeds it happened in: 'learned x3'."""
-    seen = [outcome(sweeps.run(recipe, s)["losses"]) for s in sweeps.seeds]
+    seen = [outcome(sweeps.one(recipe, s)["losses"]) for s in sweeps.seeds]
     return ", ".join(f"{o} x{seen.count(o)}" for o in dict.fromkeys(seen))
 
 
@@ -177,7 +143,7 @@ def divergence_recipes(b):
             f"fix: lr {hi / 10:g}": Recipe(hi / 10, constant=True),
             "fix: alpha 16 -> 1.6": Recipe(hi, constant=True, alpha=1.6),
             f"fix: warmup {min(50, b.sweep_steps // 3)} + cosine": Recipe(hi),
-            "(seed's fix: dropout 0.1)": Recipe(hi, constant=True, dropout=0.1)}
+            "dropout 0.1 (a common fix)": Recipe(hi, constant=True, dropout=0.1)}
 
 
 def divergence(args, sweeps):
@@ -185,7 +151,8 @@ def divergence(args, sweeps):
     measurably lower? Returns {label: spreads} and the verdict of each fix."""
     recipes = divergence_recipes(args.budget)
     high = next(iter(recipes))
-    res = {label: sweeps.spreads(recipe, with_acc=False) for label, recipe in recipes.items()}
+    res = {label: sweeps.spreads(recipe, ("val_loss", "last_loss"))
+           for label, recipe in recipes.items()}
     lower = {label: compare(res[high]["val_loss"], res[label]["val_loss"], f"val loss of {high}",
                             label, **MILLINATS) for label in list(recipes)[1:]}
     print_table(f"(a) A too-high learning rate, and the fixes (LoRA r=8 Q,V, "
@@ -194,8 +161,9 @@ def divergence(args, sweeps):
                 ["run", "outcome per seed", "last-10% loss", "val loss"],
                 [[label, outcomes(sweeps, recipe), res[label]["last_loss"].show(fmt="{:.3f}"),
                   res[label]["val_loss"].show(fmt="{:.3f}")] for label, recipe in recipes.items()])
-    say(*[f"{label}: {'rescues' if rescues(sweeps, recipes[label], v) else 'does not rescue'} "
-          f"the run ({v.text})" for label, v in lower.items()])
+    said = {True: "rescues", False: "does not rescue"}
+    print_verdicts(None, [f"{label}: {said[rescues(sweeps, recipes[label], v)]} the run "
+                          f"({v.text})" for label, v in lower.items()])
     return res, lower
 
 
@@ -210,7 +178,7 @@ def schedule_recipes(args):
 
 
 def schedules(args, sweeps):
-    res = {label: sweeps.spreads(r) for label, r in schedule_recipes(args).items()}
+    res = {label: with_acc(args, sweeps, r) for label, r in schedule_recipes(args).items()}
     print_table(f"(b) Warmup + cosine vs constant lr {FINETUNE_LR['lora']:g} "
                 f"({args.budget.sweep_steps} steps, {acc_budget(args, sweeps.seeds)})",
                 ["schedule", "last-10% loss", "val loss", "test acc"],
@@ -218,100 +186,12 @@ def schedules(args, sweeps):
                   r["acc"].percent()] for label, r in res.items()])
     (const, c), (cosine, w) = res.items()
     found = compare(w["acc"], c["acc"], cosine, const)
-    say(found, compare(c["val_loss"], w["val_loss"], f"val loss of {const}", cosine, **MILLINATS))
+    print_verdicts(None, [found, compare(c["val_loss"], w["val_loss"], f"val loss of {const}",
+                                         cosine, **MILLINATS)])
     return res, found
 
 
-# --- (c) dropout on a small set, (d) early stopping -----------------------------------
-def small_set_eval(splits, small):
-    return lambda m: {"val_loss": task_loss(m, splits["val"]), "train_loss": task_loss(m, small)}
-
-
-def small_set(args, seed):
-    """That seed's splits and the first small_n of its training examples."""
-    splits = task_splits(args, DEFAULT_TASK, seed)
-    return splits, splits["train"][:args.budget.small_n]
-
-
-def dropout_run(args, base, seed, p, curves):
-    splits, small = small_set(args, seed)
-    model = lora_copy(base, seed, dropout=p)
-    cfg = short_config(args, args.budget.small_steps, args.budget.eval_every, seed=seed)
-    res = fit(model, small, cfg, args, small_set_eval(splits, small))
-    curves.setdefault(p, res.evals)  # the first seed's, for the plot
-    last = res.evals[-1][1]
-    return {"train_loss": last["train_loss"], "val_loss": last["val_loss"],
-            "gap": last["val_loss"] - last["train_loss"],
-            "best_val": min(m["val_loss"] for _, m in res.evals),
-            "acc": accuracy(model, splits, args)}
-
-
-def dropout_gap(args, base, seeds):
-    curves, res = {}, {}
-    for p in (0.0, 0.1):
-        res[p] = over_seeds(seeds, lambda s: dropout_run(args, base, s, p, curves))
-    print_table(f"(c) LoRA dropout on {args.budget.small_n} training examples "
-                f"({args.budget.small_steps} steps; losses in eval mode at the last step; "
-                f"{acc_budget(args, seeds)})",
-                ["lora_dropout", "train loss", "val loss", "gap", "best val loss", "test acc"],
-                [[p] + [r[k].show(fmt="{:.4f}") for k in ("train_loss", "val_loss", "gap",
-                                                        "best_val")] + [r["acc"].percent()]
-                 for p, r in res.items()])
-    gap = compare(res[0.0]["gap"], res[0.1]["gap"], "the gap of dropout 0", "dropout 0.1",
-                  **MILLINATS)
-    acc = compare(res[0.1]["acc"], res[0.0]["acc"], "test acc of dropout 0.1", "dropout 0")
-    effect = {True: "shrinks", False: "widens", None: "makes no measurable change to"}[gap.holds]
-    say(f"dropout 0.1 {effect} the train / val gap: {gap.text}", acc)
-    return res, curves, (gap, acc)
-
-
-def early_stop_run(args, base, seed, runs):
-    b, last = args.budget, {}
-    splits, small = small_set(args, seed)
-    model = lora_copy(base, seed)
-    evaluate = small_set_eval(splits, small)
-
-    def evaluate_and_keep(m):  # the stop happens right after a validation: keep those weights
-        last.update({n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad})
-        return evaluate(m)
-
-    cfg = short_config(args, b.stop_steps, b.eval_every, patience=b.patience, restore_best=True,
-                       seed=seed)
-    res = fit(model, small, cfg, args, evaluate_and_keep)
-    runs.append(res)
-    best_acc = accuracy(model, splits, args)
-    model.load_state_dict(last, strict=False)
-    return {"stopped_early": float(res.stopped_early), "steps": res.steps,
-            "best_step": res.best_step, "val_at_stop": res.evals[-1][1]["val_loss"],
-            "best_val": res.best_score, "acc_best": best_acc,
-            "acc_last": accuracy(model, splits, args)}
-
-
-def early_stopping(args, base, seeds, fixed):
-    """Restored best weights vs the weights at the stop vs (c)'s fixed-length run (dropout 0),
-    each paired by seed."""
-    b, runs = args.budget, []
-    res = over_seeds(seeds, lambda s: early_stop_run(args, base, s, runs))
-    rows = [["stopped early (seeds)", f"{sum(res['stopped_early'].values):g} of {len(seeds)}"],
-            ["stopped at step", res["steps"].show(fmt="{:.0f}")],
-            ["best step", res["best_step"].show(fmt="{:.0f}")],
-            ["best val loss", res["best_val"].show(fmt="{:.4f}")],
-            ["val loss at the stop", res["val_at_stop"].show(fmt="{:.4f}")],
-            ["test acc, restored best weights", res["acc_best"].percent()],
-            ["test acc, last weights (at the stop)", res["acc_last"].percent()],
-            [f"test acc, no early stop ({b.small_steps} steps, (c))", fixed["acc"].percent()]]
-    print_table(f"(d) Early stopping on val loss (patience {b.patience} validations x "
-                f"{b.eval_every} steps, at most {b.stop_steps} steps, {b.small_n} examples; "
-                f"{acc_budget(args, seeds)})", ["", "value"], rows)
-    found = (compare(res["acc_best"], res["acc_last"], "restored best weights",
-                     "last weights at the stop"),
-             compare(res["acc_best"], fixed["acc"], "restored best weights",
-                     f"no early stop ({b.small_steps} steps)"))
-    say(*found)
-    return res, runs[0], found
-
-
-# --- (e) drift from the base ---------------------------------------------------------------
+# --- (c) drift from the base ---------------------------------------------------------------
 def drift_run(args, base, seed, method, val_ids):
     n_batches, batch_size, seq_len = args.budget.drift_windows
     splits = task_splits(args, DEFAULT_TASK, seed)
@@ -348,7 +228,7 @@ def drift(args, base, seeds):
                                                                 val_ids).items()})
     steps = sorted({step for _, _, step in tracks})
     keys = [(m, k) for k in ("kl", "pretrain_loss", "val_loss") for m in ("lora", "full")]
-    print_table(f"(e) Drift from the base on pretraining text (LoRA lr {FINETUNE_LR['lora']:g} vs "
+    print_table(f"(c) Drift from the base on pretraining text (LoRA lr {FINETUNE_LR['lora']:g} vs "
                 f"full fine-tuning lr {FINETUNE_LR['full']:g}, {args.budget.drift_steps} steps, "
                 f"{len(seeds)} seeds; base pretraining loss "
                 f"{tracks['lora', 'pretrain_loss', 0].mean:.4f})",
@@ -359,11 +239,11 @@ def drift(args, base, seeds):
                      "LoRA", **MILLINATS),
              compare(tracks["full", "pretrain_loss", end], tracks["lora", "pretrain_loss", end],
                      "pretraining loss of full", "LoRA", **MILLINATS))
-    say(*found)
+    print_verdicts(None, found)
     return tracks, found
 
 
-# --- (f) same seed, same curve -----------------------------------------------------------
+# --- (d) same seed, same curve -----------------------------------------------------------
 def reproducibility(args, base, splits, out):
     """Three runs with LoRA dropout on (so the dropout masks are part of what the seed fixes);
     the loss curves are read back from the runs' JSON-lines logs."""
@@ -383,13 +263,13 @@ def reproducibility(args, base, splits, out):
         rows.append([f"seed A, run 1 vs {other}",
                      (curves["seed A, run 1"] - curves[other]).abs().max().item(),
                      "yes" if same else "no"])
-    print_table(f"(f) Reproducibility (LoRA dropout 0.1, {args.budget.repro_steps} steps, "
+    print_table(f"(d) Reproducibility (LoRA dropout 0.1, {args.budget.repro_steps} steps, "
                 f"seeds A={args.seed}, B={args.seed + 1}; curves read from the logs in {out})",
                 ["runs", "max |loss difference|", "adapter weights identical"], rows)
     return rows
 
 
-# --- (g) task sensitivity ----------------------------------------------------------------
+# --- (e) task sensitivity ----------------------------------------------------------------
 LRS, TASKS = (3e-3, 1e-2, 3e-2), (DEFAULT_TASK, "swap")
 
 
@@ -404,15 +284,15 @@ def best_lr(val, task):
 def task_sensitivity(args, sweeps):
     """The lr is chosen on the validation loss, as any hyperparameter (choosing on the test
     set would leak it into the score), so no test prompts are decoded here."""
-    val = {(t, lr): sweeps.spreads(Recipe(lr, task=t), with_acc=False)["val_loss"]
+    val = {(t, lr): sweeps.spreads(Recipe(lr, task=t), ("val_loss",))["val_loss"]
            for t in TASKS for lr in LRS}
     best = {t: best_lr(val, t) for t in TASKS}
     rows = [[f"{lr:g}"] + [val[t, lr].show(fmt="{:.3f}") for t in TASKS] for lr in LRS]
     rows.append(["lowest mean"] + [f"{best[t][0]:g}" for t in TASKS])
-    print_table(f"(g) One learning rate, two tasks (LoRA r=8 Q,V, {args.budget.sweep_steps} "
+    print_table(f"(e) One learning rate, two tasks (LoRA r=8 Q,V, {args.budget.sweep_steps} "
                 f"steps, warmup + cosine; {len(sweeps.seeds)} seeds)",
                 ["lr"] + [f"{t} val loss" for t in TASKS], rows)
-    say(*[v for t in TASKS for v in best[t][1]], task_verdict(val, best))
+    print_verdicts(None, [v for t in TASKS for v in best[t][1]] + [task_verdict(val, best)])
     return val, best
 
 
@@ -442,13 +322,13 @@ def plot_runs(out, name, title, curves, labels, spreads, ylabel, scale=1.0):
 def plot_divergence(out, args, sweeps, res):
     recipes = divergence_recipes(args.budget)
     plot_runs(out, "divergence.png", "(a) too-high lr and its fixes",
-              {label: sweeps.curve(r) for label, r in recipes.items()}, list(res),
+              {label: curve(sweeps, r) for label, r in recipes.items()}, list(res),
               [r["val_loss"] for r in res.values()], "val loss (answer tokens)")
 
 
 def plot_schedules(out, args, sweeps, res):
     plot_runs(out, "schedules.png", "(b) warmup + cosine vs constant lr",
-              {label: sweeps.curve(r) for label, r in schedule_recipes(args).items()},
+              {label: curve(sweeps, r) for label, r in schedule_recipes(args).items()},
               list(res), [r["acc"] for r in res.values()], "test exact match (%)", 100.0)
 
 
@@ -468,28 +348,11 @@ def plot_drift(out, tracks):
         axes[2].axhline(tracks["lora", "pretrain_loss", 0].mean, color="gray", ls=":")
 
 
-def plot_small_set(out, gap_curves, stop_res, accs):
-    with saved_figure(out / "small_set.png", ncols=2, figsize=(12, 3.8)) as (ax, bars):
-        for p, evals in gap_curves.items():
-            steps = [s for s, _ in evals]
-            line, = ax.plot(steps, [m["val_loss"] for _, m in evals], label=f"val, dropout {p}")
-            ax.plot(steps, [m["train_loss"] for _, m in evals], ls="--",
-                    color=line.get_color(), label=f"train, dropout {p}")
-        if stop_res.best_step:
-            ax.axvline(stop_res.best_step, color="gray", ls=":", label="early stop: best step")
-            ax.axvline(stop_res.steps, color="black", ls=":", label="early stop: stopped")
-        ax.set(xlabel="step", ylabel="answer loss", yscale="log",
-               title="Small training set (first seed)")
-        ax.legend(fontsize=7)
-        errorbars(bars, list(accs), list(accs.values()))
-        bars.set(ylabel="test exact match (%)", title=f"(c), (d): {accs['dropout 0'].n} seeds")
-
-
 def plot_tasks(out, val):
     with saved_figure(out / "task_lr.png") as ax:
         errorbars(ax, [f"{t} lr {lr:g}" for t, lr in val], list(val.values()), 1.0)
         ax.set(ylabel="val loss (answer tokens)",
-               title=f"(g) one lr, two tasks: {next(iter(val.values())).n} seeds")
+               title=f"(e) one lr, two tasks: {next(iter(val.values())).n} seeds")
 
 
 def add_args(parser):
@@ -500,14 +363,11 @@ def add_args(parser):
 
 def summarize(args, parts, repro_rows):
     """summary.json: the means over the seeds, and the exact checks' numbers."""
-    div, sched, gap, stop, tracks, tasks = parts
+    div, sched, tracks, tasks = parts
     end = max(step for _, _, step in tracks)
     write_summary(args, NAME, {
         **{f"val_loss_{k}": v["val_loss"].mean for k, v in div.items()},
         **{f"acc_{k}": v["acc"].mean for k, v in sched.items()},
-        **{f"dropout_{p}_{k}": v[k].mean for p, v in gap.items() for k in ("gap", "acc")},
-        "early_stop_step": stop["steps"].mean, "best_step": stop["best_step"].mean,
-        "acc_restored_best": stop["acc_best"].mean, "acc_last": stop["acc_last"].mean,
         **{f"{k}_{m}": tracks[m, k, end].mean for m in ("lora", "full")
            for k in ("kl", "pretrain_loss")},
         **{f"val_loss_{t}_lr{lr:g}": v.mean for (t, lr), v in tasks.items()},
@@ -515,9 +375,24 @@ def summarize(args, parts, repro_rows):
         "seeds": len(seeds_of(args)), "test_n": args.budget.test_examples})
 
 
+def conclude(args, lr_fix, drift_found):
+    """The lesson's takeaway, from (a)'s and (c)'s intervals."""
+    hi = args.budget.high_lr
+    takeaway(in_words(lr_fix, f"a too-high lr ({hi:g}) is fixed by lowering it: lr {hi / 10:g} "
+                              "reaches a measurably lower validation loss",
+                      f"lowering the lr from {hi:g} to {hi / 10:g} made the validation loss "
+                      "measurably worse", f"whether lr {hi / 10:g} beats lr {hi:g} cannot be "
+                                           "told at this budget"),
+             in_words(drift_found[0], "full fine-tuning drifts further from the base than "
+                                      "LoRA (KL on pretraining text)",
+                      "LoRA drifts further from the base than full fine-tuning (KL on "
+                      "pretraining text)", "which of LoRA and full fine-tuning drifts further "
+                                           "from the base cannot be told at this budget"))
+
+
 def judge(args, repro_rows, tracks, lr_fix):
     checks = Checks(args)
-    (_, same_diff, same_weights), (_, other_diff, _) = repro_rows  # rows of table (f)
+    (_, same_diff, same_weights), (_, other_diff, _) = repro_rows  # rows of table (d)
     checks.must("same seed: the same loss curve and adapter weights",
                 same_diff == 0 and same_weights == "yes", f"max |diff| {same_diff:g}")
     checks.must("another seed: another curve", other_diff > 0, f"max |diff| {other_diff:.3g}")
@@ -529,28 +404,25 @@ def judge(args, repro_rows, tracks, lr_fix):
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv, add_args)
-    args.budget = QUICK if args.quick else Budget(high_lr=args.high_lr)
+    args = parse_args(__doc__, argv, add_args,
+                      budget=(lambda a: Budget(high_lr=a.high_lr), QUICK))
     out, seeds = lesson_dir(args, NAME), seeds_of(args)
     base = get_base_model(args)[0].eval().requires_grad_(False)
-    sweeps = Sweeps(args, base)
+    sweeps = sweep_runs(args, base)
 
     div, lower = divergence(args, sweeps)
     plot_divergence(out, args, sweeps, div)
     sched, _ = schedules(args, sweeps)
     plot_schedules(out, args, sweeps, sched)
-    gap, gap_curves, _ = dropout_gap(args, base, seeds)
-    stop, first_stop, _ = early_stopping(args, base, seeds, gap[0.0])
-    plot_small_set(out, gap_curves, first_stop,
-                   {"dropout 0": gap[0.0]["acc"], "dropout 0.1": gap[0.1]["acc"],
-                    "early stop, best": stop["acc_best"], "early stop, last": stop["acc_last"]})
-    tracks, _ = drift(args, base, seeds)
+    tracks, drift_found = drift(args, base, seeds)
     plot_drift(out, tracks)
     repro_rows = reproducibility(args, base, task_splits(args), out)
     tasks, _ = task_sensitivity(args, sweeps)
     plot_tasks(out, tasks)
-    summarize(args, (div, sched, gap, stop, tracks, tasks), repro_rows)
-    return judge(args, repro_rows, tracks, lower[f"fix: lr {args.budget.high_lr / 10:g}"])
+    summarize(args, (div, sched, tracks, tasks), repro_rows)
+    lr_fix = lower[f"fix: lr {args.budget.high_lr / 10:g}"]
+    conclude(args, lr_fix, drift_found)
+    return judge(args, repro_rows, tracks, lr_fix)
 
 
 if __name__ == "__main__":

@@ -39,23 +39,21 @@ batch, again interleaved, relative to the base model. LoRA can then be merged in
 QLoRA's into a float copy of the dequantized base) and timed again; adapters and a prefix
 cannot: an adapter has a nonlinearity between its two matrices, and a prefix is extra keys and
 values that every attention layer must read.
-
-Run: ``python lessons/10_methods_compared.py`` (about five minutes on 2 cores; ``--steps`` and
-``--seeds`` change the budget), ``--quick`` for a smoke run of a few seconds.
 """
 import copy
+from dataclasses import dataclass
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, FINETUNE_LR, FINETUNE_STEPS, LORA_R, Checks,
-                            get_base_model, lesson_dir, lora_copy, matplotlib_pyplot,
-                            median_step_seconds, parse_args, print_table, run_main, save_figure,
-                            short_config, tail_mean, task_splits, tuned_accuracy, whole_number,
-                            write_summary)
-from lessons.seeds import Spread, add_seeds_flag, errorbars, over_seeds, rank, seeds_of
+from lessons.common import (Checks, LORA_R, get_base_model, lesson_dir, lora_copy,
+                            median_step_seconds, parse_args, print_table, run_main, takeaway,
+                            whole_number, write_summary)
+from lessons.plots import saved_figure
+from lessons.recipe import (DEFAULT_TASK, FINETUNE_LR, FINETUNE_STEPS, probe_lr, short_config,
+                            tail_mean, task_splits, tuned_accuracy)
+from lessons.seeds import Spread, Trials, add_seeds_flag, compare, errorbars, rank, seeds_of
 from lora import count_parameters, dequantized_float_model, merge_lora
 from tiny_gpt import exact_match, make_batch, sample_batch
-from tiny_gpt.finetune import finetune
 from tiny_gpt.memory.ledger import measure_step
 from tiny_gpt.methods.adapter_tuning import apply_adapter_tuning
 from tiny_gpt.methods.prefix_tuning import PrefixTuning
@@ -72,19 +70,31 @@ BOTTLENECK, N_PREFIX = 8, 10  # LoRA and QLoRA take lessons/common.py's targets,
 # run near five minutes on 2 cores; a budget short of convergence, where full fine-tuning, LoRA
 # and QLoRA are not all at 100% and differences between methods could still show
 STEPS, PROBE_STEPS = 160, 60
-QUICK_STEPS = 2  # --quick: 2 seeds x 5 methods, each 2 steps (under 20 s; numbers meaningless)
 # A grid ending at 3e-2 left the prefix's best peak on its edge, and the prefix far below the
 # other methods at the same budget; 3e-3 never won for either method
 PROBE_LRS = [1e-2, 3e-2, 1e-1, 3e-1]
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int = STEPS              # optimizer steps per method and seed (--steps)
+    probe_steps: int = PROBE_STEPS  # steps of each learning-rate probe run (--probe-steps)
+    step_repeats: int = 10          # timed training steps per method, taking turns
+    forward_repeats: int = 15       # timed forward passes per model, taking turns
+
+
+# --quick: 2 seeds x 5 methods, each 2 steps (under 20 s; numbers meaningless)
+QUICK = Budget(steps=2, probe_steps=2, step_repeats=3, forward_repeats=3)
+
 MERGEABLE = {"full": "nothing to merge", "adapter": "no: gelu between W_down, W_up",
              "prefix": "no: extra keys/values", "lora": "yes: W + sBA",
              "qlora": "yes, into a float copy"}
-# The seed's section 12, verbatim: parameter efficiency, compute cost, flexibility, notes.
-SEED_TABLE = {"full": ("no", "High", "Moderate", "Updates all parameters"),
-              "adapter": ("yes", "Medium", "High", "Bottleneck MLPs per layer"),
-              "prefix": ("yes", "Low", "Medium", "Learned prompt vectors"),
-              "lora": ("yes", "Low", "High", "Mergeable, simple low-rank updates"),
-              "qlora": ("yes yes", "Very Low", "High", "4-bit quantization + LoRA")}
+# The comparison as it is usually drawn: parameter efficiency, compute cost, flexibility, notes.
+USUAL_TABLE = {"full": ("no", "High", "Moderate", "Updates all parameters"),
+               "adapter": ("yes", "Medium", "High", "Bottleneck MLPs per layer"),
+               "prefix": ("yes", "Low", "Medium", "Learned prompt vectors"),
+               "lora": ("yes", "Low", "High", "Mergeable, simple low-rank updates"),
+               "qlora": ("yes yes", "Very Low", "High", "4-bit quantization + LoRA")}
 
 
 def add_args(parser):
@@ -116,7 +126,7 @@ def build(method, base, seed):
 def method_config(args, lr, steps=None, eval_every=0):
     """The shared recipe (schedule, warmup, clipping, batch 32) with this method's peak lr and
     this lesson's step budget, keeping the last weights (no validation picks a step)."""
-    return short_config(args, steps or args.steps, eval_every, lr=lr)
+    return short_config(args, steps or args.budget.steps, eval_every, lr=lr)
 
 
 def probe_learning_rates(args, base, splits):
@@ -126,15 +136,10 @@ def probe_learning_rates(args, base, splits):
            "adapter": 1e-2, "prefix": 1e-2}
     if args.no_probe:
         return lrs
-    steps = 2 if args.quick else args.probe_steps
-    rows = []
+    rows, steps = [], args.budget.probe_steps
     for method in ("adapter", "prefix"):
-        losses = {}
-        for lr in PROBE_LRS:
-            cfg = method_config(args, lr, steps, eval_every=steps)
-            result = finetune(build(method, base, args.seed), splits, cfg, device=args.device)
-            losses[lr] = result.evals[-1][1]["val_loss"]
-        lrs[method] = min(losses, key=losses.get)
+        lrs[method], losses = probe_lr(args, lambda: build(method, base, args.seed), PROBE_LRS,
+                                       splits, steps)
         rows.append([LABELS[method]] + [round(losses[lr], 4) for lr in PROBE_LRS]
                     + [f"{lrs[method]:g}"])
     print_table(f"Learning-rate probe: validation answer loss after {steps} steps (seed "
@@ -160,8 +165,8 @@ def training_costs(args, base, splits, lrs, repeats):
 
 def print_training_costs(args, costs, lrs, base_params):
     rows = []
-    for m in METHODS:
-        led, c = costs[m]["ledger"], costs[m]
+    for m, c in costs.items():
+        led = c["ledger"]
         rows.append([LABELS[m], f"{c['trainable']:,}", f"{100 * c['trainable'] / base_params:.2f}%",
                      f"{lrs[m]:g}", f"{led.weights / 1024:,.0f}", f"{led.grads / 1024:,.1f}",
                      f"{led.optimizer / 1024:,.1f}", f"{led.activations / 1024:,.0f}",
@@ -176,41 +181,30 @@ def train_over_seeds(args, base, lrs):
     on that seed's test prompts. Returns ({name: Spread}: '<method>' test exact match and
     '<method> loss' the end of its training loss; the first seed's models, {method: model})."""
     seeds = seeds_of(args)
-    print(f"Fine-tuning each method for {args.steps} steps on seeds {seeds} (shared recipe is "
-          f"{FINETUNE_STEPS} for one method; same data, batch and schedule for all):", flush=True)
-    models = {}
+    print(f"Fine-tuning each method for {args.budget.steps} steps on seeds {seeds} (shared "
+          f"recipe is {FINETUNE_STEPS} for one method; same data, batch and schedule for all):",
+          flush=True)
 
-    def measure(seed):
-        numbers = {}
-        for m in METHODS:
-            model = build(m, base, seed)
-            numbers[m], result = tuned_accuracy(args, model, method_config(args, lrs[m]), seed)
-            numbers[f"{m} loss"] = tail_mean(result.losses)
-            models.setdefault(m, model)  # the first seed's, for the inference and merge checks
-        print(f"  seed {seed}: " + ", ".join(f"{m} {100 * numbers[m]:.1f}%" for m in METHODS),
-              flush=True)
-        return numbers
-
-    return over_seeds(seeds, measure), models
-
-
-@torch.no_grad()
-def inference_latency(models: dict, x, repeats):
-    """Median seconds of one forward pass over x for each model, the models taking turns."""
-    for model in models.values():
-        model.eval()
-    return round_robin_medians({name: (lambda m=model: m(x)) for name, model in models.items()},
-                               repeats)
+    def train(method, seed):
+        model = build(method, base, seed)
+        acc, result = tuned_accuracy(args, model, method_config(args, lrs[method]), seed)
+        print(f"  seed {seed}: {method} {100 * acc:.1f}%", flush=True)
+        return {"acc": acc, "loss": tail_mean(result.losses), "model": model}
+    runs = Trials(seeds, train)
+    accuracy = {}
+    for m in METHODS:
+        found = runs.spreads(m, ("acc", "loss"))
+        accuracy[m], accuracy[f"{m} loss"] = found["acc"], found["loss"]
+    # the first seed's models, for the inference and merge checks
+    return accuracy, {m: runs.one(m, seeds[0])["model"] for m in METHODS}
 
 
 @torch.no_grad()
 def merged_variants(trained, x):
     """LoRA merged into W, QLoRA merged into a float copy of its dequantized base, and the
     largest logit change that merging caused (float32 rounding only, if merging is exact)."""
-    lora = trained["lora"]
-    lora_merged = merge_lora(copy.deepcopy(lora))
-    qlora = trained["qlora"]
-    qlora_float = dequantized_float_model(qlora)
+    lora, qlora = trained["lora"], trained["qlora"]
+    lora_merged, qlora_float = merge_lora(copy.deepcopy(lora)), dequantized_float_model(qlora)
     gaps = {"lora": (lora_merged(x)[0] - lora(x)[0]).abs().max().item(),
             "qlora": (qlora_float(x)[0] - qlora(x)[0]).abs().max().item()}
     return {"lora merged": lora_merged, "qlora merged (float)": qlora_float}, gaps
@@ -221,7 +215,9 @@ def inference_costs(base, trained, x, repeats):
     relative to the base's; and how much merging changed the logits."""
     merged, merge_gaps = merged_variants(trained, x)
     timed_models = {"base": base, **{m: trained[m] for m in METHODS}, **merged}
-    latency = inference_latency(timed_models, x, repeats)
+    with torch.no_grad():  # one forward pass over x per model, the models taking turns
+        latency = round_robin_medians({name: (lambda m=model.eval(): m(x))
+                                       for name, model in timed_models.items()}, repeats)
     overhead = {name: latency[name] / latency["base"] for name in timed_models}
     after_merge = {"lora": overhead["lora merged"], "qlora": overhead["qlora merged (float)"]}
     return {"latency": latency, "overhead": overhead, "after_merge": after_merge,
@@ -238,7 +234,8 @@ def print_results(args, accuracy, inference, x, n_test):
         rows.append([LABELS[m], accuracy[m].percent(), accuracy[f"{m} loss"].show(1, "{:.4f}"),
                      round(1e3 * latency[m], 2), round(overhead[m], 2), MERGEABLE[m],
                      merged_cell])
-    print_table(f"Results after {args.steps} steps: test exact match (mean [min, max] over n "
+    print_table(f"Results after {args.budget.steps} steps: test exact match (mean [min, max] "
+                f"over n "
                 f"seeds, each on its own {n_test} held-out prompts) and inference (seed "
                 f"{args.seed}'s models, one forward pass, batch {tuple(x.shape)})",
                 ["method", f"test acc (n={n_test} prompts)", "train loss (last 10%)",
@@ -253,67 +250,68 @@ def print_ranking(accuracy, n_test):
     lines = rank({LABELS[m]: accuracy[m] for m in METHODS})
     print(f"Ranking by test exact match (n={n_test} prompts per seed; paired by seed, 95% "
           "t-interval of the difference):\n  " + "\n  ".join(lines) + "\n")
+    best = max(METHODS, key=lambda m: accuracy[m].mean)
+    below = {m: compare(accuracy[best], accuracy[m], best, m).holds for m in METHODS if m != best}
+    takeaway(f"at {accuracy[best].n} seeds and this budget, {LABELS[best]} has the highest mean "
+             f"test exact match; measurably below it: "
+             f"{', '.join(LABELS[m] for m, h in below.items() if h) or 'none'}; not measurably "
+             f"different: {', '.join(LABELS[m] for m, h in below.items() if h is None) or 'none'}")
     return lines
 
 
-def print_seed_comparison(costs, accuracy, overhead, base_params):
+def print_usual_comparison(costs, accuracy, overhead, base_params):
     full = costs["full"]
     rows = []
     for m in METHODS:
-        rows.append([LABELS[m].split(" (")[0], *SEED_TABLE[m][:3],
+        rows.append([LABELS[m].split(" (")[0], *USUAL_TABLE[m][:3],
                      f"{100 * costs[m]['trainable'] / base_params:.2f}%",
                      round(costs[m]["step_ms"] / full["step_ms"], 2),
                      round(costs[m]["ledger"].total / full["ledger"].total, 2),
                      round(overhead[m], 2), accuracy[m].percent()])
-    print_table("The seed's comparison (section 12) beside what we measured",
-                ["method", "seed: param eff.", "seed: compute", "seed: flexibility",
+    print_table("The usual comparison table beside what we measured",
+                ["method", "usual: param eff.", "usual: compute", "usual: flexibility",
                  "trainable", "step time / full", "train memory / full", "inference / base",
                  "test acc (mean [min, max] n=random seeds)"], rows)
-    print("Seed notes: " + "; ".join(f"{LABELS[m]}: {SEED_TABLE[m][3]}" for m in METHODS) + "\n")
+    print("Usual notes: " + "; ".join(f"{LABELS[m]}: {USUAL_TABLE[m][3]}" for m in METHODS)
+          + "\n")
 
 
 def plot(costs, accuracy, overhead, base_params, path):
-    plt = matplotlib_pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    ax = axes[0]
-    errorbars(ax, [f"{m}\n{costs[m]['trainable']:,}" for m in METHODS],
-              [accuracy[m] for m in METHODS], color=[f"C{k}" for k in range(len(METHODS))])
-    ax.set(ylabel="test exact match (%)", xlabel="method and its trainable parameters",
-           title=f"Accuracy over {accuracy['full'].n} seeds (base: {base_params:,} parameters)")
-    ax = axes[1]
-    bottom = [0.0] * len(METHODS)
-    for kind in ["frozen", "trainable", "grads", "optimizer"]:
-        values = [getattr(costs[m]["ledger"], kind) / 2 ** 20 for m in METHODS]
-        ax.bar(METHODS, values, bottom=bottom, label=kind)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    for k, m in enumerate(METHODS):  # activations dwarf the rest at batch 32: written, not drawn
-        ax.text(k, bottom[k], f"act.\n{costs[m]['ledger'].activations / 2 ** 20:.0f}",
-                ha="center", va="bottom", fontsize=7)
-    ax.set(ylabel="MiB", ylim=(0, 1.25 * max(bottom)),
-           title="Training memory without activations (MiB)")
-    ax.legend(fontsize=7)
-    ax = axes[2]
-    names = list(overhead)
-    ax.barh(names, [overhead[n] for n in names])
-    ax.axvline(1.0, color="k", lw=0.8)
-    ax.set(xlabel="forward time / base forward time", title="Inference cost")
-    save_figure(fig, path)
-    plt.close(fig)
+    with saved_figure(path, ncols=3, figsize=(14, 4)) as (ax, mem, inf):
+        errorbars(ax, [f"{m}\n{costs[m]['trainable']:,}" for m in METHODS],
+                  [accuracy[m] for m in METHODS], color=[f"C{k}" for k in range(len(METHODS))])
+        ax.set(ylabel="test exact match (%)", xlabel="method and its trainable parameters",
+               title=f"Accuracy over {accuracy['full'].n} seeds (base: {base_params:,} "
+                     "parameters)")
+        bottom = [0.0] * len(METHODS)
+        for kind in ["frozen", "trainable", "grads", "optimizer"]:
+            values = [getattr(costs[m]["ledger"], kind) / 2 ** 20 for m in METHODS]
+            mem.bar(METHODS, values, bottom=bottom, label=kind)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        for k, m in enumerate(METHODS):  # activations dwarf the rest at batch 32: written
+            mem.text(k, bottom[k], f"act.\n{costs[m]['ledger'].activations / 2 ** 20:.0f}",
+                     ha="center", va="bottom", fontsize=7)
+        mem.set(ylabel="MiB", ylim=(0, 1.25 * max(bottom)),
+                title="Training memory without activations (MiB)")
+        mem.legend(fontsize=7)
+        inf.barh(list(overhead), list(overhead.values()))
+        inf.axvline(1.0, color="k", lw=0.8)
+        inf.set(xlabel="forward time / base forward time", title="Inference cost")
 
 
 def summary(args, lrs, costs, accuracy, inference):
-    numbers = {"steps": args.steps, "seeds": accuracy["full"].n, "base_acc": accuracy["base"].mean}
+    numbers = {"steps": args.budget.steps, "seeds": accuracy["full"].n,
+               "base_acc": accuracy["base"].mean}
     for m in METHODS:
         numbers.update({f"{m}_acc": accuracy[m].mean, f"{m}_acc_lo": accuracy[m].lo,
                         f"{m}_acc_hi": accuracy[m].hi, f"{m}_trainable": costs[m]["trainable"],
                         f"{m}_step_ms": costs[m]["step_ms"], f"{m}_lr": lrs[m],
                         f"{m}_inference_vs_base": inference["overhead"][m],
                         f"{m}_optimizer_bytes": costs[m]["ledger"].optimizer})
-    after_merge, merge_gaps = inference["after_merge"], inference["merge_gaps"]
-    numbers.update({"lora_merged_inference_vs_base": after_merge["lora"],
-                    "qlora_merged_inference_vs_base": after_merge["qlora"],
-                    "lora_merge_max_logit_change": merge_gaps["lora"],
-                    "qlora_merge_max_logit_change": merge_gaps["qlora"]})
+    numbers.update({f"{m}_merged_inference_vs_base": v
+                    for m, v in inference["after_merge"].items()})
+    numbers.update({f"{m}_merge_max_logit_change": v
+                    for m, v in inference["merge_gaps"].items()})
     return numbers
 
 
@@ -326,24 +324,23 @@ def judge(args, merge_gaps):
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv, add_args)
+    args = parse_args(__doc__, argv, add_args,
+                      budget=(lambda a: Budget(a.steps, a.probe_steps), QUICK))
     out = lesson_dir(args, NAME)
     base, _ = get_base_model(args)
     base.requires_grad_(False).eval()
     splits = task_splits(args, DEFAULT_TASK)  # the first seed's: probe, costs, inference
     base_params = base.num_params()
-    if args.quick:  # a smoke run: two seeds of every method, each a couple of steps
-        args.steps = QUICK_STEPS
     lrs = probe_learning_rates(args, base, splits)
-    costs = training_costs(args, base, splits, lrs, repeats=3 if args.quick else 10)
+    costs = training_costs(args, base, splits, lrs, repeats=args.budget.step_repeats)
     print_training_costs(args, costs, lrs, base_params)
     accuracy, trained = train_over_seeds(args, base, lrs)
     accuracy["base"] = Spread((exact_match(base, splits["test"], args.device),))  # one seed
     x = make_batch(splits["test"][:64])[0].to(args.device)  # (<= 64, T): answers included
-    inference = inference_costs(base, trained, x, repeats=3 if args.quick else 15)
+    inference = inference_costs(base, trained, x, repeats=args.budget.forward_repeats)
     print_results(args, accuracy, inference, x, len(splits["test"]))
     print_ranking(accuracy, len(splits["test"]))
-    print_seed_comparison(costs, accuracy, inference["overhead"], base_params)
+    print_usual_comparison(costs, accuracy, inference["overhead"], base_params)
     plot(costs, accuracy, inference["overhead"], base_params, out / "methods_compared.png")
     write_summary(args, NAME, summary(args, lrs, costs, accuracy, inference))
     return judge(args, inference["merge_gaps"])

@@ -1,7 +1,7 @@
 """Lesson 11 -- many adapters, one base, one batch: training them together and serving them.
 
-LoRA's promise for deployment is one frozen base with a small adapter per task (the seed:
-"multiple downstream tasks need separate full fine-tunes"). A server then gets a batch of
+LoRA's promise for deployment is one frozen base with a small adapter per task, where full
+fine-tuning needs a separate copy of the model per task. A server then gets a batch of
 requests that ask for different adapters. Three ways to answer it (lora/serving.py):
 
     merged       per group of requests for one adapter: W0 <- W0 + sBA, run, W0 <- W0 - sBA
@@ -33,11 +33,14 @@ way's answers compared with the others row by row.
 """
 import copy
 import random
+from dataclasses import dataclass
 
 import torch
 
-from lessons.common import (Checks, finetune_config, get_base_model, lesson_dir, parse_args,
-                            print_table, run_main, saved_figure, task_splits, write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, parse_args, print_table, run_main,
+                            takeaway, write_summary)
+from lessons.plots import saved_figure
+from lessons.recipe import finetune_config, task_splits
 from lora import (AdapterLibrary, add_adapter, disable_adapters, lora_layers,
                   mixed_adapters, save_adapter, serve_answers, serve_logits, set_active_adapters)
 from lora.many.serving import merge_drift
@@ -55,6 +58,20 @@ BATCHES = (64, 128)           # requests per batch
 WAYS = ("merged", "sub_batches", "grouped", "mixed")
 ROW_TOL = 1e-5                # mixed logits vs each row alone, relative to the largest |logit|
 GRAD_TOL = 1e-4               # float32 gradients summed in another order, relative to the largest
+K_SHOWN = 8                   # the k of the speed targets
+SWAPS = (1, 10, 100, 1000)    # merge + unmerge cycles after which way "merged"'s W0 is compared
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int = STEPS        # (a): optimizer steps of the three adapters together
+    batches: tuple = BATCHES  # (c): requests per forward batch
+    repeats: int = 7          # (c): timed forward passes per way, taking turns
+    gen_repeats: int = 2      # (c): timed generations per way
+    swaps: tuple = SWAPS
+
+
+QUICK = Budget(steps=6, batches=(8,), repeats=1, gen_repeats=1, swaps=(1, 10, 100))
 
 
 # --- (a) three adapters trained in one batch -----------------------------------------------
@@ -75,7 +92,7 @@ def train_together(model, splits, args):
     for name, p in model.named_parameters():
         p.requires_grad_(".adapters." in name)
     cfg = finetune_config(args, "lora", restore_best=False, eval_every=0,
-                          **({} if args.quick else {"max_steps": STEPS}))
+                          max_steps=args.budget.steps)
     with mixed_adapters(model, rows):
         result = train(model, mixed_batches(splits, rows), cfg, device=args.device)
     print(f"trained {len(TASKS)} adapters in one batch of {len(rows)} rows: {result.steps} steps,"
@@ -275,63 +292,100 @@ def plot(rates, gen_rates, path):
             ax.legend(fontsize=7)
 
 
-def main(argv=None):
-    args = parse_args(__doc__, argv)
-    out, device = lesson_dir(args, NAME), args.device
-    splits = {t: task_splits(args, t) for t in TASKS}
-    base, _ = get_base_model(args)
-    base.eval()
-    checks = Checks(args)
-
+def together_section(base, splits, args, checks):
+    """(a): train three adapters in one batch; their gradients against separate runs."""
     model = copy.deepcopy(base)
     train_together(model, splits, args)
     model.eval()
     gap = gradient_gap(model, splits)
     checks.must(f"one mixed batch's gradients = separate runs' (relative {GRAD_TOL:g})",
                 gap <= GRAD_TOL, f"{gap:.1e}")
-    accuracy = accuracy_table(model, splits, args)
+    return model, accuracy_table(model, splits, args), gap
 
-    root = build_library(model, base, out, n_synthetic=max(KS) - len(TASKS))
-    server, library, names, unchanged = library_section(base, root)
-    checks.must("an adapter for another base is refused, the model unchanged", unchanged)
 
-    batches = (8,) if args.quick else BATCHES
-    repeats = 1 if args.quick else 7
-    rates = {}
-    for n in batches:
+def forward_section(server, library, names, splits, args):
+    """(c): {batch size: {(k, way): tokens / s}} of one forward pass, a table per size."""
+    rates, repeats = {}, args.budget.repeats
+    for n in args.budget.batches:
         _, idx = request_batch(splits, n, args.seed)
-        rates[n] = forward_rates(server, library, names, idx.to(device), repeats)
+        rates[n] = forward_rates(server, library, names, idx.to(args.device), repeats)
         rate_table(f"(c) Forward pass, {n} requests of {idx.shape[1]} tokens: tokens / s "
                    f"(median of {repeats}, the ways taking turns)", rates[n])
+    return rates
 
-    n0 = batches[0]
+
+def generation_section(server, names, splits, args, checks):
+    """(c): each row alone against the mixed batch, then greedy generation by every way."""
+    n0 = args.budget.batches[0]
     prompts, idx = request_batch(splits, n0, args.seed)
-    row_rel = row_gap(server, idx.to(device), assigned(names + [None], len(names) + 1, n0))
+    row_rel = row_gap(server, idx.to(args.device), assigned(names + [None], len(names) + 1, n0))
     checks.must(f"mixed batch = each row alone, {len(names)} adapters + base rows (relative "
                 f"{ROW_TOL:g})", row_rel <= ROW_TOL, f"{row_rel:.1e}")
     max_new = max(len(a) for t in TASKS for _, a in splits[t]["test"])
-    gen_rates, agree = generation_rates(server, names, prompts, max_new, 1 if args.quick else 2,
-                                        device)
+    gen_rates, agree = generation_rates(server, names, prompts, max_new,
+                                        args.budget.gen_repeats, args.device)
     rate_table(f"(c) Greedy generation of {max_new} tokens for {n0} requests: generated "
                "tokens / s", gen_rates)
     checks.must("every way gives the same greedy answers, for every k", agree)
-    memory_table(library, names, n0, lora_layers(server)[0][1])
-    drift = merge_drift(server, names[0], swaps=100)
-    print(f"way 'merged' rewrites W0 twice per group: after 100 merge + unmerge cycles W0 is off "
-          f"by up to {drift:.2g} (float32 rounding that grows with the swaps)\n")
-    plot(rates, gen_rates, out / "tokens_per_second.png")
+    return gen_rates, row_rel
 
-    k8 = 8
-    speedup = rates[n0][(k8, "mixed")] / rates[n0][(k8, "sub_batches")]
-    over_base = rates[n0][(k8, "base")] / rates[n0][(k8, "mixed")]
-    checks.shown(f"mixed >= 1.5x sub_batches' tokens/s at k = {k8}, batch {n0}", speedup >= 1.5,
-                 f"{speedup:.2f}x")
-    checks.shown(f"mixed <= 1.3x the base model's time at k = {k8}, batch {n0}",
+
+def swap_drift_section(server, name, swaps):
+    """Way 'merged' rewrites W0 twice per group: W0's drift after each number of cycles, and
+    whether it grows with them (each count measured from the same start)."""
+    drift = {n: merge_drift(server, name, swaps=n) for n in swaps}
+    print_table("Way 'merged': largest |W0 - W0 at the start| after n merge + unmerge cycles",
+                ["cycles", "drift"], [[n, f"{d:.2g}"] for n, d in drift.items()])
+    print(drift_sentence(drift))
+    return drift
+
+
+def drift_sentence(drift: dict) -> str:
+    """{cycles: drift} -> whether the rounding grows with the cycles: it does where every
+    count drifts at least as far as the one before and the last further than the first."""
+    (n0, d0), (n1, d1) = next(iter(drift.items())), list(drift.items())[-1]
+    values = list(drift.values())
+    grows = all(b >= a for a, b in zip(values, values[1:])) and d1 > d0
+    said = "grows" if grows else "does not grow steadily"
+    return f"float32 rounding {said} with the cycles: {d0:.2g} after {n0}, {d1:.2g} after {n1}\n"
+
+
+def speed_checks(rates, args, checks):
+    n0 = args.budget.batches[0]
+    speedup = rates[n0][(K_SHOWN, "mixed")] / rates[n0][(K_SHOWN, "sub_batches")]
+    over_base = rates[n0][(K_SHOWN, "base")] / rates[n0][(K_SHOWN, "mixed")]
+    checks.shown(f"mixed >= 1.5x sub_batches' tokens/s at k = {K_SHOWN}, batch {n0}",
+                 speedup >= 1.5, f"{speedup:.2f}x")
+    checks.shown(f"mixed <= 1.3x the base model's time at k = {K_SHOWN}, batch {n0}",
                  over_base <= 1.3, f"{over_base:.2f}x")
+    takeaway(f"one mixed batch of {n0} requests for {K_SHOWN} adapters served {speedup:.2f}x "
+             f"the tokens/s of one sub-batch per adapter, at {over_base:.2f}x the base model's "
+             "time")
+    return speedup, over_base
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv, budget=(Budget(), QUICK))
+    out = lesson_dir(args, NAME)
+    splits = {t: task_splits(args, t) for t in TASKS}
+    base = get_base_model(args)[0].eval()
+    checks = Checks(args)
+
+    model, accuracy, gap = together_section(base, splits, args, checks)
+    root = build_library(model, base, out, n_synthetic=max(KS) - len(TASKS))
+    server, library, names, unchanged = library_section(base, root)
+    checks.must("an adapter for another base is refused, the model unchanged", unchanged)
+    rates = forward_section(server, library, names, splits, args)
+    gen_rates, row_rel = generation_section(server, names, splits, args, checks)
+    memory_table(library, names, args.budget.batches[0], lora_layers(server)[0][1])
+    drift = swap_drift_section(server, names[0], args.budget.swaps)
+    plot(rates, gen_rates, out / "tokens_per_second.png")
+    speedup, over_base = speed_checks(rates, args, checks)
     write_summary(args, NAME, {**{f"acc_{t}": a for t, a in accuracy.items()},
                                "mixed_over_sub_batches_k8": speedup,
                                "mixed_time_over_base_k8": over_base, "row_gap": row_rel,
-                               "gradient_gap": gap, "merge_drift_100": drift})
+                               "gradient_gap": gap, **{f"merge_drift_{n}": d for n, d in
+                                                       drift.items()}})
     return checks.report()
 
 

@@ -1,6 +1,7 @@
 """Lesson 12 -- after plain LoRA: DoRA, PiSSA, LoRA+ and LoftQ, measured against LoRA and QLoRA.
 
-Four answers to "small ranks may underfit" and "QLoRA needs extra tuning" (the seed's limits):
+Four answers to two limits of plain LoRA, "small ranks may underfit" and "QLoRA needs extra
+tuning":
 
     DoRA   (Liu et al. 2024)    W' = m * (W0 + sBA) / ||W0 + sBA||, the norm per output row:
                                 LoRA on the direction, each row's length m learned on its own
@@ -26,14 +27,15 @@ is measured here over seeds, and said to be "not measurable" where the intervals
    4, 3 and 2 bits. Test exact match, and steps to 90% on validation prompts.
 """
 import copy
+from dataclasses import dataclass
 
 import torch
 
-from lessons.common import (DEFAULT_TASK, TASK_BATCH, Checks, get_base_model, lesson_dir,
-                            lora_copy, median_step_seconds, parse_args, plot_loss_curves,
-                            print_table, run_main, saved_figure, short_config, task_splits,
-                            tuned_accuracy, write_summary)
-from lessons.seeds import add_seeds_flag, compare, errorbars, over_seeds, seeds_of
+from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, median_step_seconds,
+                            parse_args, print_table, run_main, takeaway, write_summary)
+from lessons.plots import plot_loss_curves, saved_figure
+from lessons.recipe import DEFAULT_TASK, TASK_BATCH, short_config, task_splits, tuned_accuracy
+from lessons.seeds import Trials, add_seeds_flag, compare, errorbars, print_verdicts, seeds_of
 from lora import loftq_init, lora_scaling
 from lora.variants.dora import DoRAFunction, dora_reference
 from tiny_gpt import exact_match, sample_batch
@@ -51,17 +53,27 @@ LOFTQ_ITERS = 5
 LORAPLUS_RATIO = 16
 
 
-def recipes(quick=False):
-    """{label: (lora_copy options, TrainConfig overrides)}, every one with alpha = 2r; --quick
-    keeps one rank and one bit width (every code path, fewer repeats of it)."""
+@dataclass(frozen=True)
+class Budget:
+    steps: int = STEPS      # optimizer steps per run of part 4
+    repeats: int = 15       # timed steps of part 2, taking turns
+    ranks: tuple = RANKS    # part 4's ranks
+    bits: tuple = BITS      # part 4's bit widths
+
+
+QUICK = Budget(steps=4, repeats=3, ranks=RANKS[-1:], bits=BITS[-1:])  # every code path, once
+
+
+def recipes(budget):
+    """{label: (lora_copy options, TrainConfig overrides)}, every one with alpha = 2r."""
     found = {}
-    for r in RANKS[-1:] if quick else RANKS:
+    for r in budget.ranks:
         found[f"LoRA r={r}"] = (dict(r=r, alpha=2 * r), {})
         found[f"DoRA r={r}"] = (dict(r=r, alpha=2 * r, use_dora=True), {})
         found[f"PiSSA r={r}"] = (dict(r=r, alpha=2 * r, init_lora_weights="pissa"), {})
         found[f"LoRA+ r={r}"] = (dict(r=r, alpha=2 * r),
                                  {"loraplus_lr_ratio": LORAPLUS_RATIO})
-    for bits in BITS[-1:] if quick else BITS:
+    for bits in budget.bits:
         found[f"QLoRA {bits}-bit"] = (dict(quantized=True, bits=bits), {})
         found[f"LoftQ {bits}-bit"] = (dict(quantized=True, bits=bits, init_lora_weights="loftq",
                                            loftq_iters=LOFTQ_ITERS), {})
@@ -102,12 +114,21 @@ def dora_forms(base, args):
                 [[k, f"{v:,}"] for k, v in saved.items()])
     print_table("   Relative gradient gaps (A and B, the larger)", ["form", "against", "gap"],
                 [[p, q, f"{v:.1e}"] for (p, q), v in gaps.items()])
-    N, n_in, n_out = x.shape[0], layer.in_features, layer.out_features
-    print(f"Ours keeps z = x V^T (N, out) for dL/dm and frees V; autograd keeps W' (out, in). So "
-          f"ours saves less exactly when N < in: here N = {N} tokens and in = {n_in}, so "
-          f"autograd's is smaller; a 4096-wide layer with {N} tokens per batch turns it round "
-          f"(z {N}x{n_out} here vs W' {n_out}x{n_in}).\n")
+    print(saved_bytes_sentence(saved, x.shape[0], layer.in_features, layer.out_features))
     return saved, gaps
+
+
+def saved_bytes_sentence(saved, N, n_in, n_out) -> str:
+    """Which exact form saved fewer bytes, measured, and whether N against `in` predicted it:
+    ours keeps z = x V^T (N, out) for dL/dm, autograd keeps W' (out, in)."""
+    ours, theirs = saved["ours, exact"], saved["autograd on the formula, exact"]
+    smaller = "ours" if ours < theirs else "autograd's" if theirs < ours else "neither"
+    predicted = "ours" if N < n_in else "autograd's"
+    agrees = "as" if smaller == predicted else "not as"
+    return (f"Ours keeps z = x V^T ({N}x{n_out}) for dL/dm and frees V; autograd keeps W' "
+            f"({n_out}x{n_in}). Measured, ours saves {ours:,} bytes and autograd {theirs:,}: "
+            f"{smaller} is smaller, {agrees} N = {N} tokens against in = {n_in} predicts "
+            f"({predicted}).\n")
 
 
 # --- 2. cost -------------------------------------------------------------------------------
@@ -125,7 +146,7 @@ def cost(base, args, splits):
     for name, options in COSTED.items():
         model = lora_copy(base, args.seed, **options).to(args.device).train()
         runs[name] = (model, make_optimizer(model, short_config(args, STEPS, 0)))
-    repeats = 3 if args.quick else 15
+    repeats = args.budget.repeats
     seconds = median_step_seconds(runs, batches, repeats)
     ledgers = {k: measure_step(m, batches, o) for k, (m, o) in runs.items()}
     used = {k: training_bytes(led) for k, led in ledgers.items()}
@@ -155,48 +176,51 @@ def loftq_errors(base, r=8):
 
 
 # --- 4. one budget, several seeds -------------------------------------------------------------
-def steps_of(args):
-    """Optimizer steps per run: STEPS, or 4 for --quick."""
-    return 4 if args.quick else STEPS
+def recipe_runs(base, args):
+    """Trials of part 4's recipes: test exact match, steps to 90% on validation prompts, and
+    the training losses (the plot shows the first seed's)."""
+    steps, table = args.budget.steps, recipes(args.budget)
 
+    def train(label, seed):
+        options, overrides = table[label]
+        val = task_splits(args, DEFAULT_TASK, seed)["val"][:VAL_PROMPTS]
 
-def run_recipe(base, args, options, overrides, seed, curves, label):
-    model = lora_copy(base, seed, **options)
-    cfg = short_config(args, steps_of(args), EVAL_EVERY, **overrides)
-    val = task_splits(args, DEFAULT_TASK, seed)["val"][:VAL_PROMPTS]
-
-    def evaluate(m):
-        return {"val_loss": task_loss(m, val), "val_acc": exact_match(m, val, args.device)}
-    acc, result = tuned_accuracy(args, model, cfg, seed, evaluate=evaluate)
-    curves.setdefault(label, result.losses)  # the first seed's training loss, for the plot
-    reached = [step for step, metrics in result.evals if metrics["val_acc"] >= 0.9]
-    return {"acc": acc, "steps90": reached[0] if reached else steps_of(args) + EVAL_EVERY}
+        def evaluate(m):
+            return {"val_loss": task_loss(m, val), "val_acc": exact_match(m, val, args.device)}
+        cfg = short_config(args, steps, EVAL_EVERY, **overrides)
+        acc, result = tuned_accuracy(args, lora_copy(base, seed, **options), cfg, seed,
+                                     evaluate=evaluate)
+        reached = [step for step, metrics in result.evals if metrics["val_acc"] >= 0.9]
+        return {"acc": acc, "steps90": reached[0] if reached else steps + EVAL_EVERY,
+                "losses": result.losses}
+    return Trials(seeds_of(args), train), table
 
 
 def comparison(base, args):
-    seeds = seeds_of(args)
-    found, curves = {}, {}
-    for label, (options, overrides) in recipes(args.quick).items():
-        found[label] = over_seeds(seeds, lambda seed: run_recipe(base, args, options, overrides,
-                                                                  seed, curves, label))
-        print(f"  {label}: {found[label]['acc'].percent()}", flush=True)
-    print_table(f"4. '{DEFAULT_TASK}', {steps_of(args)} steps, Q and V, alpha = 2r (QLoRA, "
-                f"LoftQ: r = 8);"
+    runs, table = recipe_runs(base, args)
+    found = {label: runs.spreads(label, ("acc", "steps90")) for label in table}
+    curves = {label: runs.one(label, runs.seeds[0])["losses"] for label in table}
+    steps = args.budget.steps
+    print_table(f"4. '{DEFAULT_TASK}', {steps} steps, Q and V, alpha = 2r (QLoRA, LoftQ: r = 8);"
                 f" steps to 90% on {VAL_PROMPTS} validation prompts (not reached: "
-                f"{steps_of(args) + EVAL_EVERY})", ["recipe", "test exact match", "steps to 90%"],
+                f"{steps + EVAL_EVERY})", ["recipe", "test exact match", "steps to 90%"],
                 [[k, v["acc"].percent(), v["steps90"].show(fmt="{:.0f}")]
                  for k, v in found.items()])
-    lines = []
-    for r in sorted({int(k.split("=")[1]) for k in found if k.startswith("LoRA r=")}):
-        for other in ("DoRA", "PiSSA", "LoRA+"):
-            lines.append(compare(found[f"{other} r={r}"]["acc"], found[f"LoRA r={r}"]["acc"],
-                                 f"{other} r={r}", f"LoRA r={r}").text)
-    for bits in sorted({int(k.split()[1][0]) for k in found if k.startswith("QLoRA")}):
-        lines.append(compare(found[f"LoftQ {bits}-bit"]["acc"], found[f"QLoRA {bits}-bit"]["acc"],
-                             f"LoftQ {bits}-bit", f"QLoRA {bits}-bit").text)
-    print("What the intervals allow (test exact match, paired by seed):\n  " +
-          "\n  ".join(lines) + "\n")
-    return found, lines, curves
+    pairs = [(f"{other} r={r}", f"LoRA r={r}") for r in args.budget.ranks
+             for other in ("DoRA", "PiSSA", "LoRA+")]
+    pairs += [(f"LoftQ {b}-bit", f"QLoRA {b}-bit") for b in args.budget.bits]
+    verdicts = {a: compare(found[a]["acc"], found[b]["acc"], a, b) for a, b in pairs}
+    print_verdicts("What the intervals allow (test exact match, paired by seed)",
+                   verdicts.values())
+    return found, verdicts, curves
+
+
+def conclude(verdicts):
+    """Which variants beat their plain counterpart, lost to it, or could not be told apart."""
+    def named(holds):
+        return ", ".join(k for k, v in verdicts.items() if v.holds is holds) or "none"
+    takeaway(f"better than their plain counterpart (LoRA, or QLoRA for LoftQ) at this budget: "
+             f"{named(True)}; worse: {named(False)}; no difference measurable: {named(None)}")
 
 
 def plot(found, errors, curves, steps, path):
@@ -215,7 +239,7 @@ def plot(found, errors, curves, steps, path):
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv, add_seeds_flag)
+    args = parse_args(__doc__, argv, add_seeds_flag, budget=(Budget(), QUICK))
     out = lesson_dir(args, NAME)
     base, _ = get_base_model(args)
     splits = task_splits(args, DEFAULT_TASK)
@@ -234,8 +258,9 @@ def main(argv=None):
     checks.must("LoftQ's error below plain quantization's at every bit width",
                 all(e[-1] < e[0] for e in errors.values()),
                 ", ".join(f"{b}-bit {e[0]:.3f} -> {e[-1]:.3f}" for b, e in errors.items()))
-    found, lines, curves = comparison(copy.deepcopy(base), args)
-    plot(found, errors, curves, steps_of(args), out / "after_lora.png")
+    found, verdicts, curves = comparison(copy.deepcopy(base), args)
+    conclude(verdicts)
+    plot(found, errors, curves, args.budget.steps, out / "after_lora.png")
     write_summary(args, NAME, {"dora_time_ratio": time_ratio, "dora_memory_ratio": memory_ratio,
                                **{f"loftq_err_{b}bit": e[-1] for b, e in errors.items()},
                                **{f"plain_err_{b}bit": e[0] for b, e in errors.items()},

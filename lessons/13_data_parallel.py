@@ -7,7 +7,7 @@ Run it either way (2 processes, gloo on CPU; nccl when there is a GPU per proces
 Data parallelism: every rank holds the whole model, takes its own share of each batch, and after
 backward the ranks average their gradients, so they all take the same optimizer step and stay
 equal. torch's DistributedDataParallel (DDP) does it; tiny_gpt/parallel/by_hand.py does it in
-two functions, as the explanation, and (e) shows the two agree.
+two functions, as the explanation, and (a) shows the two agree.
 
 (a) The same gradient as one process. With W ranks and N_r loss tokens on rank r, one process
 would minimize S / N over the whole batch (S summed token losses, N = sum_r N_r). DDP averages
@@ -42,15 +42,17 @@ import itertools
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from lessons.common import (Checks, TASK_BATCH, get_base_model, lesson_dir, lora_copy,
-                            parse_args, print_table, run_main, saved_figure, short_config,
-                            task_splits, write_summary)
+from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse_args, print_table,
+                            run_main, takeaway, write_summary)
+from lessons.plots import saved_figure
+from lessons.recipe import TASK_BATCH, short_config, task_splits
 from lora import add_adapter, load_adapter, save_adapter, train_only_adapter
 from quant import Linear4bit
 from quant.sharding import store_codes_as
@@ -67,18 +69,26 @@ from tiny_gpt.train import (accumulate_gradients, count_loss_tokens, lr_at, make
 
 NAME = "13_data_parallel"
 WORLD = 2
-DEVICE = torch.device("cpu")  # this rank's device: cuda:LOCAL_RANK with nccl when there is a
-                              # GPU per rank and --device is not cpu (rank_device), else gloo
+STEPS = 20                  # AdamW steps of the equal-weights run (the issue's 20)
+ACCUM = 2                   # micro-batches per step, each split across the ranks
+GRAD_TOL, WEIGHT_TOL = 1e-6, 1e-5   # relative to the largest |value|, fp32
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int = STEPS      # AdamW steps of the equal-weights run (a)
+
+
+QUICK = Budget(steps=4)
 
 
 def rank_device(args, local_rank: int) -> torch.device:
+    """This rank's device: cuda:LOCAL_RANK (nccl) when there is a GPU per rank and --device is
+    not cpu, else the CPU (gloo)."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if str(args.device) != "cpu" and gpus >= WORLD:
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
-STEPS = 20                  # AdamW steps of the equal-weights run (the issue's 20)
-ACCUM = 2                   # micro-batches per step, each split across the ranks
-GRAD_TOL, WEIGHT_TOL = 1e-6, 1e-5   # relative to the largest |value|, fp32
 
 
 def rel_gap(a: dict, b: dict) -> float:
@@ -115,8 +125,8 @@ def rank_spread(tensors: dict) -> float:
     return gap.item()
 
 
-def wrapped(model, **options):
-    ids = [DEVICE.index] if DEVICE.type == "cuda" else None  # a CPU module takes none
+def wrapped(model, device, **options):
+    ids = [device.index] if device.type == "cuda" else None  # a CPU module takes none
     return DDP(model, device_ids=ids, **options)
 
 
@@ -135,37 +145,37 @@ def wrong_gradients(model, shares, device):
     return gradients(model)
 
 
-def same_gradient(rank, base, splits, args):
+def same_gradient(rank, base, splits, device):
     micro = micro_batches(splits, torch.Generator().manual_seed(1), ACCUM)
     shares = [rank_share(b, rank, WORLD) for b in micro]
     reference = lora_copy(base, seed=0)
-    accumulate_gradients(reference, micro, DEVICE)
-    model = wrapped(lora_copy(base, seed=0))
-    accumulate_gradients(model, shares, DEVICE)
+    accumulate_gradients(reference, micro, device)
+    model = wrapped(lora_copy(base, seed=0), device)
+    accumulate_gradients(model, shares, device)
     right = rel_gap(gradients(model), gradients(reference))
     own_size = coordinate_gap(gradients(model), gradients(reference))
     model.zero_grad(set_to_none=True)
-    wrong = rel_gap(wrong_gradients(model, shares, DEVICE), gradients(reference))
-    tokens = [int(sum_over_ranks(count_loss_tokens(shares) if r == rank else 0, DEVICE))
+    wrong = rel_gap(wrong_gradients(model, shares, device), gradients(reference))
+    tokens = [int(sum_over_ranks(count_loss_tokens(shares) if r == rank else 0, device))
               for r in range(WORLD)]
     return {"right": right, "wrong": wrong, "tokens": tokens, "own_size": own_size}
 
 
-def same_weights(rank, base, splits, args, steps):
+def same_weights(rank, base, splits, args, steps, device):
     cfg = short_config(args, steps, 0, grad_accum=ACCUM, seed=1)
     batches = lambda g: sample_batch(splits["train"], TASK_BATCH // ACCUM, g)  # noqa: E731
     reference = lora_copy(base, seed=0)
-    train(reference, batches, cfg, device=DEVICE)
-    model = wrapped(lora_copy(base, seed=0))
-    result = train(model, sharded_batches(batches, rank, WORLD), cfg, device=DEVICE)
+    train(reference, batches, cfg, device=device)
+    model = wrapped(lora_copy(base, seed=0), device)
+    result = train(model, sharded_batches(batches, rank, WORLD), cfg, device=device)
     return {"gap": rel_gap(trainable(model), trainable(reference)),
             "ranks": rank_spread(trainable(model)), "loss": result.losses[-1],
             "model": model}
 
 
-# --- (e) the same thing by hand -----------------------------------------------------------
+# --- (a) the same thing by hand -----------------------------------------------------------
 
-def train_by_hand(model, batches, cfg, rank, broadcast=True):
+def train_by_hand(model, batches, cfg, rank, device, broadcast=True):
     """broadcast, then per step: forward/backward on this rank's share with loss S_r / N (N
     over all ranks), sum the gradients over the ranks, step. Returns the trainable weights."""
     if broadcast:
@@ -174,9 +184,9 @@ def train_by_hand(model, batches, cfg, rank, broadcast=True):
     for step in range(cfg.max_steps):
         set_lr(optimizer, lr_at(step, cfg))
         shares = [rank_share(batches(gen), rank, WORLD) for _ in range(cfg.grad_accum)]
-        total = sum_over_ranks(count_loss_tokens(shares), DEVICE)
+        total = sum_over_ranks(count_loss_tokens(shares), device)
         for share in shares:
-            micro_batch_loss(model, *to_device(share, DEVICE), total).backward()
+            micro_batch_loss(model, *to_device(share, device), total).backward()
         all_reduce_gradients(model.parameters())
         optimizer_step(model, optimizer, None, cfg.grad_clip)
     return trainable(model)
@@ -184,14 +194,14 @@ def train_by_hand(model, batches, cfg, rank, broadcast=True):
 
 # --- (b) bytes on the wire ----------------------------------------------------------------
 
-def wire_bytes(model, shares, **options):
+def wire_bytes(model, shares, device, **options):
     """Bytes rank 0 broadcast at wrapping, and per step: all-reduced, and broadcast (buffers)."""
     with count_broadcast_bytes() as at_wrap:
-        ddp = wrapped(model, **options)
+        ddp = wrapped(model, device, **options)
     counter = AllReduceCounter()
     ddp.register_comm_hook(None, counter.hook)
     with count_broadcast_bytes() as per_step:
-        accumulate_gradients(ddp, shares, DEVICE)
+        accumulate_gradients(ddp, shares, device)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state = list(model.parameters()) + list(model.buffers())  # unsaved tables included
     state_bytes = sum(t.numel() * t.element_size() for t in state)
@@ -200,15 +210,16 @@ def wire_bytes(model, shares, **options):
             "buffers": per_step["bytes"]}
 
 
-def wire_section(rank, base, splits):
+def wire_section(rank, base, splits, device):
     shares = [rank_share(b, rank, WORLD) for b in micro_batches(
         splits, torch.Generator().manual_seed(2), 1)]
     full = copy.deepcopy(base).train()
-    return {"LoRA r=8 (Q,V)": wire_bytes(lora_copy(base), shares),
-            "full fine-tuning": wire_bytes(full, shares),
-            "QLoRA, broadcast_buffers=True": wire_bytes(lora_copy(base, quantized=True), shares),
+    return {"LoRA r=8 (Q,V)": wire_bytes(lora_copy(base), shares, device),
+            "full fine-tuning": wire_bytes(full, shares, device),
+            "QLoRA, broadcast_buffers=True": wire_bytes(lora_copy(base, quantized=True), shares,
+                                                        device),
             "QLoRA, broadcast_buffers=False": wire_bytes(lora_copy(base, quantized=True),
-                                                         shares, **no_buffer_sync())}
+                                                         shares, device, **no_buffer_sync())}
 
 
 # --- (c) the pitfalls ---------------------------------------------------------------------
@@ -217,32 +228,32 @@ def first_line(error) -> str:
     return str(error).strip().splitlines()[0][:110]
 
 
-def run_steps(model, shares, n=3):
+def run_steps(model, shares, device, n=3):
     """n steps of the loop's gradient code on the same shares; the median seconds of one."""
     times = []
     for _ in range(n):
         start = time.perf_counter()
-        accumulate_gradients(model, shares, DEVICE)
+        accumulate_gradients(model, shares, device)
         model.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 
-def unused_adapter(base, shares):
+def unused_adapter(base, shares, device):
     """A second adapter, trainable but not active: it never gets a gradient."""
     def with_spare():
         model = lora_copy(base)
         return add_adapter(model, "spare")
     outcome = {}
     try:
-        run_steps(wrapped(with_spare()), shares, n=2)
+        run_steps(wrapped(with_spare(), device), shares, device, n=2)
         outcome["plain DDP"] = "ran"
     except RuntimeError as error:
         outcome["plain DDP"] = "error: " + first_line(error)
     frozen = train_only_adapter(with_spare(), "default")
-    outcome["spare frozen"] = run_steps(wrapped(frozen), shares, n=5)
+    outcome["spare frozen"] = run_steps(wrapped(frozen, device), shares, device, n=5)
     outcome["find_unused_parameters"] = run_steps(
-        wrapped(with_spare(), find_unused_parameters=True), shares, n=5)
+        wrapped(with_spare(), device, find_unused_parameters=True), shares, device, n=5)
     return outcome
 
 
@@ -250,7 +261,7 @@ CHECKPOINTING = (("torch", False), ("torch_reentrant", False), ("torch_reentrant
                  ("manual", False))  # (checkpoint_impl, with enable_input_require_grads)
 
 
-def checkpointing(base, shares, reference_grads):
+def checkpointing(base, shares, reference_grads, device):
     """Two steps with every block checkpointed, under DDP with and without static_graph."""
     outcome = {}
     for (impl, input_grads), static in itertools.product(CHECKPOINTING, (False, True)):
@@ -262,10 +273,10 @@ def checkpointing(base, shares, reference_grads):
         try:
             with warnings.catch_warnings():  # reentrant: "None of the inputs have requires_grad"
                 warnings.simplefilter("ignore", UserWarning)
-                ddp = wrapped(model, static_graph=static)
+                ddp = wrapped(model, device, static_graph=static)
                 for _ in range(2):
                     ddp.zero_grad(set_to_none=True)
-                    accumulate_gradients(ddp, shares, DEVICE)
+                    accumulate_gradients(ddp, shares, device)
             outcome[key] = f"gradient gap {rel_gap(gradients(ddp), reference_grads):.1e}"
         except RuntimeError as error:
             outcome[key] = "error: " + first_line(error)
@@ -280,16 +291,17 @@ def save_on_rank0(rank, model, base, folder):
     return trainable(load_adapter(copy.deepcopy(base), folder))
 
 
-def seeds_section(rank, base, splits, args):
+def seeds_section(rank, base, splits, args, device):
     """Adapters initialized with a different seed on each rank: DDP's broadcast at wrapping
     makes them equal; by hand, without a broadcast, the ranks train different models."""
     cfg = short_config(args, 3, 0, grad_accum=1, seed=1)
     batches = lambda g: sample_batch(splits["train"], TASK_BATCH, g)  # noqa: E731
     before = rank_spread(trainable(lora_copy(base, seed=rank)))
-    after_wrap = rank_spread(trainable(wrapped(lora_copy(base, seed=rank))))
-    by_hand_no = rank_spread(train_by_hand(lora_copy(base, seed=rank), batches, cfg, rank,
+    after_wrap = rank_spread(trainable(wrapped(lora_copy(base, seed=rank), device)))
+    by_hand_no = rank_spread(train_by_hand(lora_copy(base, seed=rank), batches, cfg, rank, device,
                                            broadcast=False))
-    by_hand_yes = rank_spread(train_by_hand(lora_copy(base, seed=rank), batches, cfg, rank))
+    by_hand_yes = rank_spread(train_by_hand(lora_copy(base, seed=rank), batches, cfg, rank,
+                                            device))
     return {"seed=rank, before wrapping": before, "seed=rank, after DDP wraps": after_wrap,
             "by hand, no broadcast, 3 steps": by_hand_no,
             "by hand, broadcast, 3 steps": by_hand_yes}
@@ -297,12 +309,12 @@ def seeds_section(rank, base, splits, args):
 
 # --- (d) QLoRA: replicated 4-bit base, then sharded with FSDP -----------------------------
 
-def qlora_ddp(rank, base, shares, micro):
+def qlora_ddp(rank, base, shares, micro, device):
     reference = lora_copy(base, quantized=True)
-    accumulate_gradients(reference, micro, DEVICE)
+    accumulate_gradients(reference, micro, device)
     model = lora_copy(base, quantized=True)
-    ddp = wrapped(model, **no_buffer_sync())
-    accumulate_gradients(ddp, shares, DEVICE)
+    ddp = wrapped(model, device, **no_buffer_sync())
+    accumulate_gradients(ddp, shares, device)
     codes = torch.cat([b.reshape(-1).float() for n, b in model.named_buffers()
                        if n.endswith("codes")])
     return {"gap": rel_gap(gradients(ddp), gradients(reference)),
@@ -315,14 +327,14 @@ def state_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in local + list(model.buffers()))
 
 
-def qlora_fsdp(rank, base, shares, micro):
+def qlora_fsdp(rank, base, shares, micro, device):
     """fully_shard every block and the root, the packed codes held as float32 parameters."""
-    fully_shard = fully_shard_function(DEVICE.type)
+    fully_shard = fully_shard_function(device.type)
     if fully_shard is None:
-        return {"error": f"torch {torch.__version__} has no FSDP2 fully_shard for {DEVICE.type} "
+        return {"error": f"torch {torch.__version__} has no FSDP2 fully_shard for {device.type} "
                          "(torch >= 2.6; on CUDA >= 2.4)"}
     reference = lora_copy(base, quantized=True)
-    accumulate_gradients(reference, micro, DEVICE)
+    accumulate_gradients(reference, micro, device)
     model = lora_copy(base, quantized=True)
     replicated = state_bytes(model)
     for layer in model.modules():
@@ -331,10 +343,10 @@ def qlora_fsdp(rank, base, shares, micro):
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
-    total = sum_over_ranks(count_loss_tokens(shares), DEVICE)
+    total = sum_over_ranks(count_loss_tokens(shares), device)
     # FSDP averages over ranks as DDP does: hence W * S_r / N
     for share in shares:
-        (micro_batch_loss(model, *to_device(share, DEVICE), total) * WORLD).backward()
+        (micro_batch_loss(model, *to_device(share, device), total) * WORLD).backward()
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
     return {"replicated": replicated, "sharded": state_bytes(model),
             "gap": rel_gap(grads, gradients(reference))}
@@ -342,41 +354,56 @@ def qlora_fsdp(rank, base, shares, micro):
 
 # --- one rank's whole lesson --------------------------------------------------------------
 
-def rank_main(rank, world, args):
+def rank_main(rank, world, args, device):
     torch.set_num_threads(1)  # two ranks on two cores
     if rank == 0:  # under torchrun the base may not be cached yet: one rank trains it
         get_base_model(args)
     dist.barrier()
     base, _ = get_base_model(args)
-    base = base.to(DEVICE)
+    base = base.to(device)
     splits = task_splits(args)
-    out = {"gradient": same_gradient(rank, base, splits, args)}
-    weights = same_weights(rank, base, splits, args, 4 if args.quick else STEPS)  # as report
+    out = {"gradient": same_gradient(rank, base, splits, device)}
+    weights = same_weights(rank, base, splits, args, args.budget.steps, device)
     model = weights.pop("model")
     out["weights"] = weights
-    cfg = short_config(args, 4 if args.quick else STEPS, 0, grad_accum=ACCUM, seed=1)
+    cfg = short_config(args, args.budget.steps, 0, grad_accum=ACCUM, seed=1)
     batches = lambda g: sample_batch(splits["train"], TASK_BATCH // ACCUM, g)  # noqa: E731
-    by_hand = train_by_hand(lora_copy(base, seed=0), batches, cfg, rank)
+    by_hand = train_by_hand(lora_copy(base, seed=0), batches, cfg, rank, device)
     out["by_hand_vs_ddp"] = rel_gap(by_hand, trainable(model))
-    out["wire"] = wire_section(rank, base, splits)
+    out["wire"] = wire_section(rank, base, splits, device)
     micro = micro_batches(splits, torch.Generator().manual_seed(3), 1)
     shares = [rank_share(b, rank, WORLD) for b in micro]
     reference = lora_copy(base)
-    accumulate_gradients(reference, micro, DEVICE)
-    out["unused"] = unused_adapter(base, shares)
-    out["checkpointing"] = checkpointing(base, shares, gradients(reference))
+    accumulate_gradients(reference, micro, device)
+    out["unused"] = unused_adapter(base, shares, device)
+    out["checkpointing"] = checkpointing(base, shares, gradients(reference), device)
     folder = Path(args.runs) / NAME / "adapter_from_rank0"
     loaded = save_on_rank0(rank, model, base, folder)
     out["loaded_gap"] = rel_gap(loaded, trainable(model)) if rank == 0 else None
     out["loaded_ranks"] = rank_spread(loaded)
-    out["seeds"] = seeds_section(rank, base, splits, args)
-    out["qlora_ddp"] = qlora_ddp(rank, base, shares, micro)
-    out["fsdp"] = qlora_fsdp(rank, base, shares, micro)
+    out["seeds"] = seeds_section(rank, base, splits, args, device)
+    out["qlora_ddp"] = qlora_ddp(rank, base, shares, micro, device)
+    out["fsdp"] = qlora_fsdp(rank, base, shares, micro, device)
     return out
 
 
+def weights_vs_gradients(g, w, steps) -> str:
+    """Why the weights end further apart than the gradients -- said only where they do."""
+    if w["gap"] <= g["right"]:
+        return (f"The weights after {steps} steps ({w['gap']:.1e}) are no further apart than "
+                f"the first gradients ({g['right']:.1e}): the summation order's rounding did "
+                "not grow here.\n")
+    return (f"The weights after {steps} steps are {w['gap'] / max(g['right'], 1e-30):.0f}x "
+            f"further apart ({w['gap']:.1e}) than the first gradients ({g['right']:.1e} of the "
+            f"largest), which differ only in the order of their sums: AdamW divides each "
+            f"coordinate by its own running size, so what enters its update is the error "
+            f"relative to each coordinate's own gradient, here up to {g['own_size']:.1e} "
+            f"(coordinates above AdamW's eps; B = 0 at step 0 makes dL/dA exactly 0 in both "
+            f"runs); and each step's gap changes the next step's forward.\n")
+
+
 def report(results, args, checks):
-    r0, steps = results[0], 4 if args.quick else STEPS
+    r0, steps = results[0], args.budget.steps
     g, w = r0["gradient"], r0["weights"]
     print_table("(a) 2 ranks vs 1 process with the whole batch (fp32)", ["measure", "value"], [
         ["loss tokens per rank, first step", " / ".join(map(str, g["tokens"]))],
@@ -387,12 +414,7 @@ def report(results, args, checks):
          f"{w['gap']:.1e}"],
         ["weights, rank 1 vs rank 0 (max |diff|)", f"{w['ranks']:.1e}"],
         ["by hand vs DDP, weights gap", f"{r0['by_hand_vs_ddp']:.1e}"]])
-    print(f"Why the weights drift further than the gradients: the gradients differ only in the "
-          f"order of their sums, {g['right']:.1e} of the largest; but AdamW divides each "
-          f"coordinate by its own running size, so what enters its update is the error "
-          f"relative to each coordinate's own gradient, up to {g['own_size']:.1e} here "
-          f"(coordinates above AdamW's eps; B = 0 at step 0 makes dL/dA exactly 0 in both "
-          f"runs); and each step's gap changes the next step's forward.\n")
+    print(weights_vs_gradients(g, w, steps))
     checks.must(f"gradients after one step = one process's (relative {GRAD_TOL:g})",
                 g["right"] <= GRAD_TOL, f"{g['right']:.1e}")
     checks.must("the per-rank mean gives a different gradient (unequal tokens)",
@@ -414,6 +436,11 @@ def report(results, args, checks):
                 all(v["allreduce"] == v["allreduce_formula"] for v in wire.values()),
                 f"LoRA {lora['allreduce']:,} B, full {full['allreduce']:,} B "
                 f"({full['allreduce'] / lora['allreduce']:.0f}x)")
+    takeaway(f"{WORLD} processes with DDP {'give' if g['right'] <= GRAD_TOL else 'do NOT give'} "
+             f"one process's gradient (relative gap {g['right']:.1e}) when each rank's loss is "
+             f"W * S_r / N; its own mean S_r / N_r is off by {g['wrong']:.1e}",
+             f"under LoRA a step all-reduces {lora['allreduce']:,} bytes, "
+             f"{full['allreduce'] / lora['allreduce']:.0f}x fewer than full fine-tuning")
     q_off = wire["QLoRA, broadcast_buffers=False"]
     checks.must("QLoRA with broadcast_buffers=False sends no buffers per step",
                 q_off["buffers"] == 0 and wire["QLoRA, broadcast_buffers=True"]["buffers"] > 0,
@@ -489,23 +516,23 @@ def plot(wire, path):
 
 
 def main(argv=None):
-    args = parse_args("Lesson 13: data-parallel LoRA and QLoRA.", argv)
+    args = parse_args("Lesson 13: data-parallel LoRA and QLoRA.", argv,
+                      budget=(Budget(), QUICK))
     if not launched_by_torchrun():
         get_base_model(args)  # pretrain (once) here, not in two processes at a time
         argv = ["--runs", str(Path(args.runs).resolve()), "--seed", str(args.seed),
                 "--device", str(args.device)] + (
             ["--quick"] if args.quick else []) + (["--compile"] if args.compile else [])
         return run_like_torchrun(Path(__file__).resolve(), WORLD, argv)
-    global DEVICE
-    DEVICE = rank_device(args, int(os.environ["LOCAL_RANK"]))
-    if DEVICE.type == "cuda":
-        torch.cuda.set_device(DEVICE)
-    with process_group_from_env(backend_for(DEVICE)) as (rank, world):
+    device = rank_device(args, int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    with process_group_from_env(backend_for(device)) as (rank, world):
         if world != WORLD:
             raise SystemExit(f"lesson 13 runs on {WORLD} processes (--nproc_per_node="
                              f"{WORLD}), got {world}")
         results = [None] * world
-        dist.all_gather_object(results, rank_main(rank, world, args))
+        dist.all_gather_object(results, rank_main(rank, world, args, device))
     if rank != 0:
         return 0
     out = lesson_dir(args, NAME)

@@ -1,14 +1,15 @@
 """Lesson 15 -- where LoRA on Q and V is not enough: a task far from what the base learned.
 
-The seed's limitations: "not a universal replacement: for extreme distribution shifts, full
-fine-tuning may still be necessary"; and its fix for underfitting: "gradually increase rank; add
-adapters to more modules". The tasks of the other lessons (upper-casing, swapping, reversing)
-redirect a skill the base already has -- its corpus echoes words in quotes -- and there LoRA r=8
-on Q and V matches full fine-tuning (lesson 02). Here the task is `atbash`: every letter mirrored
-in the alphabet (a <-> z, b <-> y, ...), a mapping of 26 letters that nothing in the corpus
-shows. The answer must be computed letter by letter, and the attention's Q and V projections
-can only choose *where* to read from and what to carry; the new per-letter mapping has to be
-computed somewhere, and the MLPs are where a transformer computes per position.
+Where LoRA is not enough: it is "not a universal replacement: for extreme distribution shifts,
+full fine-tuning may still be necessary"; and the usual fix for underfitting: "gradually
+increase rank; add adapters to more modules". The tasks of the other lessons (upper-casing,
+swapping, reversing) redirect a skill the base already has -- its corpus echoes words in
+quotes -- and there lesson 02 measures LoRA r=8 on Q and V against full fine-tuning. Here the
+task is `atbash`: every letter mirrored in the alphabet (a <-> z, b <-> y, ...), a mapping of
+26 letters that nothing in the corpus shows. The answer must be computed letter by letter, and
+the attention's Q and V projections can only choose *where* to read from and what to carry; the
+new per-letter mapping has to be computed somewhere, and the MLPs are where a transformer
+computes per position.
 
 The same budget for every recipe (steps, batch, schedule), over seeds, on the same test words:
 
@@ -29,13 +30,15 @@ with the paired intervals against both ends. The same two ends on the near task 
 the same budget, show the contrast.
 """
 import copy
+from dataclasses import dataclass
 
-from lessons.common import (Checks, fit, get_base_model, lesson_dir, lora_copy, parse_args,
-                            print_table, run_main, saved_figure, short_config, task_splits,
-                            tuned_accuracy, write_summary)
-from lessons.seeds import add_seeds_flag, compare, errorbars, over_seeds, seeds_of
+from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse_args, print_table,
+                            run_main, takeaway, write_summary)
+from lessons.plots import saved_figure
+from lessons.recipe import probe_lr, short_config, task_splits, tuned_accuracy
+from lessons.seeds import (Trials, add_seeds_flag, compare, errorbars, in_words, print_verdicts,
+                           seeds_of)
 from tiny_gpt import exact_match
-from tiny_gpt.evaluate import task_loss
 
 NAME = "15_far_task"
 FAR, NEAR = "atbash", "upper"
@@ -52,49 +55,54 @@ RECIPES = {
                                 (3e-3, 1e-2)),
 }
 FULL, QV8 = "full fine-tuning", "LoRA r=8, Q,V"
+NEAR_LRS = {FULL: 1e-3, QV8: 1e-2}  # the shared recipe's
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps: int = STEPS              # optimizer steps per run
+    probe_steps: int = PROBE_STEPS  # steps of each learning-rate probe run
+
+
+QUICK = Budget(steps=4, probe_steps=2)
 
 
 def build(base, seed, options):
     return copy.deepcopy(base) if options is None else lora_copy(base, seed, **options)
 
 
-def steps_of(args):
-    return (4, 2) if args.quick else (STEPS, PROBE_STEPS)
-
-
 def probe(args, base, splits):
     """{label: the candidate lr with the lowest validation loss after a short run}."""
     chosen, rows = {}, []
     for label, (method, options, lrs) in RECIPES.items():
-        losses = {}
-        for lr in lrs:
-            model = build(base, args.seed, options)
-            fit(model, splits["train"], short_config(args, steps_of(args)[1], 0, method, lr=lr),
-                args)
-            losses[lr] = task_loss(model, splits["val"])
-        chosen[label] = min(losses, key=losses.get)
+        chosen[label], losses = probe_lr(args, lambda: build(base, args.seed, options), lrs,
+                                         splits, args.budget.probe_steps, method)
         rows.append([label, *(f"{lr:g}: {loss:.3f}" for lr, loss in losses.items()),
                      f"{chosen[label]:g}"])
     print_table(f"Learning-rate probe on '{FAR}': validation answer loss after "
-                f"{steps_of(args)[1]} steps (seed {args.seed})",
+                f"{args.budget.probe_steps} steps (seed {args.seed})",
                 ["recipe", "candidate 1", "candidate 2", "chosen"], rows)
     return chosen
 
 
-def run(args, base, task, label, lr, seed):
-    method, options, _ = RECIPES[label]
-    cfg = short_config(args, steps_of(args)[0], 0, method, lr=lr)
-    acc, result = tuned_accuracy(args, build(base, seed, options), cfg, seed, task)
-    return {"acc": acc, "loss": sum(result.losses[-10:]) / len(result.losses[-10:])}
+def runs_on(args, base, task, lrs):
+    """Trials of the recipes on `task` at the chosen lrs: test exact match, and the mean of the
+    last 10 training losses."""
+    def train(label, seed):
+        method, options, _ = RECIPES[label]
+        cfg = short_config(args, args.budget.steps, 0, method, lr=lrs[label])
+        acc, result = tuned_accuracy(args, build(base, seed, options), cfg, seed, task)
+        return {"acc": acc, "loss": sum(result.losses[-10:]) / len(result.losses[-10:])}
+    return Trials(seeds_of(args), train)
 
 
-def far_section(args, base, seeds, lrs, base_acc):
-    found = {label: over_seeds(seeds, lambda s: run(args, base, FAR, label, lrs[label], s))
-             for label in RECIPES}
+def far_section(args, base, lrs, base_acc):
+    runs = runs_on(args, base, FAR, lrs)
+    found = {label: runs.spreads(label) for label in RECIPES}
     full, qv8 = found[FULL]["acc"].mean, found[QV8]["acc"].mean
     gap = full - qv8
-    print_table(f"'{FAR}': {steps_of(args)[0]} steps, batch 32, {len(seeds)} seeds (the base: "
-                f"{100 * base_acc:.1f}%)",
+    print_table(f"'{FAR}': {args.budget.steps} steps, batch 32, {len(runs.seeds)} seeds (the "
+                f"base: {100 * base_acc:.1f}%)",
                 ["recipe", "peak lr", "test exact match", "training loss (last 10)",
                  "gap closed"],
                 [[k, f"{lrs[k]:g}", v["acc"].percent(), v["loss"].show(fmt="{:.3f}"),
@@ -104,22 +112,32 @@ def far_section(args, base, seeds, lrs, base_acc):
     for label in list(RECIPES)[2:]:
         verdicts.append(compare(found[label]["acc"], found[QV8]["acc"], label, QV8))
         verdicts.append(compare(found[label]["acc"], found[FULL]["acc"], label, FULL))
-    print("What the intervals allow (test exact match, paired by seed):\n  " +
-          "\n  ".join(v.text for v in verdicts) + "\n")
+    print_verdicts("What the intervals allow (test exact match, paired by seed)", verdicts)
     return found, verdicts
 
 
-def near_section(args, base, seeds, lrs):
+def near_section(args, base):
     """The two ends on the near task, with the shared recipe's lrs (1e-3 and 1e-2)."""
-    near_lrs = {FULL: 1e-3, QV8: 1e-2}
-    found = {label: over_seeds(seeds, lambda s: run(args, base, NEAR, label, near_lrs[label], s))
-             for label in near_lrs}
+    runs = runs_on(args, base, NEAR, NEAR_LRS)
+    found = {label: runs.spreads(label, ("acc",)) for label in NEAR_LRS}
     verdict = compare(found[QV8]["acc"], found[FULL]["acc"], QV8, FULL)
-    print_table(f"The same two ends on the near task '{NEAR}' ({steps_of(args)[0]} steps)",
+    print_table(f"The same two ends on the near task '{NEAR}' ({args.budget.steps} steps)",
                 ["recipe", "peak lr", "test exact match"],
-                [[k, f"{near_lrs[k]:g}", v["acc"].percent()] for k, v in found.items()])
+                [[k, f"{NEAR_LRS[k]:g}", v["acc"].percent()] for k, v in found.items()])
     print(f"  {verdict.text}\n")
     return found, verdict
+
+
+def conclude(far_verdict, near_verdict):
+    takeaway(in_words(far_verdict, f"on the far task '{FAR}' full fine-tuning beats LoRA r=8 on "
+                                   "Q,V", f"on the far task '{FAR}' LoRA r=8 on Q,V beats full "
+                                          "fine-tuning", f"on the far task '{FAR}' the seeds "
+                                                          "cannot tell full fine-tuning from "
+                                                          "LoRA r=8 on Q,V"),
+             in_words(near_verdict, f"on the near task '{NEAR}' LoRA r=8 on Q,V beats full "
+                                    "fine-tuning", f"on the near task '{NEAR}' full fine-tuning "
+                                                   "beats LoRA r=8 on Q,V",
+                      f"on the near task '{NEAR}' no difference is measurable"))
 
 
 def plot(far, near, path):
@@ -131,21 +149,21 @@ def plot(far, near, path):
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv, add_seeds_flag)
+    args = parse_args(__doc__, argv, add_seeds_flag, budget=(Budget(), QUICK))
     base, _ = get_base_model(args)
-    seeds = seeds_of(args)
     splits = task_splits(args, FAR)
     base_acc = exact_match(base, splits["test"], args.device)
     print(f"The base model on '{FAR}': {100 * base_acc:.1f}% exact match on "
           f"{len(splits['test'])} test prompts.\n")
     lrs = probe(args, base, splits)
-    far, far_verdicts = far_section(args, base, seeds, lrs, base_acc)
-    near, near_verdict = near_section(args, base, seeds, lrs)
+    far, far_verdicts = far_section(args, base, lrs, base_acc)
+    near, near_verdict = near_section(args, base)
+    conclude(far_verdicts[0], near_verdict)
     checks = Checks(args)
     checks.must(f"the base cannot do '{FAR}' (exact match below 5%)", base_acc < 0.05,
                 f"{100 * base_acc:.1f}%")
-    checks.verdict(f"on '{FAR}', full fine-tuning beats LoRA r=8 on Q,V (the seed's "
-                   "limitation)", far_verdicts[0])
+    checks.verdict(f"on '{FAR}', full fine-tuning beats LoRA r=8 on Q,V (where LoRA is not "
+                   "enough)", far_verdicts[0])
     plot(far, near, lesson_dir(args, NAME) / "far_task.png")
     write_summary(args, NAME, {**{f"acc {k}": v["acc"].mean for k, v in far.items()},
                                **{f"near acc {k}": v["acc"].mean for k, v in near.items()},

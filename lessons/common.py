@@ -1,9 +1,19 @@
 """What every lesson shares: its command line, its output folder, the cached base model, tables,
-the fine-tuning recipe, a seeded LoRA copy of the base, step timing and moving averages.
+its checks and takeaway, a seeded LoRA copy of the base, and step timing. The fine-tuning
+recipe is lessons/recipe.py; plots, lessons/plots.py; seeds, lessons/seeds.py.
 
 A lesson is a script with a ``main(argv=None)``. It prints a table of numbers it measured in the
 same run, saves plots under ``runs/<lesson>/``, and writes ``summary.json`` there, which
 ``python -m lessons`` collects into one table at the end.
+
+Where ``runs/`` is: the repository's own ``runs/`` folder (RUNS, found from this file's place,
+not from the current folder, so a lesson started from anywhere finds the cached base model);
+``--runs FOLDER`` puts it elsewhere.
+
+A lesson's sizes (steps, examples, repeats) are one frozen dataclass, conventionally
+``Budget``, whose defaults are the default run, with a ``QUICK`` instance for ``--quick``;
+``parse_args(..., budget=(Budget(), QUICK))`` chooses between them, once, and the lesson reads
+``args.budget`` everywhere.
 """
 import argparse
 import copy
@@ -11,7 +21,6 @@ import json
 import platform
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,31 +28,35 @@ import torch
 
 from lora import apply_lora, prepare_qlora
 from tiny_gpt.data import get_batch
-from tiny_gpt.evaluate import exact_match
 from tiny_gpt.memory.step_time import time_step
 from tiny_gpt.pretrain import PretrainRecipe, corpus_ids, load_base, pretrain, save_base
-from tiny_gpt.tasks import get_task, sample_batch
-from tiny_gpt.train import TrainConfig, pick_device, train
+from tiny_gpt.train import pick_device
 from tiny_gpt.util.safetensors import atomic_write_bytes
 from tiny_gpt.util.timing import round_robin_phase_medians
 
-RUNS = Path("runs")
+RUNS = Path(__file__).resolve().parent.parent / "runs"  # the repository's runs/
 BASE_RECIPE = PretrainRecipe()
 # --quick: a smoke-run base of a few seconds; its numbers mean nothing, its code paths are real.
 QUICK_RECIPE = replace(BASE_RECIPE, corpus_chars=50_000, steps=10, warmup_steps=2,
                        batch_size=8, seq_len=64, eval_every=5, eval_batches=1)
 
 
-def parse_args(description: str, argv=None, add_args=None) -> argparse.Namespace:
+def parse_args(description: str, argv=None, add_args=None, budget=None) -> argparse.Namespace:
     """--quick, --device, --seed, --runs for every lesson; add_args(parser) adds its own. A bad
-    flag is a usage error (exit status 2) before anything runs."""
-    parser = argparse.ArgumentParser(description=description.strip().splitlines()[0])
+    flag is a usage error (exit status 2) before anything runs; flags are never abbreviated
+    (``--r 4`` is not ``--runs 4``). budget: (full, quick) -- args.budget is `quick` under
+    --quick, else `full`: a dataclass instance, or a function of the parsed args giving one
+    (for a budget set by flags, such as --steps)."""
+    parser = argparse.ArgumentParser(description=description.strip().splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run of a few seconds (tiny budgets, numbers meaningless)")
     parser.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, ...")
     parser.add_argument("--seed", type=whole_number(0), default=0,
                         help="seed for everything random")
-    parser.add_argument("--runs", default=str(RUNS), help="folder for outputs and the base cache")
+    parser.add_argument("--runs", default=str(RUNS),
+                        help="folder for outputs and the base cache (default: the "
+                             "repository's runs/)")
     parser.add_argument("--compile", action="store_true",
                         help="fine-tune through torch.compile (TrainConfig.compile)")
     if add_args:
@@ -55,8 +68,18 @@ def parse_args(description: str, argv=None, add_args=None) -> argparse.Namespace
         parser.error(f"--device: {e}")
     if Path(args.runs).exists() and not Path(args.runs).is_dir():
         parser.error(f"--runs {args.runs} is a file; give a folder")
+    if budget is not None:
+        args.budget = choose_budget(args, *budget)
     torch.manual_seed(args.seed)
     return args
+
+
+def choose_budget(args, full, quick):
+    """The one place --quick picks a lesson's sizes: `quick` under --quick, else `full` (or
+    full(args), when the default run's budget is read from flags)."""
+    if args.quick:
+        return quick
+    return full(args) if callable(full) else full
 
 
 def whole_number(low: int):
@@ -83,6 +106,28 @@ def positive_number(text):
     return value
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+
+
+def target_list(text):
+    """An argparse type: comma-separated projections, 'q,v' or 'q_proj,v_proj' (of PROJECTIONS)
+    -> a tuple of full names."""
+    names = tuple(t.strip() if t.strip().endswith("_proj") else f"{t.strip()}_proj"
+                  for t in text.split(",") if t.strip())
+    unknown = [n for n in names if n not in PROJECTIONS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give projections from {', '.join(PROJECTIONS)} (or q, k, v, o, up, "
+            f"down), comma-separated")
+    return tuple(dict.fromkeys(names))
+
+
+def targets_label(targets) -> str:
+    """('q_proj', 'v_proj') -> 'Q,V'; the MLP's projections keep their names ('up', 'down')."""
+    return ",".join(t.removesuffix("_proj").upper() if len(t) == 6 else t.removesuffix("_proj")
+                    for t in targets)
+
+
 def lesson_dir(args, name: str) -> Path:
     path = Path(args.runs) / name
     path.mkdir(parents=True, exist_ok=True)
@@ -90,7 +135,7 @@ def lesson_dir(args, name: str) -> Path:
 
 
 def base_recipe(args) -> PretrainRecipe:
-    return QUICK_RECIPE if args.quick else BASE_RECIPE
+    return choose_budget(args, BASE_RECIPE, QUICK_RECIPE)
 
 
 def text_batch(args, batch_size: int, block_size: int):
@@ -151,26 +196,20 @@ def print_table(title: str, headers, rows) -> str:
     return text
 
 
+def takeaway(*sentences) -> None:
+    """Print a lesson's conclusion, one line each starting with 'Takeaway: ' (the results page
+    collects them). Each sentence must be computed from the run's measurements."""
+    for sentence in sentences:
+        print(f"Takeaway: {sentence}", flush=True)
+    print()
+
+
 def write_summary(args, name: str, numbers: dict) -> None:
     """runs/<lesson>/summary.json: the lesson's headline numbers, for `python -m lessons`."""
     record = {"lesson": name, "quick": args.quick, "device": str(args.device),
               "time": time.strftime("%Y-%m-%d %H:%M:%S"), "numbers": numbers}
     atomic_write_bytes(lesson_dir(args, name) / "summary.json",
                        json.dumps(record, indent=1).encode())
-
-
-def save_figure(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"saved {path}")
-
-
-def matplotlib_pyplot():
-    """pyplot with a non-interactive backend (lessons only ever save figures)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def run_main(main):
@@ -238,30 +277,7 @@ class Checks:
 
 
 # ---------------------------------------------------------------------------------------------
-# The fine-tuning recipe every lesson shares, so that their numbers can be compared.
-
-DEFAULT_TASK = "upper"   # the task the lessons tune on; "swap" is the second, for lesson 03
-FINETUNE_STEPS = 500     # optimizer steps of a default fine-tuning run (--seeds of them)
-FINETUNE_LR = {"lora": 1e-2, "full": 1e-3}  # peak learning rates (tiny models take large ones)
-
-
-def finetune_config(args, method: str = "lora", **overrides):
-    """The shared TrainConfig for fine-tuning; --quick cuts it to a few steps."""
-    steps = 6 if args.quick else FINETUNE_STEPS
-    cfg = dict(max_steps=steps, lr=FINETUNE_LR[method], warmup_steps=min(50, steps // 3),
-               eval_every=max(1, steps // 5), seed=args.seed, progress=not args.quick,
-               compile=args.compile)
-    cfg.update(overrides)
-    return TrainConfig(**cfg)
-
-
-def task_splits(args, task_name: str = DEFAULT_TASK, seed=None):
-    """train / val / test examples drawn with `seed` (default --seed); --quick keeps 16 of
-    each so evaluation is instant."""
-    splits = get_task(task_name).splits(seed=args.seed if seed is None else seed)
-    if args.quick:
-        splits = {k: v[:16] for k, v in splits.items()}
-    return splits
+# A seeded LoRA copy of the base, and step timing (the fine-tuning recipe: lessons/recipe.py).
 
 
 LORA_TARGETS, LORA_R, LORA_ALPHA = ("q_proj", "v_proj"), 8, 16  # the LoRA paper's Q,V at r = 8
@@ -289,72 +305,3 @@ def median_step_seconds(runs: dict, micro_batches, repeats: int) -> dict:
              for name, (model, opt) in runs.items()}
     medians = round_robin_phase_medians(steps, repeats)
     return {name: phases["total"] for name, phases in medians.items()}
-
-
-def moving_average(values, k: int) -> list:
-    """Means of every k consecutive values: entry j is mean(values[j : j + k]), so there are
-    len(values) - k + 1 of them (plot them at steps k .. len(values)). k is cut to the length."""
-    t = torch.as_tensor(values, dtype=torch.float64)
-    k = max(1, min(k, len(t)))
-    return t.unfold(0, k, 1).mean(1).tolist()
-
-
-# ---------------------------------------------------------------------------------------------
-# Short runs of the shared recipe, for the lessons that measure one change at a time (08, 09).
-
-TASK_BATCH = 32  # task examples per optimizer step, as in every lesson
-
-
-def short_config(args, steps: int, eval_every: int, method: str = "lora", **overrides):
-    """The shared recipe cut to `steps` steps (warmup min(50, steps // 3)), validating every
-    `eval_every` steps (0: never), keeping the last weights, no progress line; overrides win."""
-    cfg = dict(max_steps=steps, warmup_steps=min(50, steps // 3), restore_best=False,
-               eval_every=eval_every, progress=False)
-    return finetune_config(args, method, **{**cfg, **overrides})
-
-
-def fit(model, examples, cfg, args, evaluate=None):
-    """tiny_gpt.train on batches of TASK_BATCH examples drawn from `examples`."""
-    return train(model, lambda g: sample_batch(examples, TASK_BATCH, g), cfg, evaluate,
-                 device=args.device)
-
-
-def tuned_accuracy(args, model, cfg, seed: int, task_name: str = DEFAULT_TASK,
-                   evaluate=None):
-    """Train `model` with `cfg` on the task's examples drawn with `seed` (the config's seed is
-    set to it, so the batch order follows too), then score it on that seed's test prompts.
-    Returns (test exact match, TrainResult): one seed's measurement of one recipe."""
-    splits = task_splits(args, task_name, seed)
-    result = fit(model, splits["train"], replace(cfg, seed=seed), args, evaluate)
-    return exact_match(model, splits["test"], args.device), result
-
-
-def tail_mean(values, frac: float = 0.1) -> float:
-    """Mean of the last `frac` of the values (at least one): a run's end, with its noise."""
-    tail = values[-max(1, int(len(values) * frac)):]
-    return sum(tail) / len(tail)
-
-
-def plot_loss_curves(ax, curves: dict, k: int = 10) -> None:
-    """{label: training loss per step} -> their k-step moving averages on `ax` (log scale),
-    each mean drawn at the last step it covers, so the curves start at step k. k is cut to the
-    shortest curve; the curves take the colors C0, C1, ... in order."""
-    k = max(1, min([k] + [len(v) for v in curves.values()]))
-    for label, losses in curves.items():
-        avg = moving_average(losses, k)
-        ax.plot(range(len(losses) - len(avg) + 1, len(losses) + 1), avg, lw=1, label=str(label))
-    ax.set(xlabel="step", ylabel=f"training loss ({k}-step mean)", yscale="log")
-    ax.legend(fontsize=7)
-
-
-@contextmanager
-def saved_figure(path: Path, ncols: int = 1, figsize=(6.5, 3.8)):
-    """``with saved_figure(path, ncols) as axes:`` draw on a row of ncols axes (one axis when
-    ncols is 1); on leaving the block the figure is saved to `path` and closed."""
-    plt = matplotlib_pyplot()
-    fig, axes = plt.subplots(1, ncols, figsize=figsize)
-    try:
-        yield axes
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)

@@ -16,7 +16,9 @@ recipe once per seed (``--seeds N``, the seeds ``--seed``, ``--seed`` + 1, ...) 
                  is above zero, "lower" when below, and otherwise that no difference is
                  measurable at this budget;
     within       "a is within X of b" only when the whole interval lies inside [-X, X] (and
-                 "more than X apart" only when it lies entirely outside).
+                 "more than X apart" only when it lies entirely outside);
+    Trials       the recipe x seeds loop of every comparing lesson: each (recipe, seed) is
+                 trained once and kept, and a recipe's numbers come back as Spreads.
 
 Pairing by seed removes what the two recipes share (the same test prompts, the same batch
 order), so a small but steady difference can show where the two spreads overlap. With three
@@ -46,7 +48,8 @@ def add_seeds_flag(parser, default: int = 3) -> None:
 
 def seeds_of(args) -> List[int]:
     """The seeds a lesson runs: --seed, --seed + 1, ..., --seeds of them."""
-    n = args.seeds or (QUICK_SEEDS if args.quick else args.default_seeds)
+    from .common import choose_budget
+    n = args.seeds or choose_budget(args, args.default_seeds, QUICK_SEEDS)
     return [args.seed + k for k in range(n)]
 
 
@@ -99,6 +102,39 @@ def over_seeds(seeds: Sequence[int], measure: Callable[[int], Dict[str, float]]
     """measure(seed) -> {name: number}, called once per seed -> {name: Spread}."""
     runs = [measure(seed) for seed in seeds]
     return {name: Spread(tuple(run[name] for run in runs)) for name in runs[0]}
+
+
+class Trials:
+    """The recipe x seeds loop: train(recipe, seed) -> {name: value} runs once per distinct
+    (key(recipe), seed) and its row is kept, so the tables that show one recipe share its runs.
+
+        trials = Trials(seeds, train)
+        trials.spreads(recipe)        {name: Spread} of the row's numbers over the seeds
+        trials.one(recipe, seed)      one seed's row (a model, a curve: whatever train kept)
+        len(trials)                   how many runs were trained
+    """
+
+    def __init__(self, seeds: Sequence[int], train: Callable, key: Callable = lambda r: r):
+        self.seeds, self.train, self.key, self.done = list(seeds), train, key, {}
+
+    def one(self, recipe, seed: int) -> dict:
+        found = (self.key(recipe), seed)
+        if found not in self.done:
+            self.done[found] = self.train(recipe, seed)
+        return self.done[found]
+
+    def spreads(self, recipe, names: Optional[Sequence[str]] = None) -> Dict[str, Spread]:
+        """{name: Spread} over the seeds, of the numbers named (default: every int or float
+        the runs returned)."""
+        def measure(seed):
+            row = self.one(recipe, seed)
+            keep = names or [k for k, v in row.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            return {k: row[k] for k in keep}
+        return over_seeds(self.seeds, measure)
+
+    def __len__(self) -> int:
+        return len(self.done)
 
 
 @dataclass(frozen=True)
@@ -167,6 +203,23 @@ def within(a: Spread, b: Spread, margin: float, name_a: str, name_b: str,
                               f"{ci.show(scale, unit)}")
     return Verdict(None, f"cannot tell whether {name_a} is within {bound} of {name_b} at "
                          f"this budget: {ci.show(scale, unit)}")
+
+
+def in_words(verdict: Verdict, shown: str, contradicted: str, cannot_tell: str) -> str:
+    """The sentence a Verdict allows: `shown` where it holds, `contradicted` where the interval
+    says the opposite, `cannot_tell` where it cannot decide -- followed by the interval."""
+    said = {True: shown, False: contradicted, None: cannot_tell}[verdict.holds]
+    return f"{said} ({verdict.text.rsplit(': ', 1)[-1]})"
+
+
+def print_verdicts(title: Optional[str], verdicts) -> None:
+    """Print what the intervals allow, one verdict (or sentence) a line, under a title (None:
+    right under the table above)."""
+    if title:
+        print(f"{title}:")
+    for v in verdicts:
+        print(f"  {v if isinstance(v, str) else v.text}")
+    print()
 
 
 def rank(spreads: Dict[str, Spread], scale: float = 100.0, unit: str = " points") -> List[str]:

@@ -24,12 +24,17 @@ def load_lesson(path: Path):
 
 
 @pytest.mark.parametrize("path", LESSONS, ids=[p.stem for p in LESSONS])
-def test_lesson_quick_run(path, runs_dir):
+def test_lesson_quick_run(path, runs_dir, capfd):
     lesson = load_lesson(path)
     assert lesson.main(["--quick", "--device", "cpu", "--runs", str(runs_dir)]) == 0
     summaries = list(runs_dir.glob(f"{path.stem[:2]}_*/summary.json"))
     assert summaries, "a lesson writes its headline numbers to runs/<lesson>/summary.json"
     assert json.loads(summaries[0].read_text())["numbers"]
+    out = capfd.readouterr().out  # capfd: lesson 13's output comes from its two processes
+    last_takeaway = out.rfind("\nTakeaway: ")
+    checks_table = max(out.rfind("\nChecks\n------"), out.rfind("\nTargets\n-------"))
+    assert last_takeaway >= 0, "a lesson prints its computed takeaway (the results page)"
+    assert checks_table > last_takeaway, "a lesson ends with its checks table"
 
 
 def test_a_lesson_whose_own_check_fails_exits_non_zero(runs_dir, monkeypatch, capsys):
