@@ -1,0 +1,38 @@
+"""A model of a config's shape: built on the meta device first, then given its storage.
+
+Built on "meta", a module has the shapes of its tensors but no memory behind them, so nothing
+is allocated twice: build_model then gives every tensor its storage once, in the dtype asked
+for, and initializes it; the loader instead fills each tensor from the checkpoint (loader.py).
+"""
+import torch
+
+from .causal_lm import init_weights
+from .config import ModelConfig
+from .gpt2 import GPT2LMHeadModel
+from .llama import LlamaForCausalLM
+
+MODEL_CLASSES = {"llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "gpt2": GPT2LMHeadModel}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_dtype(dtype):
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    return dtype
+
+
+def empty_model(cfg: ModelConfig, dtype=torch.float32):
+    """The model's modules on the meta device, in `dtype`: shapes only, no storage."""
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"build_model needs a ModelConfig (read_config, shipped_config), got "
+                        f"{type(cfg).__name__}")
+    check_dtype(dtype)
+    with torch.device("meta"):
+        model = MODEL_CLASSES[cfg.model_type](cfg)
+    return model.to(dtype)
+
+
+def build_model(cfg: ModelConfig, dtype=torch.float32, device="cpu"):
+    """A model of `cfg`'s shape with random weights (Hugging Face's initialization)."""
+    model = empty_model(cfg, dtype).to_empty(device=device)
+    return model.apply(init_weights)
