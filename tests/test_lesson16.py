@@ -151,3 +151,12 @@ def test_a_bad_flag_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as stop:
         load_lesson().main(["--method", "full"])
     assert stop.value.code == 2 and "--method" in capsys.readouterr().err
+
+
+def test_speed_section_compares_equal_losses_with_transformers_and_peft():
+    pytest.importorskip("transformers", reason="transformers is a test-only extra")
+    pytest.importorskip("peft", reason="peft is a test-only extra")
+    from lessons.speed_checkpoint import SAME_LOSS_TOL, checkpoint_section
+    found = checkpoint_section(quick=True)
+    assert found["LoRA loss gap"] <= SAME_LOSS_TOL  # the same A, B and weights on both sides
+    assert found["LoRA step / transformers + PEFT"].median > 0
