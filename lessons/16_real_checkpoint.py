@@ -39,7 +39,7 @@ from lessons.common import (Checks, lesson_dir, parse_args, positive_number, pri
                             run_main, whole_number, write_summary)
 from lora import apply_lora, prepare_qlora, save_adapter
 from lora.checkpoint_bench import build, largest_stored_tensor, random_batch, trainable_adamw
-from quant.load_4bit import load_pretrained_4bit
+from quant import load_pretrained_4bit
 from tiny_gpt.memory.ledger import MB, measure_step
 from tiny_gpt.memory.peak_memory import measure_peak
 from tiny_gpt.memory.predict import PAPER_RECIPES, PUBLISHED, RECIPES, Shape, predict

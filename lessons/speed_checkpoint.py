@@ -25,7 +25,7 @@ import torch.nn as nn
 from lessons.common import machine_line, print_table
 from lora import apply_lora, lora_layers
 from lora.bench import copy_factors_to_peft, peft_lora
-from quant.load_4bit import load_pretrained_4bit
+from quant import load_pretrained_4bit
 from tiny_gpt.memory.step_time import time_step
 from tiny_gpt.model import masked_cross_entropy
 from tiny_gpt.pretrained import build_model, load_pretrained, save_pretrained, shipped_config

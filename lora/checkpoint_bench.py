@@ -26,8 +26,7 @@ import time
 import torch
 import torch.nn as nn
 
-from quant import Linear4bit, quantize_nf4
-from quant.load_4bit import load_pretrained_4bit
+from quant import Linear4bit, load_pretrained_4bit, quantize_nf4
 from tiny_gpt.memory.ledger import measure_step, weight_ledger
 from tiny_gpt.memory.predict import RECIPES
 from tiny_gpt.pretrained import build_model, load_pretrained, read_config, shipped_config
