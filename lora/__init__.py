@@ -13,6 +13,7 @@ merge / unmerge, several named adapters, adapters on disk in the PEFT layout, an
     serving.py   three ways to serve a batch of requests for many adapters, row for row equal
     library.py   AdapterLibrary: adapter directories on disk, listed, loaded lazily, unloaded
     io.py        adapters and merged models on disk (safetensors, PEFT's key names)
+    fused_io.py  our GPT-2's q/k/v adapters against PEFT's one adapter on the fused c_attn
     analysis.py  the LoRA paper's Sec. 7: subspace similarity and amplification
     qlora.py     QLoRA: quant's 4-bit base with LoRA on top, and its float deployment copy
     stack_check.py  a few steps of QLoRA next to its float twin, before a long run
@@ -35,6 +36,7 @@ from .qlora import dequantized_float_model, prepare_qlora
 from .stack_check import StackReport, check_qlora_stack
 from .io import (base_fingerprint, load_adapter, load_model_weights, save_adapter,
                  save_merged_model)
+from .fused_io import load_adapter_fused, save_adapter_fused
 
 __all__ = [
     "LoRAFunction", "LoRAAdapter", "LoRALinear", "lora_scaling", "apply_lora",
@@ -44,5 +46,6 @@ __all__ = [
     "load_adapter", "load_model_weights", "save_adapter", "save_merged_model", "prepare_qlora",
     "dequantized_float_model", "StackReport", "check_qlora_stack", "mixed_adapters",
     "MixedLoRAFunction", "serve_answers", "serve_logits", "AdapterLibrary", "DoRAFunction",
-    "pissa_init", "pissa_to_lora", "loftq_init", "apply_loftq",
+    "pissa_init", "pissa_to_lora", "loftq_init", "apply_loftq", "save_adapter_fused",
+    "load_adapter_fused",
 ]

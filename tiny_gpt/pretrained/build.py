@@ -4,7 +4,10 @@ Built on "meta", a module has the shapes of its tensors but no memory behind the
 is allocated twice: build_model then gives every tensor its storage once, in the dtype asked
 for, and initializes it; the loader instead fills each tensor from the checkpoint (loader.py).
 """
+import contextlib
+
 import torch
+import torch.nn as nn
 
 from .causal_lm import init_weights
 from .config import ModelConfig
@@ -27,12 +30,27 @@ def empty_model(cfg: ModelConfig, dtype=torch.float32):
         raise TypeError(f"build_model needs a ModelConfig (read_config, shipped_config), got "
                         f"{type(cfg).__name__}")
     check_dtype(dtype)
-    with torch.device("meta"):
+    with torch.device("meta"), modules_without_init():
         model = MODEL_CLASSES[cfg.model_type](cfg)
     return model.to(dtype)
+
+
+@contextlib.contextmanager
+def modules_without_init(classes=(nn.Linear, nn.Embedding, nn.LayerNorm)):
+    """torch's layers fill their weights with random numbers when built. On the meta device
+    there is nothing to fill, yet torch's meta random fills import torch._dynamo the first
+    time (seconds, and ~70 MB that a memory measurement of loading would count): skip them."""
+    saved = {cls: cls.reset_parameters for cls in classes}
+    try:
+        for cls in classes:
+            cls.reset_parameters = lambda self: None
+        yield
+    finally:
+        for cls, reset in saved.items():
+            cls.reset_parameters = reset
 
 
 def build_model(cfg: ModelConfig, dtype=torch.float32, device="cpu"):
     """A model of `cfg`'s shape with random weights (Hugging Face's initialization)."""
     model = empty_model(cfg, dtype).to_empty(device=device)
-    return model.apply(init_weights)
+    return model.apply(init_weights)  # (on real storage: no meta fills)

@@ -22,6 +22,7 @@ from .safetensors import (DTYPES, MAX_HEADER_BYTES, SafetensorsError, _check_ent
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+CHUNK_BYTES = 8 << 20  # a big tensor is copied out of the map this many bytes at a time
 
 
 def read_header(path):
@@ -63,28 +64,34 @@ class MappedFile:
         return tuple(self.entries[name]["shape"])
 
     def tensor(self, name, dtype=None):
-        """A copy of tensor `name` (in `dtype` if given) owning its memory; the file's pages
-        that held it are released from this process right after."""
+        """A copy of tensor `name` (in `dtype` if given) owning its memory. It is copied in
+        chunks of CHUNK_BYTES, each chunk's pages released from this process once copied, so
+        that reading a big tensor holds its copy and one chunk of the file, not the file's
+        pages of the whole tensor beside its copy."""
         entry = self.entries[name]
         stored = DTYPES[entry["dtype"]]
         begin, end = (self.data_start + o for o in entry["data_offsets"])
+        if stored == torch.bool:
+            return self._bool_tensor(name, entry, begin, end).to(dtype or stored)
+        out = torch.empty(entry["shape"], dtype=dtype or stored)
+        flat, size = out.view(-1), stored.itemsize
+        step = max(1, CHUNK_BYTES // size)
+        for first in range(0, flat.numel(), step):
+            n = min(step, flat.numel() - first)
+            start = begin + first * size  # any offset will do, odd ones included
+            flat[first:first + n] = torch.frombuffer(self._map, dtype=stored, count=n,
+                                                     offset=start)
+            self._release(start, start + n * size)
+        return out
+
+    def _bool_tensor(self, name, entry, begin, end):
         if begin == end:
-            return torch.empty(entry["shape"], dtype=dtype or stored)
+            return torch.empty(entry["shape"], dtype=torch.bool)
         raw = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=begin)
-        if stored == torch.bool and bool((raw > 1).any()):
+        if bool((raw > 1).any()):
             raise SafetensorsError(f"{self.path}: BOOL tensor {name!r} holds bytes other than "
                                    "0 and 1")
-        if stored == torch.bool:
-            view = raw.to(torch.bool)
-        elif begin % stored.itemsize == 0:  # aligned: read the bytes as they lie
-            view = torch.frombuffer(self._map, dtype=stored, count=raw.numel() //
-                                    stored.itemsize, offset=begin)
-        else:  # an odd offset (a file with 2-byte tensors before a 4-byte one): copy bytes
-            view = raw.clone().view(stored)
-        out = view.reshape(entry["shape"]).to(dtype or stored, copy=True)
-        del raw, view  # no view of the map may outlive this call (the map could not close)
-        self._release(begin, end)
-        return out
+        return raw.to(torch.bool).reshape(entry["shape"])
 
     def _release(self, begin, end):
         if hasattr(self._map, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
