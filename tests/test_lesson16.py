@@ -135,7 +135,7 @@ def test_largest_stored_tensor_is_the_embedding_of_a_tiny_llama(folder):
 
 
 def test_an_unknown_recipe_is_refused_by_name():
-    with pytest.raises(ValueError, match="unknown recipe 'LoRA+'"):
+    with pytest.raises(ValueError, match="unknown recipe 'LoRA\\+'"):
         build(shipped_config("tiny"), "LoRA+")
 
 
