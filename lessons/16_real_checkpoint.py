@@ -146,7 +146,7 @@ def load_section(cfg, checks):
 def peak_steps(config, recipes, B, T):
     """{recipe: measure_peak of one step in a fresh process}."""
     return {r: measure_peak(f"{BENCH}:train_step", model_config=config, recipe=r, batch=B,
-                            seq_len=T, timeout=900) for r in recipes}
+                            seq_len=T, timeout=3600) for r in recipes}
 
 
 def rss_section(args, checks):
