@@ -113,6 +113,9 @@ def time_section(models, B, T, cfg, repeats):
     print_table(f"Step time, batch {B} x {T} (median of {repeats} rounds, taking turns)",
                 ["recipe", "s", "/ LoRA, median [quartiles] of the rounds"],
                 [[n, f"{s:.2f}", str(ratio_spread(times, n, "LoRA"))] for n, s in seconds.items()])
+    qlora, full = (ratio_spread(times, n, "LoRA") for n in ("QLoRA", "full FT fp32"))
+    print(f"Takeaway: a QLoRA step takes {qlora.median:.2f}x LoRA's time and a full fine-tuning "
+          f"step {full.median:.2f}x (medians of {repeats} rounds; quartiles in the table).\n")
     return seconds
 
 
@@ -154,6 +157,7 @@ def rss_section(args, checks):
     big, small = ("tiny", "tiny") if args.quick else ("llama-3.2-1b", "smollm2-135m")
     runs = {(big, 1, 64 if args.quick else 256): ("LoRA + ckpt", "QLoRA + ckpt"),
             (small, 2 if args.quick else 4, 32 if args.quick else 128): ("LoRA", "QLoRA")}
+    # (--quick never comes here; tests/test_lesson16.py calls this with quick=True, tiny)
     rows, found = [], {}
     for (config, B, T), recipes in runs.items():
         peaks = peak_steps(config, recipes, B, T)
@@ -179,7 +183,7 @@ def why_small(peaks, ratio, logits):
     lora, qlora = (peaks[r]["result"]["ledger"] for r in ("LoRA", "QLoRA"))
     saved = lora["frozen"] - qlora["frozen"]
     share = lora["activations"] / (lora["frozen"] + lora["activations"])
-    print(f"Takeaway: at the small shape QLoRA's peak is {ratio:.2f}x LoRA's: NF4 saves "
+    print(f"Why: at the small shape QLoRA's peak is {ratio:.2f}x LoRA's: NF4 saves "
           f"{saved / MB:.0f} MiB of weights, but activations are {share:.0%} of LoRA's ledger "
           f"({lora['activations'] / MB:.0f} MiB, of which the float32 log-softmax over the "
           f"vocabulary is {4 * logits / lora['activations']:.0%}), and QLoRA keeps them all.\n")
@@ -210,12 +214,19 @@ def paper_section(checks):
           "does not count.\n")
 
 
-def takeaway(args, seconds, loads, ratio_big, ratio_small):
-    print(f"Takeaway: at {'the tiny' if args.quick else 'Llama-3.2-1B'}'s shape a checkpointed "
-          f"QLoRA step peaks at {ratio_big:.2f}x LoRA's memory; at the 135M shape one QLoRA "
-          f"step takes {seconds['QLoRA'] / seconds['LoRA']:.2f}x LoRA's time.\n")
-    return {"load peak / model": loads, "QLoRA / LoRA peak, big shape": ratio_big,
-            "QLoRA / LoRA peak, small shape": ratio_small, "step seconds": seconds}
+def process_sections(args, cfg, checks):
+    """Loading and the step peaks, each a fresh interpreter: skipped under --quick (seconds
+    apiece; tests/test_lesson16.py runs them on the tiny shape). -> numbers or {}."""
+    if args.quick:
+        print("Loading and training-step peaks: skipped under --quick (each measurement "
+              "starts a fresh interpreter)\n")
+        return {}
+    loads = load_section(cfg, checks)
+    ratio_big, ratio_small = rss_section(args, checks)
+    print(f"Takeaway: at Llama-3.2-1B's shape a checkpointed QLoRA step peaks at "
+          f"{ratio_big:.2f}x the memory of LoRA on fp32 weights.\n")
+    return {"load peak / must hold": loads, "QLoRA / LoRA peak, 1B": ratio_big,
+            "QLoRA / LoRA peak, 135M": ratio_small}
 
 
 # --- with --model: a real checkpoint -----------------------------------------------------
@@ -293,10 +304,8 @@ def main(argv=None):
         models = ledger_section(cfg, B, T, checks)
         seconds = time_section(models, B, T, cfg, 2 if args.quick else 3)
         del models
-        loads = load_section(cfg, checks)
-        ratio_big, ratio_small = rss_section(args, checks)
+        numbers = {"step seconds": seconds, **process_sections(args, cfg, checks)}
         paper_section(checks)
-        numbers = takeaway(args, seconds, loads, ratio_big, ratio_small)
     write_summary(args, NAME, numbers)
     return checks.report()
 

@@ -150,6 +150,19 @@ def test_model_path_tunes_and_saves_a_peft_adapter(folder, tmp_path, method):
                                                  "adapter_model.safetensors"}
 
 
+def test_the_fresh_process_sections_run_on_the_tiny_shape(tmp_path):
+    """What --quick skips: the load peaks and the step peaks, each a fresh interpreter."""
+    lesson = load_lesson()
+    args = lesson.parse_args(lesson.__doc__, ["--quick", "--runs", str(tmp_path)],
+                             lesson.add_args)
+    checks = lesson.Checks(args)
+    loads = lesson.load_section(shipped_config("tiny"), checks)
+    ratio_big, ratio_small = lesson.rss_section(args, checks)
+    assert set(loads) == {"float", "4-bit"} and all(v > 0 for v in loads.values())
+    assert ratio_big > 0 and ratio_small > 0
+    assert not checks.failed()  # targets are not judged under --quick; nothing else failed
+
+
 def test_bad_data_is_refused_before_the_model_is_read(tmp_path):
     data = tmp_path / "data.tsv"
     data.write_text("a prompt without its answer\n", encoding="utf-8")
