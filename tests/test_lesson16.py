@@ -13,8 +13,8 @@ from lora.checkpoint_bench import (build, largest_stored_tensor, random_4bit_mod
 from quant import Linear4bit, quantize_nf4
 from tiny_gpt.memory.ledger import measure_step, weight_ledger
 from tiny_gpt.memory.peak_memory import measure_peak
-from tiny_gpt.memory.predict import (PUBLISHED, RECIPES, Recipe, Shape, nf4_bytes, predict,
-                                     saved_per_token)
+from tiny_gpt.memory.predict import (PAPER_RECIPES, PUBLISHED, RECIPES, Recipe, Shape,
+                                     nf4_bytes, predict, saved_per_token)
 from tiny_gpt.pretrained import build_model, save_pretrained, shipped_config
 
 from test_tokenizer import tiny_spec, write
@@ -62,6 +62,17 @@ def test_checkpointing_predicts_far_fewer_activations_at_a_real_shape():
                    for r in ("LoRA", "LoRA + ckpt"))
     per_layer = 256 * sum(saved_per_token(shape, RECIPES["LoRA"]).values())
     assert plain - ckpt > 10 * per_layer  # 16 blocks' tensors become 16 block inputs
+
+
+def test_the_qlora_papers_65b_claims_hold_in_the_prediction():
+    """Full 16-bit fine-tuning of LLaMA-65B needs more than 780 GB (12 bytes a weight: bf16
+    weight and gradient, two float32 AdamW moments, about 783 GB before activations); QLoRA
+    with r = 64 on every linear layer fits under 48 GB at batch 1 x 512."""
+    shape = PUBLISHED["LLaMA-65B"]
+    full = predict(shape, PAPER_RECIPES["full FT 16-bit"], 1, 512)
+    qlora = predict(shape, PAPER_RECIPES["QLoRA, all linear r=64"], 1, 512)
+    assert 780e9 < full.total < 800e9
+    assert qlora.total < 48e9 and qlora.frozen < 40e9
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (100, 30), (7, 3)])
