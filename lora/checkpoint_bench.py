@@ -32,7 +32,6 @@ from tiny_gpt.memory.predict import RECIPES
 from tiny_gpt.pretrained import build_model, load_pretrained, read_config, shipped_config
 from tiny_gpt.pretrained.build import empty_model
 from tiny_gpt.pretrained.loader import fill
-from tiny_gpt.util.safetensors_mapped import Checkpoint
 
 from .inject import apply_lora
 
@@ -101,14 +100,6 @@ def config_of(model_config):
         return shipped_config(model_config)
     except ValueError:
         return read_config(model_config)
-
-
-def largest_stored_tensor(folder) -> int:
-    """Bytes of the folder's largest tensor as stored: while the loader converts it, its
-    file pages are held beside the model (then handed back)."""
-    with Checkpoint(folder) as checkpoint:
-        spans = [f.entries[k]["data_offsets"] for k, f in checkpoint.where.items()]
-    return max(end - begin for begin, end in spans)
 
 
 # --- run in a fresh interpreter by measure_peak: each returns json-ready numbers ----------
