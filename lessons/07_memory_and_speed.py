@@ -60,7 +60,7 @@ from tiny_gpt.memory.ledger import (MB, SavedTensorMeter, measure_step, tensor_b
                                     weight_ledger)
 from tiny_gpt.memory.offload import FrozenBaseOffload
 from tiny_gpt.memory.step_time import time_step
-from tiny_gpt.train import accumulate_gradients
+from tiny_gpt.step import accumulate_gradients
 from tiny_gpt.util.timing import round_robin_phase_medians
 
 NAME = "07_memory_and_speed"

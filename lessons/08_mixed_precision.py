@@ -40,8 +40,8 @@ from lessons.plots import plot_loss_curves, saved_figure
 from lessons.recipe import DEFAULT_TASK, TASK_BATCH, fit, short_config, tail_mean, task_splits
 from tiny_gpt import sample_batch
 from tiny_gpt.memory.loss_scaling import DynamicLossScaler, Fp16Backward, scaled_fp16_grads
-from tiny_gpt.train import (accumulate_gradients, lr_at, make_optimizer, optimizer_step,
-                             set_lr)
+from tiny_gpt.train import make_optimizer, set_lr
+from tiny_gpt.step import accumulate_gradients, lr_at, optimizer_step
 from tiny_gpt.util.torch_compat import cuda_grad_scaler
 
 NAME = "08_mixed_precision"

@@ -19,7 +19,7 @@ Overfitting a small training set (dropout, epochs, early stopping) is lesson 14'
     the trouble if the peak lr is itself too high. The table measures which fix rescues the run
     (every seed learns, and the validation loss is measurably below the too-high lr's).
 (b) Schedules. Warmup (linear 0 -> lr) then cosine decay to lr * min_lr_ratio
-    (tiny_gpt.train.lr_at), versus a constant lr.
+    (tiny_gpt.step.lr_at), versus a constant lr.
 (c) Drift from the base, on the *pretraining* text (tiny_gpt/evaluate.py, measure_drift):
         KL(base || tuned) = mean_t sum_v p_base(v) (log p_base(v) - log p_tuned(v))
     and the tuned model's pretraining loss (forgetting), tracked at every validation, LoRA vs

@@ -63,9 +63,9 @@ from tiny_gpt.parallel import (AllReduceCounter, all_reduce_gradients, backend_f
                                process_group_from_env, rank_share, run_like_torchrun,
                                sharded_batches, sum_over_ranks, sync_unless_last)
 from tiny_gpt.util.torch_compat import fully_shard_function, no_buffer_sync
-from tiny_gpt.train import (accumulate_gradients, count_loss_tokens, lr_at, make_optimizer,
-                            micro_batch_loss, optimizer_step, set_lr, to_device,
-                            train)
+from tiny_gpt.train import make_optimizer, set_lr, train
+from tiny_gpt.step import (accumulate_gradients, count_loss_tokens, lr_at, micro_batch_loss,
+                           optimizer_step, to_device)
 
 NAME = "13_data_parallel"
 WORLD = 2

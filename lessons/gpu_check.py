@@ -30,7 +30,8 @@ from tiny_gpt import GPT, GPTConfig
 from tiny_gpt.memory.ledger import MB, measure_step
 from tiny_gpt.memory.loss_scaling import DynamicLossScaler
 from tiny_gpt.memory.offload import FrozenBaseOffload
-from tiny_gpt.train import accumulate_gradients, check_device, optimizer_step
+from tiny_gpt.train import check_device
+from tiny_gpt.step import accumulate_gradients, optimizer_step
 from tiny_gpt.util.timing import medians, ratio_spread, round_robin_times
 
 STEPS = 8              # optimizer steps of each LoRA run: enough for the loss to move

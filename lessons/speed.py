@@ -15,29 +15,33 @@ in another environment); they are never dependencies, and a table says so when o
 1. NF4 (quant/bench.py): quantize and dequantize a 4096 x 4096 weight, ours against
    bitsandbytes' CPU kernels, codes identical; the 4-bit matmul against the fp32 one.
 2. One LoRALinear 512 -> 512, r = 8, 8,192 tokens, forward + backward (lora/bench.py), against
-   the frozen nn.Linear alone; the seed's naive forward, plain autograd and PEFT's layer beside.
+   the frozen nn.Linear alone; minLoRA's naive forward, plain autograd and PEFT's layer beside.
 3. One training step of the tiny GPT, 32 windows of 128 characters, AdamW: our LoRA against
    PEFT's LoRA on the same model and the same A, B (the same loss, checked); QLoRA against LoRA;
    and the floor, the same step with no adapter work (floor_model): what LoRA adds, and the
    best LoRA / PEFT's step that any LoRA layer could reach here.
-5. Tuned against reference: each tuned loop kept beside its reference (quant/tuned.py beside
+4. Tuned against reference: each tuned loop kept beside its reference (quant/tuned.py beside
    quant/blockwise.py) against that reference, on the operation it serves: quantize and
    dequantize a 4096 x 4096 weight, and a QLoRA training step of the tiny GPT. A tuned form stays
    only where it buys at least 10% (ratio <= 0.90).
-4. torch.compile (inductor): graph breaks of the LoRA and QLoRA forward (torch._dynamo.explain),
+5. torch.compile (inductor): graph breaks of the LoRA and QLoRA forward (torch._dynamo.explain),
    a full-graph compile of forward and backward, compiled against eager per training step, and
    QLoRA against LoRA with both compiled.
+6. A LoRA and a QLoRA training step at SmolLM2-135M's shape (lessons/speed_checkpoint.py): ours
+   against transformers + PEFT (+ bitsandbytes' 4-bit), the same weights and A, B, where
+   installed.
 """
 import copy
 
 import torch
 
+from lessons.speed_checkpoint import TARGET as CHECKPOINT_TARGET, checkpoint_section
 from lessons.common import (Checks, get_base_model, lora_copy, machine_line, parse_args,
                             print_table, run_main, text_batch)
 from lora.bench import benchmark_lora_linear, copy_factors_to_peft, peft_lora
 from quant.bench import against_bitsandbytes, benchmark_nf4, tuned_against_reference, with_kernels
 from tiny_gpt.memory.step_time import time_step
-from tiny_gpt.train import micro_batch_loss
+from tiny_gpt.step import micro_batch_loss
 from tiny_gpt.util.timing import RatioSpread, medians, ratio_spread, round_robin_times
 from tiny_gpt.util.torch_compat import dynamo_traces_function_backward
 
@@ -183,7 +187,7 @@ def tuned_section(base, args):
     found = {f"{op} {size}^2, tuned / reference": spread
              for op, spread in kernel["spread"].items()}
     found[f"QLoRA step {B} x {T}, tuned / reference"] = ratio_spread(times, "tuned", "reference")
-    print_table(f"5. Tuned quant loops against the reference, taking turns ({machine_line()})",
+    print_table(f"4. Tuned quant loops against the reference, taking turns ({machine_line()})",
                 ["operation", "tuned / reference, median [quartiles]"],
                 [[name, str(spread)] for name, spread in found.items()]
                 + [["codes and values identical", str(kernel["identical"])]])
@@ -203,10 +207,10 @@ def compile_section(base, args):
     with both compiled; the ratios as RatioSpread), or None under --quick (compiling takes
     about half a minute a model on a 2-core CPU)."""
     if args.quick:
-        print("4. torch.compile: skipped under --quick (compiling takes ~30 s a model here)\n")
+        print("5. torch.compile: skipped under --quick (compiling takes ~30 s a model here)\n")
         return None
     if not dynamo_traces_function_backward():
-        print(f"4. torch.compile: skipped: torch {torch.__version__} breaks the graph at every "
+        print(f"5. torch.compile: skipped: torch {torch.__version__} breaks the graph at every "
               "custom autograd.Function, and cannot compile a 4-bit model (torch >= 2.4 can)\n")
         return None
     B, T, repeats = 16, 256, 7
@@ -229,7 +233,7 @@ def compile_section(base, args):
     times = step_times(steps, repeats)
     seconds = medians(times)
     ratios = {n: ratio_spread(times, n + ", compiled", n) for n in breaks}
-    print_table(f"4. torch.compile (inductor, fullgraph=True), one training step, batch {B} x {T} "
+    print_table(f"5. torch.compile (inductor, fullgraph=True), one training step, batch {B} x {T} "
                 f"(medians of {repeats}, taking turns)",
                 ["model", "graph breaks (forward)", "eager ms", "compiled ms", "compiled / eager"],
                 [[n, breaks[n], f"{1e3 * seconds[n]:.1f}", f"{1e3 * seconds[n + ', compiled']:.1f}",
@@ -281,6 +285,10 @@ def report(base, args, checks):
         show_ratio(checks, f"QLoRA step / LoRA step <= {TARGETS['QLoRA step / LoRA step']}, "
                    "both compiled", qlora_over_lora, TARGETS["QLoRA step / LoRA step"])
         found["QLoRA / LoRA, compiled"] = qlora_over_lora
+    for name, value in checkpoint_section(args.quick).items():  # the real-checkpoint shape
+        if isinstance(value, RatioSpread):
+            show_ratio(checks, f"{name} <= {CHECKPOINT_TARGET}", value, CHECKPOINT_TARGET)
+        found[name] = value
     return summary_numbers(found)
 
 

@@ -29,7 +29,7 @@ from quant import load_pretrained_4bit
 from tiny_gpt.memory.step_time import time_step
 from tiny_gpt.model import masked_cross_entropy
 from tiny_gpt.pretrained import build_model, load_pretrained, save_pretrained, shipped_config
-from tiny_gpt.train import micro_batch_loss
+from tiny_gpt.step import micro_batch_loss
 from tiny_gpt.util.timing import medians, ratio_spread, round_robin_times
 
 TARGET = 1.0          # ours / theirs, per step
@@ -105,7 +105,7 @@ def checkpoint_section(quick: bool) -> dict:
         import peft  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as err:
-        print(f"5. A step at SmolLM2-135M's shape against transformers + PEFT: skipped ({err})\n")
+        print(f"6. A step at SmolLM2-135M's shape against transformers + PEFT: skipped ({err})\n")
         return {}
     cfg = shipped_config("tiny" if quick else "smollm2-135m")
     B, T, repeats = (2, 16, 3) if quick else (4, 128, 7)
@@ -126,7 +126,7 @@ def checkpoint_section(quick: bool) -> dict:
             found[f"{name} step / {against}"], found[f"{name} loss gap"] = spread, gap
             rows.append([name, against, f"{sec['ours']:.2f}", f"{sec['theirs']:.2f}",
                          f"{gap:.1e}", f"{spread} {verdict(spread)}"])
-    print_table(f"5. One AdamW step at {'the tiny' if quick else 'SmolLM2-135M'}'s shape, "
+    print_table(f"6. One AdamW step at {'the tiny' if quick else 'SmolLM2-135M'}'s shape, "
                 f"batch {B} x {T}, LoRA r = {R} on q_proj, v_proj (medians of {repeats} rounds, "
                 f"taking turns; {machine_line()})", ["ours", "against", "ours s", "theirs s",
                 "|loss gap|", f"ours / theirs <= {TARGET}: median [quartiles]"], rows)

@@ -22,28 +22,25 @@ otherwise full module paths; PEFT matches both the same way (equal, or ending in
 Loading checks everything before touching the model: the config's fields and types, the
 fingerprint (when the config has one; PEFT's own configs do not), the keys (missing and
 unexpected ones listed) and shapes, through tiny_gpt.util.safetensors, which parses JSON and copies
-raw bytes, so a hostile file can fail but never execute anything.
+raw bytes, so a hostile file can fail but never execute anything. Those checks of an untrusted
+folder are in lora/io_checks.py.
 
 Merged models on disk, and QLoRA's float deployment copy, are in lora/export.py.
 """
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from tiny_gpt.util.safetensors import atomic_write_files, load_file, serialize
 
+from .io_checks import (CONFIG_NAME, WEIGHTS_NAME, check_adapter_directory,
+                        check_finite_tensors, check_tensors, read_adapter_config)
 from .inject import (DEFAULT, adapter_names, apply_lora, base_modules, is_wrappable,
                      lora_layers, match_targets, named_adapters)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-REQUIRED = {"peft_type": str, "r": int, "lora_alpha": (int, float), "target_modules": list}
-OPTIONAL = {"lora_dropout": ((int, float), 0.0), "use_rslora": (bool, False),
-            "bias": (str, "none"), "base_model_fingerprint": (str, None),
-            "use_dora": (bool, False)}
+
 
 
 def peft_key(path, factor):
@@ -92,83 +89,10 @@ def save_adapter(model, directory, adapter_name="default"):
               "target_modules": _target_modules(model, [p for p, _ in found]),
               "base_model_fingerprint": base_fingerprint(model)}
     directory = Path(directory)
-    _check_adapter_directory(directory)
+    check_adapter_directory(directory)
     atomic_write_files({directory / WEIGHTS_NAME: serialize(tensors, {"format": "pt"}),
                         directory / CONFIG_NAME: json.dumps(config, indent=2).encode("utf-8")})
     return directory
-
-
-def _check_adapter_directory(directory):
-    """Refuse, before writing anything, a directory that is a file, or one where a folder has
-    taken the name of one of the two files (the rename into place would fail halfway)."""
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{directory} is a file; save_adapter needs a directory to write "
-                         f"{WEIGHTS_NAME} and {CONFIG_NAME} into")
-    folders = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if (directory / name).is_dir()]
-    if folders:
-        raise ValueError(f"{directory}: {folders} are folders where save_adapter writes its "
-                         "files; remove them or save to another directory")
-
-
-def _check_types(config, path):
-    types = {**REQUIRED, **{k: t for k, (t, _) in OPTIONAL.items()}}
-    for key, kind in types.items():
-        value = config[key]
-        if key == "base_model_fingerprint" and value is None:
-            continue  # configs written by PEFT itself have no fingerprint
-        # JSON true/false are Python bools, which isinstance(..., int) would accept
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise ValueError(f"{path}: field {key!r} must be {kind}, got {value!r}")
-
-
-def read_adapter_config(path):
-    """Parse and validate adapter_config.json -> dict with the optional fields filled in."""
-    try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: must hold a JSON object")
-    missing = [k for k in REQUIRED if k not in config]
-    if missing:
-        raise ValueError(f"{path}: missing required fields {missing}")
-    config = {**{k: default for k, (_, default) in OPTIONAL.items()}, **config}
-    _check_types(config, path)
-    if not (config["r"] >= 1 and 0 < config["lora_alpha"] < math.inf
-            and 0 <= config["lora_dropout"] < 1):
-        raise ValueError(f"{path}: need r >= 1, finite lora_alpha > 0 and 0 <= lora_dropout "
-                         f"< 1, got {config['r']}, {config['lora_alpha']}, "
-                         f"{config['lora_dropout']}")
-    if config["peft_type"] != "LORA" or config["bias"] != "none":
-        raise ValueError(f"{path}: need peft_type 'LORA' and bias 'none', got "
-                         f"{config['peft_type']!r} and {config['bias']!r}")
-    targets = config["target_modules"]
-    if not targets or not all(isinstance(t, str) for t in targets):
-        raise ValueError(f"{path}: target_modules must be a non-empty list of strings")
-    return config
-
-
-def check_tensors(found, expected, where):
-    """found {name: Tensor} against expected {name: shape}; one ValueError listing every problem."""
-    problems = []
-    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if extra:
-        problems.append(f"unexpected keys {extra}")
-    problems += [f"{k} has shape {tuple(found[k].shape)}, the model needs {tuple(expected[k])}"
-                 for k in sorted(set(found) & set(expected))
-                 if tuple(found[k].shape) != tuple(expected[k])]
-    if problems:
-        raise ValueError(f"{where}: " + "; ".join(problems))
-
-
-def check_finite_tensors(tensors, where):
-    """A nan or inf factor would turn every output of the model into nan: refuse it by name."""
-    bad = [k for k, t in sorted(tensors.items())
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise ValueError(f"{where}: tensors {bad} hold nan or inf values")
 
 
 def load_adapter(model, directory, adapter_name="default", activate=True):

@@ -16,7 +16,7 @@ from tiny_gpt import GPT, GPTConfig, TrainConfig, train
 from tiny_gpt.parallel import (AllReduceCounter, all_reduce_gradients, broadcast_parameters,
                                count_broadcast_bytes, rank_share, run_like_torchrun,
                                sharded_batches, spawn, sum_over_ranks)
-from tiny_gpt.train import accumulate_gradients, count_loss_tokens, micro_batch_loss
+from tiny_gpt.step import accumulate_gradients, count_loss_tokens, micro_batch_loss
 from tiny_gpt.util.torch_compat import no_buffer_sync
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch without distributed")

@@ -5,7 +5,8 @@ import torch
 
 from tiny_gpt import GPT, TrainConfig, VOCAB_SIZE, make_batch, train
 from tiny_gpt.util.safetensors import SafetensorsError
-from tiny_gpt.train import accumulate_gradients, lr_at, make_optimizer
+from tiny_gpt.train import make_optimizer
+from tiny_gpt.step import accumulate_gradients, lr_at
 
 
 def _examples(lengths, seed=0):
@@ -225,7 +226,7 @@ def test_a_step_clips_the_global_gradient_norm_to_grad_clip(grad_clip, factor):
     """Two parameters whose gradients have a global norm of 10 (6 and 8): clipped to 1 they
     are scaled by 1/10; a limit above the norm, or 0 (off), leaves them as they are. Plain SGD
     with lr 1 makes the step the (clipped) gradient itself; the gradients are cleared after."""
-    from tiny_gpt.train import optimizer_step
+    from tiny_gpt.step import optimizer_step
     model = torch.nn.Linear(1, 1)
     grads = [torch.tensor([[6.0]]), torch.tensor([8.0])]
     before = [p.detach().clone() for p in model.parameters()]

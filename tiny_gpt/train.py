@@ -1,15 +1,10 @@
-"""The one training loop that every lesson uses.
+"""The training loop's driver, around the one training step of tiny_gpt/step.py.
 
-Per optimizer step it draws ``grad_accum`` micro-batches, runs forward/backward on each (under
-autocast when asked), clips the gradient, sets the learning rate from the schedule and steps
-AdamW (or SGD) over the parameters that require grad -- frozen ones never get optimizer state.
-
-Gradient accumulation, done right. Each micro-batch i has n_i loss tokens (answer tokens differ
-in number from batch to batch). The big-batch loss is  L = sum_i S_i / sum_i n_i,  where S_i is
-micro-batch i's summed token loss. Averaging per micro-batch, (1/k) sum_i S_i / n_i, weights the
-tokens of short micro-batches more and gives a different gradient. So every micro-batch's
-backward here is of S_i / N with N = sum_i n_i counted up front, and the accumulated gradient is
-exactly the big batch's.
+train() draws the micro-batches of each step with a seeded generator, runs the step, and
+around it does what a run needs but the step's idea does not: validation, keeping the best
+weights, early stopping, JSON-lines logs, checkpoints to resume from (with every RNG and the
+optimizer and loss-scaler state, so a resumed run ends where an uninterrupted one would),
+LoRA+'s parameter groups, torch.compile, and data parallelism (tiny_gpt/parallel).
 """
 import json
 import math
@@ -21,13 +16,13 @@ from typing import Callable, Optional
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .model import masked_cross_entropy
-from .parallel.data_parallel import ddp_of, global_sum, sync_unless_last, world_size
+from .parallel.data_parallel import ddp_of
+from .step import accumulate_gradients, autocast_context, lr_at, optimizer_step
 from .util.progress import Progress
 from .util.checks import is_number, is_whole_number
 from .util.modules import is_compressed_weight
 from .util.safetensors import check_writable
-from .util.torch_compat import autocast, cuda_grad_scaler, dynamo_traces_function_backward
+from .util.torch_compat import cuda_grad_scaler, dynamo_traces_function_backward
 
 
 @dataclass
@@ -136,17 +131,6 @@ def check_device(name) -> torch.device:
     return device
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_steps, then cosine from lr down to lr * min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
-
-
 def param_groups(model, cfg: TrainConfig):
     """The trainable parameters as optimizer groups, each with an "lr_scale" that the schedule
     multiplies its lr by: LoRA+ puts every parameter held as `.lora_B` (the attribute's exact
@@ -181,63 +165,6 @@ def make_optimizer(model, cfg: TrainConfig):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adamw' or 'sgd'")
-
-
-def autocast_context(device: torch.device, precision: str):
-    if precision == "fp32":
-        return autocast(device.type, enabled=False)
-    if precision == "bf16":
-        return autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError("fp16 training needs a CUDA device (it relies on a gradient "
-                             "scaler); on CPU use precision='bf16' or 'fp32'")
-        return autocast("cuda", dtype=torch.float16)
-    raise ValueError(f"unknown precision {precision!r}; use 'fp32', 'bf16' or 'fp16'")
-
-
-def count_loss_tokens(micro_batches) -> int:
-    """N = sum_i n_i: the loss tokens of all micro-batches [(x, y, mask or None), ...] (the
-    mask's ones, else every target; a batch without targets counts 1, for custom losses)."""
-    return sum(int(m.sum()) if m is not None else (1 if y is None else y.numel())
-               for _, y, m in micro_batches)
-
-
-def to_device(tensors, device):
-    """The tensors of a micro-batch on `device` (None stays None)."""
-    return [None if t is None else t.to(device) for t in tensors]
-
-
-def micro_batch_loss(model, x, y, mask, total_tokens):
-    """S_i / N: micro-batch i's summed token loss over the loss tokens of the whole step, so
-    that the micro-batches' gradients add up to the big batch's (see the module docstring)."""
-    logits, _ = model(x)
-    return masked_cross_entropy(logits, y, mask, reduction="sum") / total_tokens
-
-
-def accumulate_gradients(model, micro_batches, device, precision="fp32", scaler=None):
-    """Forward/backward over micro-batches [(x, y, mask), ...] so that the summed gradient
-    equals that of one batch holding all of them. Returns (mean token loss, token count).
-
-    Under DistributedDataParallel each rank holds its share of the batch: N is then summed
-    over the ranks too, each rank's loss is multiplied by W to undo DDP's average over ranks,
-    and only the last micro-batch's backward all-reduces (tiny_gpt/parallel/data_parallel.py).
-    """
-    total_tokens = int(global_sum(count_loss_tokens(micro_batches), model))
-    if total_tokens == 0:  # S / N would be 0 / 0: nan loss, nan weights
-        raise ValueError(f"the {len(micro_batches)} micro-batch(es) of this step hold no loss "
-                         "token (every loss mask is all zeros); get_batch must give each step "
-                         "at least one token with mask 1")
-    ranks = world_size(model)
-    mean_loss = 0.0
-    for i, batch in enumerate(micro_batches):
-        x, y, mask = to_device(batch, device)
-        with sync_unless_last(model, i == len(micro_batches) - 1):
-            with autocast_context(device, precision):
-                loss = micro_batch_loss(model, x, y, mask, total_tokens) * ranks
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        mean_loss += loss.item() / ranks  # the S_i / N add up to the big batch's mean loss
-    return global_sum(mean_loss, model), total_tokens
 
 
 def train(model, get_batch: Callable, cfg: TrainConfig, evaluate: Optional[Callable] = None,
@@ -361,22 +288,6 @@ class _Run:
         result.stopped_early = self.state["stopped_early"]
         result.wall_time = time.time() - t0
         return result
-
-
-def optimizer_step(model, optimizer, scaler, grad_clip):
-    """After backward: unscale the gradients (when a loss scaler is given), clip their global
-    norm to grad_clip (0: no clipping), step (a scaler may skip it on inf/nan), zero them."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def _validate(model, evaluate, step, monitor, mode, state, result) -> bool:

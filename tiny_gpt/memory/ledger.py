@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ..train import autocast_context, count_loss_tokens, micro_batch_loss, to_device
+from ..step import autocast_context, count_loss_tokens, micro_batch_loss, to_device
 
 MB = 2 ** 20
 

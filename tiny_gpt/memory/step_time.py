@@ -7,7 +7,7 @@ last kernel is *launched*, not when it finishes.
 """
 import time
 
-from ..train import autocast_context, count_loss_tokens, micro_batch_loss, to_device
+from ..step import autocast_context, count_loss_tokens, micro_batch_loss, to_device
 from ..util.timing import synchronize
 
 

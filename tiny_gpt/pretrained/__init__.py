@@ -10,6 +10,7 @@ already has is read, or a shipped config gives the shape with random weights.
     loader_maps.py each family's file names and layouts against this package's modules
     loader.py      load_pretrained: checked, one tensor at a time from a memory map;
                    save_pretrained: a model written back as such a folder
+    tokenizer.py   load_tokenizer: tokenizer.json's byte-level BPE, by hand (bpe.py)
 
 The 4-bit entry (each linear weight quantized as it is read) lives in quant/load_4bit.py:
 tiny_gpt imports neither lora nor quant, so load_pretrained takes a hook for it.
@@ -17,6 +18,7 @@ tiny_gpt imports neither lora nor quant, so load_pretrained takes a hook for it.
 from .build import build_model
 from .config import ModelConfig, read_config, shipped_config
 from .loader import load_pretrained, save_pretrained
+from .tokenizer import load_tokenizer
 
 __all__ = ["ModelConfig", "read_config", "shipped_config", "build_model", "load_pretrained",
-           "save_pretrained"]
+           "save_pretrained", "load_tokenizer"]
