@@ -46,3 +46,9 @@ def test_the_reading_path_lists_real_files_with_their_lengths():
     total = sum(lines for _, lines in rows)
     assert total <= PATH_LIMIT, f"the reading path is {total} lines, over {PATH_LIMIT}"
     assert f"{total:,}" in README.split("## The reading path", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readme_is_a_front_door_not_a_notebook():
+    assert len(README.splitlines()) <= 200
+    for stale in ("the seed", "issue ", "2026-"):  # no outside document, issue, or dated record
+        assert stale not in README

@@ -1,5 +1,4 @@
-"""One training step: micro-batches, the loss normalized by tokens, clipping, the schedule,
-the optimizer step. tiny_gpt/train.py's train() runs it step after step.
+"""One training step (tiny_gpt/train.py's train() runs it step after step).
 
 Gradient accumulation, done right. Each micro-batch i has n_i loss tokens (answer tokens differ
 in number from batch to batch). The big-batch loss is  L = sum_i S_i / sum_i n_i,  where S_i is
@@ -8,10 +7,9 @@ tokens of short micro-batches more and gives a different gradient. So every micr
 backward here is of S_i / N with N = sum_i n_i counted up front, and the accumulated gradient is
 exactly the big batch's.
 
-Then the gradient's global norm is clipped, the learning rate set from the schedule (linear
-warmup, then cosine), and the optimizer (AdamW or SGD, over the parameters that require grad:
-frozen ones never get optimizer state) steps. In fp16 a loss scaler multiplies the loss before
-backward and divides the gradients after (tiny_gpt/memory/loss_scaling.py; lesson 08).
+Then the gradient's global norm is clipped, the learning rate set by the schedule (warmup,
+then cosine), and the optimizer steps over the parameters that require grad (frozen ones get no
+state). In fp16 a loss scaler scales the loss before backward, the gradients back after (lesson 08).
 """
 import math
 
