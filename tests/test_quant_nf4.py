@@ -5,7 +5,7 @@ import torch
 from quant import NF4_CODE, Quantized4bit, dequantize_nf4, quantize_nf4
 from quant.blockwise import (midpoints, nearest_level, pack_nibbles, to_blocks,
                              unpack_nibbles, worst_case_error)
-from quant.double_quant import DYNAMIC_MAP, SCALE_BLOCKSIZE
+from quant.double_quant import DYNAMIC_MAP, SCALE_BLOCKSIZE, quantize_scales
 
 # The NF4 table published in the QLoRA paper's appendix (Dettmers et al. 2023), identical to
 # the list in bitsandbytes' `get_4bit_type("nf4")`.
@@ -380,6 +380,21 @@ def test_an_8bit_scale_exactly_on_a_midpoint_takes_the_lower_code_and_just_above
     assert nearest_level(mids, DYNAMIC_MAP).tolist() == list(range(255))
     assert nearest_level(above, DYNAMIC_MAP).tolist() == list(range(1, 256))
 
+
+
+def test_quantize_scales_puts_a_centred_scale_on_a_midpoint_on_the_lower_code():
+    """The same tie rule through quantize_scales itself, the path the stored scale codes take
+    (a double quantization that ran its own search with ties going up would pass the test
+    above). Scales [1, -1, t, -t] have mean exactly 0 and group absmax 1, so t reaches the
+    code book unrounded: t on the midpoint of levels k and k + 1 must get code k, and t one
+    float32 step above it code k + 1."""
+    mids = midpoints(DYNAMIC_MAP)                                   # (255,)
+    for k, mid in enumerate(mids.tolist()):
+        for t, code in ((mid, k), (torch.nextafter(mids[k], torch.tensor(2.0)).item(), k + 1)):
+            scales = torch.tensor([1.0, -1.0, t, -t])
+            stored = quantize_scales(scales)
+            assert stored.offset == 0 and torch.equal(stored.absmax, torch.ones(1))
+            assert int(stored.codes[2]) == code, (k, t)
 
 def test_a_large_weight_with_other_scales_in_every_region_stays_within_the_nf4_bound():
     """Quantization works chunk by chunk over a large weight (2^20 values here: several
