@@ -199,13 +199,18 @@ def _check_layout(header, data_len, where):
                                f"cover {cursor}")
 
 
+def check_header(header, data_len, where):
+    """Every entry well formed and inside the data section, and together tiling it exactly."""
+    for name, entry in header.items():
+        _check_entry(name, entry, data_len, where)
+    _check_layout(header, data_len, where)
+
+
 def deserialize(raw: bytes, where: str = "<bytes>"):
     """bytes -> ({name: Tensor}, metadata). Validates everything before building tensors."""
     _check_little_endian("read")
     header, metadata, data = _parse_header(raw, where)
-    for name, entry in header.items():
-        _check_entry(name, entry, len(data), where)
-    _check_layout(header, len(data), where)
+    check_header(header, len(data), where)
     tensors = {}
     for name, e in header.items():
         begin, end = e["data_offsets"]

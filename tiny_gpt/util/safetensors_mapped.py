@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .safetensors import (DTYPES, MAX_HEADER_BYTES, SafetensorsError, _check_entry,
-                          _check_layout, _check_little_endian, _parse_header, atomic_write_files,
-                          serialize)
+from .safetensors import (DTYPES, MAX_HEADER_BYTES, SafetensorsError, _check_little_endian,
+                          _parse_header, atomic_write_files, check_header, serialize)
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -40,10 +39,7 @@ def read_header(path):
         raise SafetensorsError(f"{path}: header length {n} runs past the end of the "
                                f"{size}-byte file (truncated or not a safetensors file)")
     header, metadata, _ = _parse_header(first + head, str(path))
-    data_len = size - 8 - n
-    for name, entry in header.items():
-        _check_entry(name, entry, data_len, str(path))
-    _check_layout(header, data_len, str(path))
+    check_header(header, size - 8 - n, str(path))
     return header, metadata, 8 + n
 
 
