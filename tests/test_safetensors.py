@@ -68,3 +68,21 @@ def test_a_valid_file_with_metadata_and_padding_is_read():
     head += " " * (-len(head) % 8)
     tensors, meta = deserialize(raw_file(head, struct.pack("<2f", 1.5, -2.0)))
     assert meta == {"format": "pt"} and tensors["a"].tolist() == [1.5, -2.0]
+
+
+@pytest.mark.parametrize("offsets, data_bytes, message", [
+    ([[0, 8], [12, 20]], 20, "leaves a gap"),
+    ([[0, 8], [4, 12]], 12, "overlaps the previous tensor"),
+    ([[0, 8], [8, 16]], 24, "data section has 24 bytes but the tensors cover 16"),
+])
+def test_tensors_must_tile_the_data_section_in_memory_and_from_a_map(offsets, data_bytes,
+                                                                      message, tmp_path):
+    from tiny_gpt.util.safetensors_mapped import read_header
+    header = {name: {"dtype": "F32", "shape": [2], "data_offsets": span}
+              for name, span in zip("ab", offsets)}
+    raw = raw_file(json.dumps(header), bytes(data_bytes))
+    with pytest.raises(SafetensorsError, match=message):
+        deserialize(raw)
+    (tmp_path / "f.safetensors").write_bytes(raw)
+    with pytest.raises(SafetensorsError, match=message):
+        read_header(tmp_path / "f.safetensors")
