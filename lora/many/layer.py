@@ -21,8 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layer import LoRALinear, check_lora_args, float_weight, function_applies, lora_scaling
-from ..tuned import lora_function
+from ..layer import LoRALinear, check_lora_args, float_weight, lora_scaling
 from ..variants.dora import check_dora_base, dora_forward, fold_dora
 
 
@@ -149,11 +148,8 @@ class MultiLoRALinear(LoRALinear):
                 raise RuntimeError(f"a DoRA adapter cannot be stacked with others; active: "
                                    f"{self.active}")
             return dora_forward(self.base, adapters[0], x)
-        if len(adapters) == 1 and function_applies(self.base, x, adapters[0].lora_A):
-            a, x2 = adapters[0], x.reshape(-1, self.in_features)  # (N, in)
-            y = lora_function(x2, self.base.weight, self.base.bias, a.lora_A, a.lora_B,
-                              a.scaling, a.dropout_mask(x2))
-            return y.view(*x.shape[:-1], self.out_features)
+        if len(adapters) == 1:  # lora_A, lora_B, scaling, dropout are the active adapter's
+            return LoRALinear.forward(self, x)
         y = self.base(x)
         return y + sum(a(x) for a in adapters).to(y.dtype)  # stacked: the updates add up
 
