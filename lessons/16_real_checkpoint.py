@@ -38,17 +38,17 @@ import torch
 from lessons.common import (Checks, lesson_dir, parse_args, positive_number, print_table,
                             run_main, whole_number, write_summary)
 from lora import apply_lora, prepare_qlora, save_adapter
-from lora.checkpoint_bench import build, random_batch, trainable_adamw
+from lora.checkpoint_bench import build, random_batch
 from quant import load_pretrained_4bit
 from tiny_gpt.memory.ledger import MB, measure_step
 from tiny_gpt.memory.peak_memory import measure_peak
 from tiny_gpt.memory.predict import PAPER_RECIPES, PUBLISHED, RECIPES, Shape, predict
-from tiny_gpt.memory.step_time import time_step
+from tiny_gpt.memory.step_time import idle_adamw, step_times, time_step
 from tiny_gpt.pretrained import build_model, load_pretrained, save_pretrained, shipped_config
 from tiny_gpt.pretrained.tokenizer import load_tokenizer
 from tiny_gpt.tasks import get_task
 from tiny_gpt.train import TrainConfig, train
-from tiny_gpt.util.timing import medians, ratio_spread, round_robin_times
+from tiny_gpt.util.timing import medians, ratio_spread
 
 NAME = "16_real_checkpoint"
 BENCH = "lora.checkpoint_bench"
@@ -86,7 +86,7 @@ def ledger_section(cfg, B, T, checks):
     models, rows, batch = {}, [], random_batch(cfg, B, T)
     for name, recipe in RECIPES.items():
         models[name] = build(cfg, recipe)
-        measured = measure_step(models[name], batch, trainable_adamw(models[name]))
+        measured = measure_step(models[name], batch, idle_adamw(models[name]))
         predicted = predict(cfg, recipe, B, T)
         exact = all(getattr(measured, f) == getattr(predicted, f) for f in FIELDS[:4])
         ratio = measured.activations / predicted.activations
@@ -106,9 +106,9 @@ def ledger_section(cfg, B, T, checks):
 def time_section(models, B, T, cfg, repeats):
     """Step time per recipe, taking turns (tiny_gpt/util/timing.py)."""
     batch = random_batch(cfg, B, T)
-    steps = {n: (lambda m=m, o=trainable_adamw(m): time_step(m, batch, o))
+    steps = {n: (lambda m=m, o=idle_adamw(m): time_step(m, batch, o))
              for n, m in models.items()}
-    times = round_robin_times(steps, repeats, warmup=0, measure=lambda step: step()["total"])
+    times = step_times(steps, repeats, warmup=0)
     seconds = medians(times)
     print_table(f"Step time, batch {B} x {T} (median of {repeats} rounds, taking turns)",
                 ["recipe", "s", "/ LoRA, median [quartiles] of the rounds"],

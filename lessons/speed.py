@@ -40,9 +40,9 @@ from lessons.common import (Checks, get_base_model, lora_copy, machine_line, par
                             print_table, run_main, text_batch)
 from lora.bench import benchmark_lora_linear, copy_factors_to_peft, peft_lora
 from quant.bench import against_bitsandbytes, benchmark_nf4, tuned_against_reference, with_kernels
-from tiny_gpt.memory.step_time import time_step
+from tiny_gpt.memory.step_time import idle_adamw, step_times, time_step
 from tiny_gpt.step import micro_batch_loss
-from tiny_gpt.util.timing import RatioSpread, medians, ratio_spread, round_robin_times
+from tiny_gpt.util.timing import RatioSpread, medians, ratio_spread
 from tiny_gpt.util.torch_compat import dynamo_traces_function_backward
 
 TARGETS = {  # ratio: at most this (issue 13's targets)
@@ -97,17 +97,6 @@ def lora_layer_section(quick):
     if "peft" in seconds:
         found["LoRALinear / PEFT's layer"] = seconds["lora"] / seconds["peft"]
     return found
-
-
-def idle_adamw(model):
-    """AdamW over the trainable parameters at lr 0: every step does the full work, and the
-    weights stay put, so the steps timed in turn stay comparable."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
-
-
-def step_times(steps, repeats):
-    """{name: [seconds of each round]} for time_step calls taking turns (their "total")."""
-    return round_robin_times(steps, repeats, measure=lambda step: step()["total"])
 
 
 FLOOR = "no adapter (floor)"

@@ -26,11 +26,11 @@ from lessons.common import machine_line, print_table
 from lora import apply_lora, lora_layers
 from lora.bench import copy_factors_to_peft, peft_lora
 from quant import load_pretrained_4bit
-from tiny_gpt.memory.step_time import time_step
+from tiny_gpt.memory.step_time import idle_adamw, step_times, time_step
 from tiny_gpt.model import masked_cross_entropy
 from tiny_gpt.pretrained import build_model, load_pretrained, save_pretrained, shipped_config
 from tiny_gpt.step import micro_batch_loss
-from tiny_gpt.util.timing import medians, ratio_spread, round_robin_times
+from tiny_gpt.util.timing import medians, ratio_spread
 
 TARGET = 1.0          # ours / theirs, per step
 SAME_LOSS_TOL = 1e-5  # float32, the same weights: the order of summation only
@@ -87,11 +87,9 @@ def step_ratio(ours, theirs, batch, repeats):
     """-> (loss gap, RatioSpread of ours / theirs, {side: median seconds})."""
     x, y, _ = batch[0]
     losses = [micro_batch_loss(m, x, y, None, y.numel()).item() for m in (ours, theirs)]
-    opts = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.0)
-            for n, m in (("ours", ours), ("theirs", theirs))}
-    models = {"ours": ours, "theirs": theirs}
-    steps = {n: (lambda n=n: time_step(models[n], batch, opts[n])) for n in models}
-    times = round_robin_times(steps, repeats, measure=lambda step: step()["total"])
+    steps = {n: (lambda m=m, o=idle_adamw(m): time_step(m, batch, o))
+             for n, m in (("ours", ours), ("theirs", theirs))}
+    times = step_times(steps, repeats)
     return abs(losses[0] - losses[1]), ratio_spread(times, "ours", "theirs"), medians(times)
 
 

@@ -29,6 +29,7 @@ import torch.nn as nn
 from quant import Linear4bit, load_pretrained_4bit, quantize_nf4
 from tiny_gpt.memory.ledger import measure_step, weight_ledger
 from tiny_gpt.memory.predict import RECIPES
+from tiny_gpt.memory.step_time import idle_adamw
 from tiny_gpt.pretrained import build_model, load_pretrained, read_config, shipped_config
 from tiny_gpt.pretrained.build import empty_model
 from tiny_gpt.pretrained.loader import fill
@@ -82,11 +83,6 @@ def build(cfg, recipe, seed=0):
     return model.train()
 
 
-def trainable_adamw(model):
-    """AdamW at lr 0 over what requires grad: a step's full work, the weights kept."""
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
-
-
 def random_batch(cfg, batch, seq_len, seed=0):
     """[(x, y, None)]: random token ids and next-token targets, (batch, seq_len) each."""
     generator = torch.Generator().manual_seed(seed)
@@ -111,7 +107,7 @@ def train_step(model_config, recipe, batch, seq_len, seed=0):
     start = time.perf_counter()
     model = build(cfg, recipe, seed)
     built = time.perf_counter()
-    ledger = measure_step(model, random_batch(cfg, batch, seq_len, seed), trainable_adamw(model))
+    ledger = measure_step(model, random_batch(cfg, batch, seq_len, seed), idle_adamw(model))
     fields = ("frozen", "trainable", "grads", "optimizer", "activations")
     return {"ledger": {f: getattr(ledger, f) for f in fields}, "build_s": built - start,
             "step_s": time.perf_counter() - built}

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lora.checkpoint_bench import build, random_4bit_model, random_batch, trainable_adamw
+from lora.checkpoint_bench import build, random_4bit_model, random_batch
+from tiny_gpt.memory.step_time import idle_adamw
 from quant import Linear4bit, quantize_nf4
 from tiny_gpt.memory.ledger import measure_step, weight_ledger
 from tiny_gpt.memory.peak_memory import measure_peak
@@ -48,7 +49,7 @@ def test_prediction_equals_the_ledger_of_one_step(recipe):
     cfg = shipped_config("tiny")
     B, T = 2, 24
     model = build(cfg, recipe)
-    measured = measure_step(model, random_batch(cfg, B, T), trainable_adamw(model))
+    measured = measure_step(model, random_batch(cfg, B, T), idle_adamw(model))
     predicted = predict(cfg, RECIPES[recipe], B, T)
     for field in ("frozen", "trainable", "grads", "optimizer"):
         assert getattr(measured, field) == getattr(predicted, field), field

@@ -8,7 +8,9 @@ last kernel is *launched*, not when it finishes.
 import time
 
 from ..step import autocast_context, count_loss_tokens, micro_batch_loss, to_device
-from ..util.timing import synchronize
+import torch
+
+from ..util.timing import round_robin_times, synchronize
 
 
 def time_step(model, micro_batches, optimizer, precision="fp32",
@@ -37,3 +39,15 @@ def time_step(model, micro_batches, optimizer, precision="fp32",
     phases["optimizer"] = time.perf_counter() - t2
     phases["total"] = sum(phases.values())
     return phases
+
+
+def idle_adamw(model):
+    """AdamW over the trainable parameters at lr 0: every step does the full work, and the
+    weights stay put, so the steps timed in turn stay comparable."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
+
+
+def step_times(steps, repeats, warmup=1):
+    """{name: [seconds of each round]} for time_step calls taking turns (their "total"):
+    steps {name: () -> time_step(...)}, tiny_gpt/util/timing.round_robin_times."""
+    return round_robin_times(steps, repeats, warmup=warmup, measure=lambda step: step()["total"])
