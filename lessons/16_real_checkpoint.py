@@ -31,6 +31,7 @@ them), ``--quick`` (a tiny shape, the code paths only), or
 ``--model DIR [--method qlora] [--steps 40] [--data FILE]``.
 """
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -67,6 +68,22 @@ PAPER = {  # (shape, recipe, published bytes, the paper's claim: "about" (within
                             "needs more than 780 GB (Sec. 1)"),
 }
 PAPER_TOL, PAPER_TOKENS = 0.10, 512  # batch 1 x 512 tokens, as the paper's Fig. 6
+SLOW = "LoRA + bf16 weights"  # a CPU without bfloat16 matmul units: timed once, not every round
+
+
+@dataclass(frozen=True)
+class Budget:
+    config: str = "smollm2-135m"      # the shape of the ledger and timing sections
+    batch: int = 4
+    seq_len: int = 128
+    repeats: int = 3                  # rounds of step timing, recipes taking turns
+    peaks: tuple = (("llama-3.2-1b", 1, 256, ("LoRA + ckpt", "QLoRA + ckpt")),
+                    ("smollm2-135m", 4, 128, ("LoRA", "QLoRA")))  # (shape, B, T, recipes)
+
+
+# --quick: the tiny shape (the fresh-process peaks are skipped; tests run them on it)
+QUICK = Budget("tiny", 2, 32, 2, (("tiny", 1, 64, ("LoRA + ckpt", "QLoRA + ckpt")),
+                                  ("tiny", 2, 32, ("LoRA", "QLoRA"))))
 
 
 def add_args(parser):
@@ -104,15 +121,20 @@ def ledger_section(cfg, B, T, checks):
 
 
 def time_section(models, B, T, cfg, repeats):
-    """Step time per recipe, taking turns (tiny_gpt/util/timing.py)."""
+    """Step time per recipe, taking turns (tiny_gpt/util/timing.py); the slow bf16 recipe
+    once, after the rounds."""
     batch = random_batch(cfg, B, T)
     steps = {n: (lambda m=m, o=idle_adamw(m): time_step(m, batch, o))
-             for n, m in models.items()}
+             for n, m in models.items() if n != SLOW}
     times = step_times(steps, repeats, warmup=0)
     seconds = medians(times)
+    rows = [[n, f"{s:.2f}", str(ratio_spread(times, n, "LoRA"))] for n, s in seconds.items()]
+    if SLOW in models:
+        seconds[SLOW] = time_step(models[SLOW], batch, idle_adamw(models[SLOW]))["total"]
+        rows.append([SLOW, f"{seconds[SLOW]:.2f}", f"{seconds[SLOW] / seconds['LoRA']:.2f} "
+                     "(one step / LoRA's median)"])
     print_table(f"Step time, batch {B} x {T} (median of {repeats} rounds, taking turns)",
-                ["recipe", "s", "/ LoRA, median [quartiles] of the rounds"],
-                [[n, f"{s:.2f}", str(ratio_spread(times, n, "LoRA"))] for n, s in seconds.items()])
+                ["recipe", "s", "/ LoRA, median [quartiles] of the rounds"], rows)
     qlora, full = (ratio_spread(times, n, "LoRA") for n in ("QLoRA", "full FT fp32"))
     print(f"Takeaway: a QLoRA step takes {qlora.median:.2f}x LoRA's time and a full fine-tuning "
           f"step {full.median:.2f}x (medians of {repeats} rounds; quartiles in the table).\n")
@@ -149,12 +171,10 @@ def peak_steps(config, recipes, B, T):
                             seq_len=T, timeout=3600) for r in recipes}
 
 
-def rss_section(args, checks):
+def rss_section(budget, checks):
     """Peak resident memory of one training step per recipe, at two shapes."""
-    big, small = ("tiny", "tiny") if args.quick else ("llama-3.2-1b", "smollm2-135m")
-    runs = {(big, 1, 64 if args.quick else 256): ("LoRA + ckpt", "QLoRA + ckpt"),
-            (small, 2 if args.quick else 4, 32 if args.quick else 128): ("LoRA", "QLoRA")}
-    # (--quick never comes here; tests/test_lesson16.py calls this with quick=True, tiny)
+    runs = {(config, B, T): recipes for config, B, T, recipes in budget.peaks}
+    big = budget.peaks[0][0]
     rows, found = [], {}
     for (config, B, T), recipes in runs.items():
         peaks = peak_steps(config, recipes, B, T)
@@ -171,8 +191,9 @@ def rss_section(args, checks):
     checks.target(f"{big}: QLoRA step peak <= {QLORA_LIMIT} x LoRA (fp32), checkpointed",
                   ratio_big <= QLORA_LIMIT, f"{ratio_big:.2f}x")
     frozen = big_peaks["QLoRA + ckpt"]["result"]["ledger"]["frozen"]
-    embedding = 4 * Shape.of(shipped_config(big)).parameter_counts()["embedding"]
-    print(f"Why: at {big} QLoRA's weights are {frozen / MB:.0f} MiB, of which the float32 "
+    embedding = RECIPES["QLoRA + ckpt"].embedding_bytes * Shape.of(
+        shipped_config(big)).parameter_counts()["embedding"]
+    print(f"Why: at {big} QLoRA's weights are {frozen / MB:.0f} MiB, of which the bfloat16 "
           f"embedding (the head too, tied) is {embedding / MB:.0f} MiB ({embedding / frozen:.0%})"
           f"; the 4-bit projections are the rest.")
     config, B, T = list(runs)[1]
@@ -224,7 +245,7 @@ def process_sections(args, cfg, checks):
               "starts a fresh interpreter)\n")
         return {}
     loads = load_section(cfg, checks)
-    ratio_big, ratio_small = rss_section(args, checks)
+    ratio_big, ratio_small = rss_section(args.budget, checks)
     print(f"Takeaway: at Llama-3.2-1B's shape a checkpointed QLoRA step peaks at "
           f"{ratio_big:.2f}x the memory of LoRA on fp32 weights.\n")
     return {"load peak / must hold": loads, "QLoRA / LoRA peak, 1B": ratio_big,
@@ -275,7 +296,8 @@ def answers(model, tok, prompts, n=24):
 def tune_checkpoint(args, checks):
     train_pairs, test_pairs = read_pairs(args)  # a bad --data stops before anything loads
     tok = load_tokenizer(args.model)
-    model = (load_pretrained_4bit if args.method == "qlora" else load_pretrained)(args.model)
+    model = (load_pretrained_4bit(args.model, embedding_dtype=torch.bfloat16)
+             if args.method == "qlora" else load_pretrained(args.model))
     print(f"{args.prompt!r} -> {answers(model, tok, [args.prompt])[0]!r}\n")
     (prepare_qlora if args.method == "qlora" else apply_lora)(model, r=8, alpha=16)
     held = token_batch(tok, test_pairs)
@@ -296,15 +318,15 @@ def tune_checkpoint(args, checks):
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv, add_args)
+    args = parse_args(__doc__, argv, add_args, budget=(Budget(), QUICK))
     checks = Checks(args)
     if args.model:
         numbers = tune_checkpoint(args, checks)
     else:
-        cfg = shipped_config("tiny" if args.quick else "smollm2-135m")
-        B, T = (2, 32) if args.quick else (4, 128)
+        b = args.budget
+        cfg, B, T = shipped_config(b.config), b.batch, b.seq_len
         models = ledger_section(cfg, B, T, checks)
-        seconds = time_section(models, B, T, cfg, 2 if args.quick else 3)
+        seconds = time_section(models, B, T, cfg, b.repeats)
         del models
         numbers = {"step seconds": seconds, **process_sections(args, cfg, checks)}
         paper_section(checks)

@@ -7,7 +7,8 @@ A recipe (tiny_gpt/memory/predict.py's RECIPES) is what is trained and in which 
     LoRA                 the base frozen in float32, adapters r = 8 on q_proj, v_proj
     LoRA + bf16 weights  the whole model in bfloat16, adapters too (they take the base's dtype)
     LoRA + ckpt          LoRA with every block checkpointed (recomputed in backward)
-    QLoRA                every linear layer of the base in NF4, adapters in float32
+    QLoRA                every linear layer of the base in NF4, the frozen embedding in
+                         bfloat16 (as the QLoRA paper), hidden states and adapters float32
     QLoRA + ckpt         QLoRA with every block checkpointed
 
 `build(cfg, recipe)` makes such a model with random weights. A 4-bit one is never float as a
@@ -37,6 +38,7 @@ from tiny_gpt.pretrained.loader import fill
 from .inject import apply_lora
 
 INIT_STD = 0.02  # Hugging Face's initializer_range for these families
+DTYPE_OF_BYTES = {4: torch.float32, 2: torch.bfloat16}
 
 
 def check_recipe(name):
@@ -45,12 +47,13 @@ def check_recipe(name):
     return RECIPES[name]
 
 
-def random_tensor(name, shape, generator):
+def random_tensor(name, shape, dtype, generator):
     """Random values for parameter `name`, as Hugging Face initializes them: N(0, 0.02) for
     matrices, ones for a norm's weight, zeros for biases."""
     if len(shape) == 2:
-        return torch.empty(shape).normal_(0.0, INIT_STD, generator=generator)
-    return torch.ones(shape) if name.endswith("norm.weight") else torch.zeros(shape)
+        return torch.empty(shape, dtype=dtype).normal_(0.0, INIT_STD, generator=generator)
+    make = torch.ones if name.endswith("norm.weight") else torch.zeros
+    return make(shape, dtype=dtype)
 
 
 def quantize_linear(path, weight, bias):
@@ -58,13 +61,14 @@ def quantize_linear(path, weight, bias):
     return Linear4bit(quantize_nf4(weight), None if bias is None else nn.Parameter(bias))
 
 
-def random_4bit_model(cfg, seed=0):
+def random_4bit_model(cfg, seed=0, embedding_dtype=torch.bfloat16):
     """A model of cfg's shape with random weights and every nn.Linear in NF4, its float
     weights drawn one layer at a time (see the module docstring)."""
-    model = empty_model(cfg)
+    model = empty_model(cfg, embedding_dtype=embedding_dtype)
     shapes = {n: p.shape for n, p in model.named_parameters()}
     generator = torch.Generator().manual_seed(seed)
-    fill(model, lambda name: random_tensor(name, shapes[name], generator), quantize_linear)
+    fill(model, lambda name, dtype: random_tensor(name, shapes[name], dtype, generator),
+         quantize_linear)
     return model
 
 
@@ -75,7 +79,7 @@ def build(cfg, recipe, seed=0):
     cfg = dataclasses.replace(cfg, gradient_checkpointing=recipe.checkpointing)
     torch.manual_seed(seed)
     if recipe.base == "nf4":
-        model = random_4bit_model(cfg, seed)
+        model = random_4bit_model(cfg, seed, DTYPE_OF_BYTES[recipe.embedding_bytes])
     else:
         model = build_model(cfg, torch.bfloat16 if recipe.base == "bf16" else torch.float32)
     if not recipe.full:
@@ -119,10 +123,10 @@ def load_float(folder):
 
 
 def load_4bit(folder):
-    """load_pretrained_4bit(folder) -> {"model_bytes", "largest_linear_bytes"}: the 4-bit
-    model's bytes, and the largest linear weight's in float32 (the one float weight the
-    loader holds at a time)."""
-    model = load_pretrained_4bit(folder)
+    """load_pretrained_4bit(folder), the embedding in bfloat16 as QLoRA keeps it ->
+    {"model_bytes", "largest_linear_bytes"}: the 4-bit model's bytes, and the largest linear
+    weight's in float32 (the one float weight the loader holds at a time)."""
+    model = load_pretrained_4bit(folder, embedding_dtype=torch.bfloat16)
     largest = max(m.in_features * m.out_features for m in model.modules()
                   if isinstance(m, Linear4bit))
     return {"model_bytes": weight_ledger(model).weights, "largest_linear_bytes": 4 * largest}

@@ -9,6 +9,8 @@ plus one layer's float weight:
 
     peak  ~  (4-bit model) + (float embeddings and norms) + (one linear weight in float)
 
+with the embedding in bfloat16 when embedding_dtype asks (tiny_gpt/pretrained/upcast_head.py).
+
 The codes are the ones quantize_model gives the float-loaded model (a test holds them equal):
 the same weights, converted to the same dtype, quantized by the same function. LoRA goes on
 top as on any 4-bit model: prepare_qlora(model, ...) finds nothing left to quantize and adds
@@ -26,13 +28,15 @@ from .nf4 import quantize_nf4
 
 
 def load_pretrained_4bit(folder, blocksize=64, double_quant=True, compute_dtype=torch.float32,
-                         exclude=(), dtype=None):
+                         exclude=(), dtype=None, embedding_dtype=None):
     """A Hugging Face folder -> its model with every nn.Linear stored as NF4 (Linear4bit).
 
     blocksize, double_quant: as in quantize_nf4. compute_dtype: see Linear4bit. exclude:
     linear layers left in float (names matched as quantize_model's, e.g. ("lm_head",)); a
     name that matches none is refused before anything is read. dtype: the float dtype of
-    everything not quantized, and of each weight before quantization (default float32)."""
+    everything not quantized, and of each weight before quantization (default float32).
+    embedding_dtype: the frozen token embedding's storage, when smaller than dtype's --
+    torch.bfloat16 halves the largest float tensor left, as the QLoRA paper keeps it."""
     check_compute_dtype(compute_dtype)
     if exclude:
         linears = [p for p, m in empty_model(read_config(folder)).named_modules()
@@ -45,4 +49,5 @@ def load_pretrained_4bit(folder, blocksize=64, double_quant=True, compute_dtype=
         bias = None if bias is None else nn.Parameter(bias)
         return Linear4bit(quantize_nf4(weight, blocksize, double_quant), bias, compute_dtype)
 
-    return load_pretrained(folder, dtype=dtype, linear_hook=quantize_as_read)
+    return load_pretrained(folder, dtype=dtype, linear_hook=quantize_as_read,
+                           embedding_dtype=embedding_dtype)

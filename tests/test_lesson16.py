@@ -163,7 +163,7 @@ def test_the_fresh_process_sections_run_on_the_tiny_shape(tmp_path):
                              lesson.add_args)
     checks = lesson.Checks(args)
     loads = lesson.load_section(shipped_config("tiny"), checks)
-    ratio_big, ratio_small = lesson.rss_section(args, checks)
+    ratio_big, ratio_small = lesson.rss_section(lesson.QUICK, checks)
     assert set(loads) == {"float", "4-bit"} and all(v > 0 for v in loads.values())
     assert ratio_big > 0 and ratio_small > 0
     assert not checks.failed()  # targets are not judged under --quick; nothing else failed

@@ -108,7 +108,8 @@ class Recipe:
     lora_targets: Optional[Tuple[str, ...]] = ("q_proj", "v_proj")  # None: full fine-tuning
     r: int = 8
     base: str = "fp32"            # the frozen base: "fp32", "bf16" or "nf4" (its projections)
-    float_bytes: int = 4          # bytes of the frozen weights kept in float (embedding, norms)
+    float_bytes: int = 4          # bytes of the frozen weights kept in float (norms)
+    embedding_bytes: int = 4      # bytes of the frozen token embedding (and an untied head)
     trained_bytes: int = 4        # bytes of a trained value and of its gradient
     optimizer_bytes: int = 4      # bytes of each AdamW state value
     activation_bytes: int = 4     # bytes of a saved activation value
@@ -122,20 +123,23 @@ class Recipe:
 RECIPES = {r.name: r for r in [
     Recipe("full FT fp32", lora_targets=None),
     Recipe("LoRA"),
-    Recipe("LoRA + bf16 weights", base="bf16", float_bytes=2, trained_bytes=2,
-           optimizer_bytes=2, activation_bytes=2),
+    Recipe("LoRA + bf16 weights", base="bf16", float_bytes=2, embedding_bytes=2,
+           trained_bytes=2, optimizer_bytes=2, activation_bytes=2),
     Recipe("LoRA + ckpt", checkpointing=True),
-    Recipe("QLoRA", base="nf4"),
-    Recipe("QLoRA + ckpt", base="nf4", checkpointing=True),
+    # QLoRA's base: the projections in NF4, the frozen embedding in bfloat16 as the paper
+    # keeps it (tiny_gpt/pretrained/upcast_head.py); hidden states, adapters in float32
+    Recipe("QLoRA", base="nf4", embedding_bytes=2),
+    Recipe("QLoRA + ckpt", base="nf4", embedding_bytes=2, checkpointing=True),
 ]}
 ALL_LINEAR = ATTENTION + MLP
 PAPER_RECIPES = {r.name: r for r in [  # as the QLoRA paper runs them: 16-bit weights,
     # gradients and activations, 32-bit AdamW state; QLoRA with bf16 adapters on every linear
     # layer, r = 64, and the embedding and head in bf16 (Dettmers et al. 2023, Sec. 4-5)
-    Recipe("full FT 16-bit", lora_targets=None, base="bf16", float_bytes=2, trained_bytes=2,
-           activation_bytes=2, checkpointing=True),
+    Recipe("full FT 16-bit", lora_targets=None, base="bf16", float_bytes=2, embedding_bytes=2,
+           trained_bytes=2, activation_bytes=2, checkpointing=True),
     Recipe("QLoRA, all linear r=64", lora_targets=ALL_LINEAR, r=64, base="nf4",
-           float_bytes=2, trained_bytes=2, activation_bytes=2, checkpointing=True),
+           float_bytes=2, embedding_bytes=2, trained_bytes=2, activation_bytes=2,
+           checkpointing=True),
 ]}
 
 
@@ -149,19 +153,20 @@ def nf4_bytes(out_features: int, in_features: int) -> int:
 
 
 def weight_bytes(shape: Shape, recipe: Recipe) -> Tuple[int, int]:
-    """(frozen, trainable) bytes. The embedding, norms and head stay in float
-    (recipe.float_bytes each); only the blocks' projections go to 4 bits."""
+    """(frozen, trainable) bytes. The embedding and head (recipe.embedding_bytes each) and
+    the norms (recipe.float_bytes) stay in float; only the blocks' projections go to 4 bits."""
     counts = shape.parameter_counts()
     if recipe.full:
         return 0, recipe.trained_bytes * sum(counts.values())
-    others = counts["embedding"] + counts["norms"] + counts["head"]
+    others = (recipe.embedding_bytes * (counts["embedding"] + counts["head"])
+              + recipe.float_bytes * counts["norms"])
     if recipe.base == "nf4":
         linear = shape.num_hidden_layers * sum(nf4_bytes(o, i)
                                                for o, i in shape.linear_shapes().values())
     else:
         linear = (2 if recipe.base == "bf16" else 4) * counts["linear"]
     lora, _ = shape.lora_parameters(recipe.lora_targets, recipe.r)
-    return recipe.float_bytes * others + linear, recipe.trained_bytes * lora
+    return others + linear, recipe.trained_bytes * lora
 
 
 def trained_tensors(shape: Shape, recipe: Recipe) -> Tuple[int, int]:

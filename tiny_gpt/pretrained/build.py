@@ -18,21 +18,26 @@ MODEL_CLASSES = {"llama": LlamaForCausalLM, "qwen2": LlamaForCausalLM, "gpt2": G
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_dtype(dtype):
+def check_dtype(dtype, role="dtype"):
     if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+        raise ValueError(f"{role} must be one of {FLOAT_DTYPES}, got {dtype!r}")
     return dtype
 
 
-def empty_model(cfg: ModelConfig, dtype=torch.float32):
-    """The model's modules on the meta device, in `dtype`: shapes only, no storage."""
+def empty_model(cfg: ModelConfig, dtype=torch.float32, embedding_dtype=None):
+    """The model's modules on the meta device, in `dtype` (the token embedding in
+    `embedding_dtype` when given, and frozen): shapes only, no storage."""
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"build_model needs a ModelConfig (read_config, shipped_config), got "
                         f"{type(cfg).__name__}")
     check_dtype(dtype)
+    if embedding_dtype is not None:
+        check_dtype(embedding_dtype, "embedding_dtype")
     with torch.device("meta"), modules_without_init():
-        model = MODEL_CLASSES[cfg.model_type](cfg)
-    return model.to(dtype)
+        model = MODEL_CLASSES[cfg.model_type](cfg).to(dtype)
+    if embedding_dtype not in (None, dtype):  # stored in fewer bits because it stays frozen
+        model.tok_emb.to(embedding_dtype).requires_grad_(False)
+    return model
 
 
 @contextlib.contextmanager

@@ -14,12 +14,12 @@ checkpointing and the KV cache treat a real checkpoint as they treat the tiny GP
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..kv_cache import KVCache
 from ..memory.checkpointing import run_checkpointed
 from ..model import check_token_ids, masked_cross_entropy
 from ..util.checks import is_whole_number
+from .upcast_head import tied_logits
 
 
 class CausalLM(nn.Module):
@@ -30,6 +30,12 @@ class CausalLM(nn.Module):
         """(B, T) ids and positions -> (x (B, T, C), extra): extra is a tuple of tensors that
         every block takes after x."""
         raise NotImplementedError
+
+    @property
+    def hidden_dtype(self):
+        """The dtype the hidden states run in: the norms'. An embedding stored in fewer bits
+        (a QLoRA base keeps it in bfloat16, upcast_head.py) is upcast as it is read."""
+        return self.final_norm.weight.dtype
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -55,7 +61,7 @@ class CausalLM(nn.Module):
                 x = block(x, *extra)
         h = self.final_norm(x)
         logits = self.lm_head(h) if not self.config.tie_word_embeddings \
-            else F.linear(h, self.tok_emb.weight)  # (B, T, V)
+            else tied_logits(h, self.tok_emb.weight)  # (B, T, V)
         loss = None if targets is None else masked_cross_entropy(logits, targets, loss_mask)
         return logits, loss
 

@@ -77,5 +77,5 @@ class GPT2LMHeadModel(CausalLM):
         return self.transformer.ln_f
 
     def embed(self, idx, positions):
-        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C)
-        return x, ()
+        x = self.transformer.wte(idx).to(self.hidden_dtype) + self.transformer.wpe(positions)
+        return x, ()  # x (B, T, C)

@@ -189,7 +189,7 @@ class LlamaForCausalLM(CausalLM):
         return self.model.norm
 
     def embed(self, idx, positions):
-        x = self.model.embed_tokens(idx)  # (B, T, C)
+        x = self.model.embed_tokens(idx).to(self.hidden_dtype)  # (B, T, C)
         # the frequencies are a few numbers: recomputed here rather than kept as a buffer,
         # so a model built on the meta device (the loader) needs nothing filled in for them
         cos, sin = rotary_angles(rope_frequencies(self.config, idx.device), positions,

@@ -32,25 +32,27 @@ from .loader_maps import canonical_name, check_against, file_layout, ours_to_fil
 WEIGHT_DTYPES = ("F32", "F16", "BF16")
 
 
-def load_pretrained(folder, dtype=None, linear_hook=None):
+def load_pretrained(folder, dtype=None, linear_hook=None, embedding_dtype=None):
     """A Hugging Face folder (Llama family or GPT-2) -> a model of this package, weights in
     `dtype` (default float32, whatever the file stores).
 
     linear_hook(path, weight, bias) -> nn.Module or None: called for every nn.Linear with its
-    weight (out, in) and bias (or None) as read; a module returned takes the layer's place."""
+    weight (out, in) and bias (or None) as read; a module returned takes the layer's place.
+    embedding_dtype: the token embedding's own dtype, when it should be stored in fewer bits
+    than the rest (a frozen QLoRA base; the hidden states keep `dtype`, upcast_head.py)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}")
     cfg = read_config(folder)
     dtype = check_dtype(torch.float32 if dtype is None else dtype)
-    model = empty_model(cfg, dtype)
+    model = empty_model(cfg, dtype, embedding_dtype)
     layout = file_layout(model)
     with Checkpoint(folder) as checkpoint:
         names = {canonical_name(k, cfg): k for k in checkpoint.where}
         shapes = checkpoint.shapes()
         check_against({k: shapes[v] for k, v in names.items()}, layout, cfg, str(folder))
         check_float(checkpoint, [names[k] for k in layout], str(folder))
-        reader = PartReader(checkpoint, layout, names, dtype)
+        reader = PartReader(checkpoint, layout, names)
         fill(model, reader, linear_hook)
     return model
 
@@ -69,34 +71,37 @@ class PartReader:
     """Reads our parameter `name` from the file tensor that holds it. A fused file tensor
     (GPT-2's c_attn) serves three parameters in a row: the last one read is kept for them."""
 
-    def __init__(self, checkpoint, layout, names, dtype):
-        self.checkpoint, self.names, self.dtype = checkpoint, names, dtype
+    def __init__(self, checkpoint, layout, names):
+        self.checkpoint, self.names = checkpoint, names
         self.source = {part.ours: (file, part) for file, (_, parts) in layout.items()
                        for part in parts}
         self.last = (None, None)
 
-    def __call__(self, name):
+    def __call__(self, name, dtype):
         file, part = self.source[name]
-        if self.last[0] != file:
-            self.last = (file, None)  # drop the previous tensor before reading the next
-            self.last = (file, self.checkpoint.tensor(self.names[file], self.dtype))
+        if self.last[0] != (file, dtype):
+            self.last = (None, None)  # drop the previous tensor before reading the next
+            self.last = ((file, dtype), self.checkpoint.tensor(self.names[file], dtype))
         return part.take(self.last[1]).contiguous()
 
 
 def fill(model, read, linear_hook=None):
-    """Give every parameter of the meta-built `model` its values, module by module."""
+    """Give every parameter of the meta-built `model` its values, module by module:
+    read(name, dtype) gives parameter `name`'s values in the dtype it was built with (and it
+    keeps the requires_grad it was built with)."""
     for path, module in list(model.named_modules()):
-        own = [name for name, _ in module.named_parameters(recurse=False)]
+        own = dict(module.named_parameters(recurse=False))
         if not own:
             continue
-        values = {name: read(f"{path}.{name}" if path else name) for name in own}
+        values = {name: read(f"{path}.{name}" if path else name, p.dtype)
+                  for name, p in own.items()}
         if linear_hook is not None and isinstance(module, nn.Linear):
             new = linear_hook(path, values["weight"], values.get("bias"))
             if new is not None:
                 replace_module(model, path, new)
                 continue
         for name, value in values.items():
-            setattr(module, name, nn.Parameter(value, requires_grad=True))
+            setattr(module, name, nn.Parameter(value, own[name].requires_grad))
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # every parameter has a Part (a test holds this); this says so if one did not
         raise RuntimeError(f"the loader left parameters without values: {left[:5]}")
