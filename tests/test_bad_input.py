@@ -16,13 +16,9 @@ from lora import (LoRALinear, add_adapter, apply_lora, combine_adapters, delete_
 from lora.inject import adapter_names
 from lora.io import CONFIG_NAME, WEIGHTS_NAME
 from quant import Linear4bit, dequantize_nf4, quantize_model, quantize_nf4
-from tiny_gpt import GPT, GPTConfig, TrainConfig, VOCAB_SIZE, decode, load_text, train
+from tiny_gpt import GPTConfig, TrainConfig, VOCAB_SIZE, decode, load_text, train
 from tiny_gpt.util.safetensors import load_file, save_file
-
-
-def gpt(seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+from conftest import small_gpt
 
 
 def same_state(a: dict, b: dict):
@@ -44,7 +40,7 @@ def snapshot(model):
     (dict(targets=()), "targets is empty"),
     (dict(r=2.0), "r must be an integer")])
 def test_apply_lora_refuses_bad_arguments_and_leaves_the_model_alone(kwargs, phrase):
-    model = gpt()
+    model = small_gpt()
     before = snapshot(model)
     with pytest.raises(ValueError, match=phrase):
         apply_lora(model, **kwargs)
@@ -53,7 +49,7 @@ def test_apply_lora_refuses_bad_arguments_and_leaves_the_model_alone(kwargs, phr
 
 
 def lora_model():
-    model = apply_lora(gpt(), r=2, alpha=4)
+    model = apply_lora(small_gpt(), r=2, alpha=4)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
@@ -66,7 +62,7 @@ def test_a_config_with_infinite_alpha_is_refused(tmp_path):
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     (tmp_path / CONFIG_NAME).write_text(json.dumps({**config, "lora_alpha": float("inf")}))
     assert "Infinity" in (tmp_path / CONFIG_NAME).read_text()
-    model = gpt()
+    model = small_gpt()
     with pytest.raises(ValueError, match="finite lora_alpha"):
         load_adapter(model, tmp_path)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
@@ -79,7 +75,7 @@ def test_adapter_tensors_holding_nan_or_inf_are_refused(tmp_path, bad):
     key = sorted(tensors)[0]
     tensors[key][0, 0] = bad
     save_file(tensors, tmp_path / WEIGHTS_NAME, meta)
-    model = gpt()
+    model = small_gpt()
     with pytest.raises(ValueError, match=f"tensors \\['{key}'\\] hold nan or inf"):
         load_adapter(model, tmp_path)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
@@ -90,7 +86,7 @@ def test_merged_weights_holding_nan_are_refused(tmp_path):
     tensors, meta = load_file(tmp_path / "m.safetensors")
     tensors[sorted(tensors)[0]] *= float("nan")
     save_file(tensors, tmp_path / "m.safetensors", meta)
-    model = gpt(seed=3)
+    model = small_gpt(seed=3)
     before = snapshot(model)
     with pytest.raises(ValueError, match="hold nan or inf"):
         load_model_weights(model, tmp_path / "m.safetensors")
@@ -123,7 +119,7 @@ def test_save_adapter_that_fails_midway_leaves_both_old_files(tmp_path, monkeypa
 
 def test_merge_lora_with_one_layer_that_cannot_merge_merges_none():
     """A 4-bit base has no float weight to merge into: checked for every layer first."""
-    model = gpt()
+    model = small_gpt()
     quantize_model(model, targets=("blocks.1.attn.v_proj",))
     apply_lora(model, r=2, alpha=4)
     before = snapshot(model)
@@ -143,7 +139,7 @@ def test_unmerge_lora_with_one_unmerged_layer_unmerges_none():
 
 
 def test_quantize_model_with_nan_in_a_late_layer_swaps_no_layer():
-    model = gpt()
+    model = small_gpt()
     with torch.no_grad():
         model.blocks[1].mlp.down_proj.weight[3, 4] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
@@ -187,12 +183,12 @@ def test_a_token_id_outside_the_vocabulary_is_a_clear_error(bad):
     x = torch.zeros(1, 4, dtype=torch.long)
     x[0, 2] = bad
     with pytest.raises(ValueError, match="token ids must lie in 0..95"):
-        gpt()(x)
+        small_gpt()(x)
 
 
 def test_float_token_ids_are_refused():
     with pytest.raises(TypeError, match="integer tensor"):
-        gpt()(torch.zeros(1, 4))
+        small_gpt()(torch.zeros(1, 4))
 
 
 # --- the last bad inputs: each refused with what is wrong and what is allowed, nothing changed
@@ -282,7 +278,7 @@ def test_resume_from_a_checkpoint_of_another_optimizer_changes_nothing(tmp_path,
         return x[:, :-1], x[:, 1:], None
 
     ckpt = tmp_path / "c.safetensors"
-    train(gpt(), batches, TrainConfig(max_steps=2, optimizer="sgd", ckpt_path=str(ckpt),
+    train(small_gpt(), batches, TrainConfig(max_steps=2, optimizer="sgd", ckpt_path=str(ckpt),
                                       progress=False), device="cpu")
     saved = "SGD"
     if not written_with_its_class:
@@ -291,7 +287,7 @@ def test_resume_from_a_checkpoint_of_another_optimizer_changes_nothing(tmp_path,
         del trainer["optimizer"]
         save_file(tensors, ckpt, {"trainer": json.dumps(trainer)})
         saved = "an optimizer without betas"
-    data, model = ckpt.read_bytes(), gpt(seed=1)
+    data, model = ckpt.read_bytes(), small_gpt(seed=1)
     before, rng = snapshot(model), torch.get_rng_state()
     with pytest.raises(ValueError, match=f"holds the state of {saved}, this run uses AdamW; "
                                          "resume with the optimizer it was trained with"):

@@ -10,10 +10,10 @@ import torch
 from lora import (add_adapter, apply_lora, combine_adapters, load_adapter, lora_layers,
                   merge_lora, mixed_adapters, prepare_qlora, save_adapter, set_active_adapters,
                   unmerge_lora)
-from tiny_gpt import GPT, GPTConfig
 from tiny_gpt.util.safetensors import load_file, save_file
 from lora.variants.dora import DoRAFunction, dora_norm, dora_reference
 from tiny_gpt.util.finite_differences import central_differences
+from conftest import small_gpt
 
 FD_TOL = 1e-7
 
@@ -87,11 +87,6 @@ def test_at_initialization_the_layer_is_its_base():
 # --- DoRA in the model: apply_lora(use_dora=True) -------------------------------------------
 
 
-def tiny():
-    torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
-
-
 def logits(model):
     idx = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -99,7 +94,7 @@ def logits(model):
 
 
 def trained_dora(exact=False):
-    model = apply_lora(tiny(), r=4, alpha=8, use_dora=True)
+    model = apply_lora(small_gpt(), r=4, alpha=8, use_dora=True)
     with torch.no_grad():
         for _, layer in lora_layers(model):
             a = layer
@@ -110,7 +105,7 @@ def trained_dora(exact=False):
 
 
 def test_dora_model_starts_at_its_base_and_trains_m_A_B():
-    base = tiny()
+    base = small_gpt()
     model = apply_lora(copy.deepcopy(base), r=4, alpha=8, use_dora=True)
     ref = logits(base)
     assert (logits(model) - ref).abs().max() / ref.abs().max() < 1e-6
@@ -144,19 +139,19 @@ def test_dora_saves_and_loads_in_peft_layout(tmp_path):
     assert config["use_dora"] is True
     key = "base_model.model.blocks.0.attn.q_proj.lora_magnitude_vector"
     assert tensors[key].shape == (32,)
-    fresh = load_adapter(tiny(), folder)
+    fresh = load_adapter(small_gpt(), folder)
     assert torch.equal(logits(fresh), logits(model))
     del tensors[key]
     save_file(tensors, folder / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="missing keys .*lora_magnitude_vector"):
-        load_adapter(tiny(), folder)
+        load_adapter(small_gpt(), folder)
 
 
 def test_dora_refusals_change_nothing():
     with pytest.raises(TypeError, match="4-bit base is not supported"):
-        add_adapter(prepare_qlora(tiny(), r=2, alpha=4), "d", use_dora=True)
+        add_adapter(prepare_qlora(small_gpt(), r=2, alpha=4), "d", use_dora=True)
     with pytest.raises(ValueError, match="no dropout"):
-        apply_lora(tiny(), use_dora=True, dropout=0.1)
+        apply_lora(small_gpt(), use_dora=True, dropout=0.1)
     model = trained_dora()
     add_adapter(model, "plain", r=2, alpha=4)
     set_active_adapters(model, ["default", "plain"])

@@ -12,11 +12,7 @@ from lora.variants.loftq import apply_loftq, loftq_init
 from lora.variants.pissa import pissa_init, pissa_to_lora
 from quant import NF4_CODE, normal_float_levels, quantize_4bit
 from tiny_gpt import GPT, GPTConfig
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
+from conftest import small_gpt
 
 
 def logits(model, seed=1):
@@ -26,7 +22,7 @@ def logits(model, seed=1):
 
 
 def test_pissa_starts_at_the_base_with_the_top_singular_part():
-    base = tiny()
+    base = small_gpt()
     model = apply_lora(copy.deepcopy(base), r=4, alpha=8)
     initial = pissa_init(model)
     ref = logits(base)
@@ -43,7 +39,7 @@ def test_pissa_starts_at_the_base_with_the_top_singular_part():
 
 
 def test_pissa_to_lora_is_exact_on_the_original_base():
-    base = tiny()
+    base = small_gpt()
     model = apply_lora(copy.deepcopy(base), r=4, alpha=8)
     initial = pissa_init(model)
     with torch.no_grad():  # "training": move the factors
@@ -60,13 +56,13 @@ def test_pissa_to_lora_is_exact_on_the_original_base():
 
 
 def test_pissa_refuses_a_4bit_base_before_changing_anything():
-    model = prepare_qlora(tiny(), r=2, alpha=4)
+    model = prepare_qlora(small_gpt(), r=2, alpha=4)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="4-bit"):
         pissa_init(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="no adapter 'nope'"):
-        pissa_init(apply_lora(tiny()), "nope")
+        pissa_init(apply_lora(small_gpt()), "nope")
 
 
 def test_k_bit_normal_float_code_books():
@@ -97,7 +93,7 @@ def test_apply_loftq_sets_base_and_adapter_closer_to_the_float_model():
     """QLoRA at step 0 is dequant(Q) x (B = 0); LoftQ's 4-bit base plus its adapter is closer
     to the float weights in every adapted layer, and so its logits are closer to the float
     model's."""
-    base = tiny()
+    base = small_gpt()
     plain = prepare_qlora(copy.deepcopy(base), r=4, alpha=8)
     loftq = copy.deepcopy(plain)
     errors = apply_loftq(loftq, base, bits=4, iters=3)
@@ -111,21 +107,21 @@ def test_apply_loftq_sets_base_and_adapter_closer_to_the_float_model():
 
 
 def test_init_lora_weights_options():
-    base = tiny()
+    base = small_gpt()
     model = apply_lora(copy.deepcopy(base), r=4, alpha=8, init_lora_weights="pissa")
     ref = logits(base)
     assert (logits(model) - ref).abs().max() / ref.abs().max() < 1e-5
     assert model.blocks[0].attn.q_proj.lora_B.abs().max() > 0
     with pytest.raises(ValueError, match="init_lora_weights"):
-        apply_lora(tiny(), init_lora_weights="gaussian")
+        apply_lora(small_gpt(), init_lora_weights="gaussian")
     with pytest.raises(ValueError, match="PiSSA needs a float"):
         from quant import quantize_model
-        apply_lora(quantize_model(tiny()), init_lora_weights="pissa")
+        apply_lora(quantize_model(small_gpt()), init_lora_weights="pissa")
     q = prepare_qlora(copy.deepcopy(base), r=4, alpha=8, bits=2, init_lora_weights="loftq",
                       loftq_iters=2)
     assert all(len(e) == 3 and e[-1] < e[0] for e in q.loftq_errors.values())
     with pytest.raises(ValueError, match="bits must be"):
-        prepare_qlora(tiny(), bits=5)
+        prepare_qlora(small_gpt(), bits=5)
 
 
 @pytest.mark.parametrize("bits", [2, 3])

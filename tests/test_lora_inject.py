@@ -5,14 +5,9 @@ import torch
 
 from lora import (LoRALinear, apply_lora, count_parameters, disable_adapters, format_table,
                   lora_state_dict, merge_lora, parameter_table, unmerge_lora)
-from tiny_gpt.model import GPT, GPTConfig
+from conftest import small_gpt
 
 F32_TOL = 1e-5  # float32 logits through 2 blocks: rounding differences of order 1e-6
-
-
-def tiny_gpt(seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, block_size=32)).eval()
 
 
 def tokens(seed=1):
@@ -27,14 +22,14 @@ def randomize_B(model):
 
 
 def test_zero_init_leaves_gpt_output_unchanged():
-    model, idx = tiny_gpt(), tokens()
+    model, idx = small_gpt(), tokens()
     before = model(idx)[0]
     apply_lora(model)
     assert torch.equal(model(idx)[0], before)
 
 
 def test_only_lora_factors_train_and_get_optimizer_state():
-    model, idx = tiny_gpt().train(), tokens()
+    model, idx = small_gpt().train(), tokens()
     apply_lora(model, r=4, alpha=8)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
@@ -51,26 +46,26 @@ def test_only_lora_factors_train_and_get_optimizer_state():
 
 
 def test_targets_by_suffix_and_full_path():
-    model = apply_lora(tiny_gpt(), targets=("q_proj", "blocks.1.mlp.up_proj"))
+    model = apply_lora(small_gpt(), targets=("q_proj", "blocks.1.mlp.up_proj"))
     wrapped = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     assert wrapped == {"blocks.0.attn.q_proj", "blocks.1.attn.q_proj", "blocks.1.mlp.up_proj"}
 
 
 def test_unknown_target_lists_available_names():
     with pytest.raises(ValueError, match="x_proj") as err:
-        apply_lora(tiny_gpt(), targets=("q_proj", "x_proj"))
+        apply_lora(small_gpt(), targets=("q_proj", "x_proj"))
     assert "v_proj" in str(err.value) and "blocks.0.mlp.down_proj" in str(err.value)
 
 
 def test_applying_twice_is_an_error():
-    model = apply_lora(tiny_gpt())
+    model = apply_lora(small_gpt())
     with pytest.raises(ValueError, match="already applied"):
         apply_lora(model, targets=("q_proj",))
 
 
 def test_parameter_counts():
-    model = apply_lora(tiny_gpt(), r=4)
-    total_before = tiny_gpt().num_params()
+    model = apply_lora(small_gpt(), r=4)
+    total_before = small_gpt().num_params()
     lora = 2 * 2 * (4 * 32 + 32 * 4)  # layers x (q, v) x (A + B)
     assert count_parameters(model) == (lora, total_before + lora)
     rows = parameter_table(model)
@@ -80,7 +75,7 @@ def test_parameter_counts():
 
 
 def test_merge_lora_keeps_output_and_unmerge_restores_weights():
-    model, idx = apply_lora(tiny_gpt()), tokens()
+    model, idx = apply_lora(small_gpt()), tokens()
     randomize_B(model)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base" in n}
     before = model(idx)[0]
@@ -93,7 +88,7 @@ def test_merge_lora_keeps_output_and_unmerge_restores_weights():
 
 
 def test_disable_adapters_gives_base_output():
-    base, idx = tiny_gpt(), tokens()
+    base, idx = small_gpt(), tokens()
     expected = base(idx)[0]
     model = apply_lora(base)
     randomize_B(model)
@@ -109,7 +104,7 @@ def test_disable_adapters_gives_base_output():
 
 
 def test_lora_state_dict_holds_only_adapter_tensors():
-    model = apply_lora(tiny_gpt(), r=4)
+    model = apply_lora(small_gpt(), r=4)
     state = lora_state_dict(model)
     assert len(state) == 2 * 2 * 2
     assert all(k.endswith(("_proj.lora_A", "_proj.lora_B")) for k in state)
@@ -120,8 +115,8 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients():
     """Recomputing each block in backward re-runs LoRAFunction's forward: same gradients."""
     grads = []
     for checkpointing in (False, True):
-        model = apply_lora(tiny_gpt(), r=4)
-        randomize_B(model)  # tiny_gpt() reseeds the global RNG: both runs get the same factors
+        model = apply_lora(small_gpt(), r=4)
+        randomize_B(model)  # small_gpt() reseeds the global RNG: both runs get the same factors
         model.config.gradient_checkpointing = checkpointing
         model.train()
         _, loss = model(tokens(), targets=tokens())

@@ -11,6 +11,7 @@ from lora import (add_adapter, apply_lora, disable_adapters, merge_lora, mixed_a
 from lora.many.mixed import stacked_factors
 from lora.many.mixed_function import MixedLoRAFunction, mixed_delta_autograd
 from tiny_gpt.util.finite_differences import central_differences
+from conftest import small_gpt
 
 FD_TOL = 1e-7   # float64 central differences, eps = 1e-6 (see test_lora_function.py)
 ROW_TOL = 1e-5  # float32, relative to the largest |logit|: the issue's bound for row equality
@@ -68,7 +69,7 @@ def test_padded_rank_is_exact_and_its_padding_gets_no_gradient():
     """A rank-2 adapter padded to R = 4 gives the rank-2 product, and the padded rows of A /
     columns of B get zero gradient, so training never moves them off zero."""
     torch.manual_seed(0)
-    model = apply_lora(_tiny_gpt(), r=2, alpha=4)
+    model = apply_lora(small_gpt(), r=2, alpha=4)
     add_adapter(model, "wide", r=4, alpha=4)
     layer = model.blocks[0].attn.q_proj
     torch.nn.init.normal_(layer.adapters["default"].lora_B)
@@ -87,11 +88,6 @@ def test_padded_rank_is_exact_and_its_padding_gets_no_gradient():
     assert A.grad[0, :2].abs().max() > 0 and B.grad[0, :, :2].abs().max() > 0
 
 
-def _tiny_gpt():
-    from tiny_gpt import GPT, GPTConfig
-    return GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
-
-
 RANKS = {"a": (2, 4.0), "b": (4, 2.0), "c": (8, 16.0), "d": (3, 3.0), "e": (1, 1.0),
          "f": (6, 12.0), "g": (5, 5.0), "h": (8, 4.0)}
 
@@ -99,7 +95,7 @@ RANKS = {"a": (2, 4.0), "b": (4, 2.0), "c": (8, 16.0), "d": (3, 3.0), "e": (1, 1
 def many_adapters(k, quantized=False, targets=("q_proj", "v_proj")):
     """A tiny GPT with k adapters of different ranks and alphas, all with nonzero B."""
     torch.manual_seed(0)
-    model = _tiny_gpt()
+    model = small_gpt()
     if quantized:
         model = prepare_qlora(model, targets=targets, r=2, alpha=4)
     names = list(RANKS)[:k]
@@ -204,7 +200,7 @@ def test_dropout_uses_each_rows_own_p():
     """In training, rows of an adapter with dropout 0 are deterministic; rows of one with
     dropout 0.5 change from call to call, and match eval mode on average only."""
     torch.manual_seed(0)
-    model = apply_lora(_tiny_gpt(), r=4, alpha=8, dropout=0.0)
+    model = apply_lora(small_gpt(), r=4, alpha=8, dropout=0.0)
     add_adapter(model, "wet", r=4, alpha=8, dropout=0.5)
     for p_name, p in model.named_parameters():
         if "lora_B" in p_name:

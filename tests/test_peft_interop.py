@@ -5,15 +5,10 @@ import pytest
 import torch
 
 from lora import apply_lora, load_adapter, save_adapter
-from tiny_gpt import GPT, GPTConfig
+from conftest import small_gpt
 
 peft = pytest.importorskip("peft", reason="PEFT is not installed (optional)")
 F32_TOL = 1e-5  # the same float32 products, summed by two implementations
-
-
-def gpt(seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
 
 
 def randomize_B(model, seed=1):
@@ -29,19 +24,19 @@ def tokens():
 
 
 def test_peft_from_pretrained_opens_our_adapter_and_gives_our_logits(tmp_path):
-    ours = apply_lora(gpt(), r=4, alpha=8).eval()
+    ours = apply_lora(small_gpt(), r=4, alpha=8).eval()
     randomize_B(ours)
     save_adapter(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(gpt(), str(tmp_path)).eval()
+    theirs = peft.PeftModel.from_pretrained(small_gpt(), str(tmp_path)).eval()
     with torch.no_grad():
         assert torch.allclose(theirs(tokens())[0], ours(tokens())[0], atol=F32_TOL)
 
 
 def test_an_adapter_saved_by_peft_loads_into_ours(tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    theirs = peft.get_peft_model(gpt(), config).eval()
+    theirs = peft.get_peft_model(small_gpt(), config).eval()
     randomize_B(theirs)
     theirs.save_pretrained(str(tmp_path))
-    ours = load_adapter(gpt(), tmp_path).eval()
+    ours = load_adapter(small_gpt(), tmp_path).eval()
     with torch.no_grad():
         assert torch.allclose(ours(tokens())[0], theirs(tokens())[0], atol=F32_TOL)
