@@ -63,9 +63,9 @@ def match_targets(model, targets):
 
 def freeze_base(model):
     """requires_grad = False for every parameter that is not a LoRA factor."""
-    base = {id(p) for _, layer in lora_layers(model) for p in layer.base.parameters()}
-    adapter_params = {id(p) for _, layer in lora_layers(model) for p in layer.parameters()
-                      if id(p) not in base}
+    layers = [layer for _, layer in lora_layers(model)]
+    base = {id(p) for layer in layers for p in layer.base.parameters()}
+    adapter_params = {id(p) for layer in layers for p in layer.parameters()} - base
     for p in model.parameters():
         if id(p) not in adapter_params:
             p.requires_grad_(False)

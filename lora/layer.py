@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tiny_gpt.util.checks import is_number, is_whole_number
-from tiny_gpt.util.modules import is_compressed_weight, is_linear_like
+from tiny_gpt.util.modules import (factory_kind, float_weight, is_compressed_weight,
+                                   is_linear_like)
 from tiny_gpt.util.torch_compat import autocast_enabled
 
 from .tuned import lora_function
@@ -50,10 +51,10 @@ def lora_scaling(r, alpha, use_rslora=False):
     return alpha / (math.sqrt(r) if use_rslora else r)
 
 
-def float_weight(base):
-    """base.weight if it is a float tensor (nn.Linear), else None (e.g. a 4-bit base)."""
-    weight = getattr(base, "weight", None)
-    return weight if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
+def lora_update(x, lora_A, lora_B, scaling, dropout, training):
+    """s B A dropout(x) by plain autograd, in the factors' dtype: x (..., in) -> (..., out)."""
+    x_d = F.dropout(x.to(lora_A.dtype), dropout, training)
+    return scaling * F.linear(F.linear(x_d, lora_A), lora_B)
 
 
 def function_applies(base, x, factor):
@@ -77,7 +78,7 @@ class LoRALinear(nn.Module):
     """A frozen `base` layer plus dW = s B A; see the module docstring.
 
     base: any module with integer `in_features`, `out_features` and forward(x (..., in)).
-    The factors live on the base's device, in its float weight's dtype (float32 otherwise).
+    The factors live beside it: its device, its float weight's dtype (float32 otherwise).
     """
 
     def __init__(self, base, r, alpha, dropout=0.0, use_rslora=False):
@@ -90,10 +91,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
         self.scaling = lora_scaling(r, alpha, use_rslora)
-        tensors = [*base.parameters(), *base.buffers()]
-        weight = float_weight(base)
-        kind = dict(device=tensors[0].device if tensors else None,
-                    dtype=torch.float32 if weight is None else weight.dtype)
+        kind = factory_kind(base)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kind))       # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kind))      # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # U(-1/sqrt(in), 1/sqrt(in))
@@ -103,12 +101,10 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.merged or self.disabled:
             return self.base(x)  # a merged base weight already holds the update
-        if not function_applies(self.base, x, self.lora_A):
-            # y = base(x) + s B A dropout(x), by plain autograd, in the factors' dtype
-            x_d = F.dropout(x.to(self.lora_A.dtype), self.dropout, self.training)
-            delta = self.scaling * F.linear(F.linear(x_d, self.lora_A), self.lora_B)
+        if not function_applies(self.base, x, self.lora_A):  # y = base(x) + s B A dropout(x)
             y = self.base(x)
-            return y + delta.to(y.dtype)
+            return y + lora_update(x, self.lora_A, self.lora_B, self.scaling, self.dropout,
+                                   self.training).to(y.dtype)
         x2 = x.reshape(-1, self.in_features)                  # (N, in), N = all leading dims
         y = lora_function(x2, self.base.weight, self.base.bias, self.lora_A, self.lora_B,
                           self.scaling, self.dropout_mask(x2))
@@ -127,27 +123,26 @@ class LoRALinear(nn.Module):
 
     # --- merge / unmerge: explicit calls, checked before anything changes --------------------
     def check_can_merge(self, where="this layer"):
+        """-> the float base weight that merge() will change."""
         if self.merged:
             raise RuntimeError(f"{where}: already merged; call unmerge() first")
-        self._float_weight("merge")
+        return self._float_weight("merge")
 
     def check_can_unmerge(self, where="this layer"):
         if not self.merged:
             raise RuntimeError(f"{where}: not merged: there is nothing to unmerge")
-        self._float_weight("unmerge")
+        return self._float_weight("unmerge")
 
     def merge(self):
         """W0 <- W0 + s B A, in W0's dtype."""
-        self.check_can_merge()
-        weight = self._float_weight("merge")
+        weight = self.check_can_merge()
         with torch.no_grad():
             weight.add_(self.delta_weight().to(weight.dtype))
         self.merged = True
 
     def unmerge(self):
         """W0 <- W0 - s B A (the original up to rounding)."""
-        self.check_can_unmerge()
-        weight = self._float_weight("unmerge")
+        weight = self.check_can_unmerge()
         with torch.no_grad():
             weight.sub_(self.delta_weight().to(weight.dtype))
         self.merged = False

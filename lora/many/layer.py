@@ -19,9 +19,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..layer import LoRALinear, check_lora_args, float_weight, lora_scaling
+from tiny_gpt.util.modules import factory_kind, float_weight
+
+from ..layer import LoRALinear, check_lora_args, lora_scaling, lora_update
 from ..variants.dora import check_dora_base, dora_forward, fold_dora
 
 
@@ -53,8 +54,8 @@ class LoRAAdapter(nn.Module):
 
     def forward(self, x):
         """s B A dropout(x) by plain autograd: x (..., in) -> (..., out)."""
-        x = F.dropout(x.to(self.lora_A.dtype), self.dropout, self.training)
-        return self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return lora_update(x, self.lora_A, self.lora_B, self.scaling, self.dropout,
+                           self.training)
 
     def extra_repr(self):
         return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, "
@@ -94,17 +95,13 @@ class MultiLoRALinear(LoRALinear):
         check_adapter_name(name)
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        weight = float_weight(self.base)
         if use_dora:
             check_dora_base(self.base, dropout)
-        tensors = [*self.base.parameters(), *self.base.buffers()]
         adapter = LoRAAdapter(self.in_features, self.out_features, r, alpha, dropout, use_rslora,
-                              device=tensors[0].device if tensors else None,
-                              dtype=torch.float32 if weight is None else weight.dtype,
-                              use_dora=use_dora)
+                              **factory_kind(self.base), use_dora=use_dora)
         if use_dora:
             with torch.no_grad():
-                adapter.lora_magnitude_vector.copy_(weight.norm(dim=1))
+                adapter.lora_magnitude_vector.copy_(float_weight(self.base).norm(dim=1))
         self.adapters[name] = adapter
 
     def delete_adapter(self, name):

@@ -39,9 +39,10 @@ are frozen: no gradient. Saved for backward: x, u, z (N, out), n, and W0, A, B, 
 import torch
 import torch.nn as nn
 
+from tiny_gpt.util.modules import float_weight
 from tiny_gpt.util.torch_compat import autocast_enabled
 
-from ..layer import LoRALinear, float_weight
+from ..layer import LoRALinear
 from ..tuned import token_sum_product
 
 

@@ -25,8 +25,10 @@ import math
 import torch
 import torch.nn as nn
 
+from tiny_gpt.util.modules import float_weight
+
 from ..inject import lora_layers, named_adapters
-from ..layer import LoRALinear, float_weight
+from ..layer import LoRALinear
 
 
 def check_pissa_bases(model, paths):

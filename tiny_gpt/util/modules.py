@@ -30,6 +30,20 @@ def is_compressed_weight(weight) -> bool:
             and callable(getattr(weight, "dequantize", None)))
 
 
+def float_weight(module):
+    """module.weight if it is a float tensor (nn.Linear), else None (e.g. a 4-bit layer)."""
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
+
+
+def factory_kind(module) -> dict:
+    """{device, dtype} for new tensors that belong beside `module` (LoRA's factors): its
+    device, its float weight's dtype (float32 when it has none, as a 4-bit layer)."""
+    tensors, weight = [*module.parameters(), *module.buffers()], float_weight(module)
+    return dict(device=tensors[0].device if tensors else None,
+                dtype=torch.float32 if weight is None else weight.dtype)
+
+
 def dense(weight, dtype):
     """The (out, in) float weight to compute with: a compressed weight (is_compressed_weight)
     decoded to `dtype`, a tensor as it is. The one home of QLoRA's habit "decode, use, drop;
