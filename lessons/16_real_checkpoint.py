@@ -202,7 +202,10 @@ def rss_section(budget, checks):
           f"; the 4-bit projections are the rest.")
     config, B, T = list(runs)[1]
     why_small(small_peaks, ratio_small, shipped_config(config).vocab_size * B * T)
-    return ratio_big, ratio_small
+    costs = {f"{c}, {b} x {t}, {r}": {"peak MiB": round(p[r]["added"] / MB),
+                                      "step s": round(p[r]["result"]["step_s"], 1)}
+             for (c, b, t), (_, p) in found.items() for r in runs[c, b, t]}
+    return ratio_big, ratio_small, costs
 
 
 def why_small(peaks, ratio, logits):
@@ -249,11 +252,11 @@ def process_sections(args, cfg, checks):
               "starts a fresh interpreter)\n")
         return {}
     loads = load_section(cfg, checks)
-    ratio_big, ratio_small = rss_section(args.budget, checks)
+    ratio_big, ratio_small, costs = rss_section(args.budget, checks)
     print(f"Takeaway: at Llama-3.2-1B's shape a checkpointed QLoRA step peaks at "
           f"{ratio_big:.2f}x the memory of LoRA on fp32 weights.\n")
     return {"load peak / must hold": loads, "QLoRA / LoRA peak, 1B": ratio_big,
-            "QLoRA / LoRA peak, 135M": ratio_small}
+            "QLoRA / LoRA peak, 135M": ratio_small, "one step in a fresh process": costs}
 
 
 # --- with --model: a real checkpoint -----------------------------------------------------

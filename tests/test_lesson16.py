@@ -163,9 +163,11 @@ def test_the_fresh_process_sections_run_on_the_tiny_shape(tmp_path):
                              lesson.add_args)
     checks = lesson.Checks(args)
     loads = lesson.load_section(shipped_config("tiny"), checks)
-    ratio_big, ratio_small = lesson.rss_section(lesson.QUICK, checks)
+    ratio_big, ratio_small, costs = lesson.rss_section(lesson.QUICK, checks)
     assert set(loads) == {"float", "4-bit"} and all(v > 0 for v in loads.values())
     assert ratio_big > 0 and ratio_small > 0
+    assert len(costs) == 4
+    assert all(c["peak MiB"] > 0 and c["step s"] > 0 for c in costs.values())
     assert not checks.failed()  # targets are not judged under --quick; nothing else failed
 
 
