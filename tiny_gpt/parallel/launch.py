@@ -35,6 +35,15 @@ def backend_for(device) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+def rank_device(requested, local_rank: int, world: int) -> torch.device:
+    """This rank's device: cuda:local_rank (for nccl) when there is a GPU for each of the
+    `world` ranks and the `requested` device is not the CPU; else the CPU (for gloo)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if str(requested) != "cpu" and gpus >= world:
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
 def launched_by_torchrun() -> bool:
     """Is this process one of torchrun's (its variables are all set)?"""
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
