@@ -7,16 +7,15 @@ import lora.many.measure as measure
 from lora import add_adapter, apply_lora
 from lora.many.measure import (adapter_bytes, forward_rates, generation_rates,
                                mixed_gradient_gap, mixed_row_gap, summed_answer_loss)
-from tiny_gpt import GPT, GPTConfig
 
 TOL = 1e-5  # float32 sums in another order, relative to the largest value
 
 
-def two_adapters():
-    """A small GPT with adapters "t0" and "t1" whose B is not zero (they change the output)."""
+def two_adapters(small_model):
+    """The shared small GPT with adapters "t0" and "t1" whose B is not zero (they change the
+    output)."""
     torch.manual_seed(0)
-    model = apply_lora(GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)), r=2,
-                       alpha=4)
+    model = apply_lora(small_model, r=2, alpha=4)
     for name in ("t0", "t1"):
         add_adapter(model, name, r=2, alpha=4)
     for name, p in model.named_parameters():
@@ -33,8 +32,8 @@ def batch(rows=4, T=10):
     return x, y, mask
 
 
-def test_a_mixed_batch_is_each_row_alone_and_a_wrong_row_order_is_seen(monkeypatch):
-    model, (x, _, _) = two_adapters().eval(), batch()
+def test_a_mixed_batch_is_each_row_alone_and_a_wrong_row_order_is_seen(monkeypatch, small_model):
+    model, (x, _, _) = two_adapters(small_model).eval(), batch()
     rows = ["t0", None, "t1", "t0"]
     assert mixed_row_gap(model, x, rows) <= TOL
     served = measure.serve_logits
@@ -53,13 +52,13 @@ def test_summed_answer_losses_of_parts_add_up_to_the_whole():
     assert parts.item() == pytest.approx(summed_answer_loss(logits, y, mask).item(), rel=1e-6)
 
 
-def test_mixed_gradients_equal_the_separate_runs_summed():
-    model = two_adapters()
+def test_mixed_gradients_equal_the_separate_runs_summed(small_model):
+    model = two_adapters(small_model)
     assert mixed_gradient_gap(model, *batch(), ["t0", "t1", "t1", "t0"]) <= TOL
 
 
-def test_adapter_bytes_count_one_adapter_and_the_base_apart():
-    model = two_adapters()
+def test_adapter_bytes_count_one_adapter_and_the_base_apart(small_model):
+    model = two_adapters(small_model)
     add_adapter(model, "t00", r=3, alpha=4)  # a name that starts like another one
     per_layer = 2 * (32 + 32) * 4  # r = 2, A (2, 32) and B (32, 2), float32
     assert adapter_bytes(model, "t0") == 2 * 2 * per_layer  # Q and V of 2 blocks
@@ -68,8 +67,8 @@ def test_adapter_bytes_count_one_adapter_and_the_base_apart():
     assert adapter_bytes(model, None) == everything - adapters
 
 
-def test_rates_have_every_k_and_way_and_the_ways_agree_on_answers():
-    model = two_adapters().eval()
+def test_rates_have_every_k_and_way_and_the_ways_agree_on_answers(small_model):
+    model = two_adapters(small_model).eval()
     x, _, _ = batch()
     rows_by_k = {1: ["t0"] * 4, 2: ["t0", "t1"] * 2}
     ways = ("merged", "sub_batches", "mixed")

@@ -4,6 +4,8 @@ the 4-bit base made shardable (quant/sharding.fully_shard_4bit).
 
 The tests that need a process group join a group of one rank in this process (gloo): fast,
 and enough for what is checked here -- the 2-rank behaviour is tests/test_parallel.py's."""
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,7 +14,7 @@ import torch.nn as nn
 from lora import add_adapter, apply_lora, prepare_qlora
 from quant import Linear4bit
 from quant.sharding import fully_shard_4bit
-from tiny_gpt import GPT, GPTConfig, TrainConfig, train
+from tiny_gpt import TrainConfig, train
 from tiny_gpt.parallel import rank_device, train_by_hand
 from tiny_gpt.parallel.launch import free_port
 from tiny_gpt.parallel.measure import (coordinate_gap, ddp_outcome, own_mean_gradients,
@@ -36,11 +38,10 @@ def one_rank():
     dist.destroy_process_group()
 
 
-def tiny_lora(seed=0):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32))
+def lora_of(base, seed=0):
+    """A LoRA copy (r = 4 on Q, V) of the shared small model; equal seeds, equal copies."""
     torch.manual_seed(seed)
-    return apply_lora(model, r=4, alpha=8)
+    return apply_lora(copy.deepcopy(base), r=4, alpha=8)
 
 
 def unequal_batch(gen, rows=4, T=12):
@@ -106,8 +107,8 @@ def test_rank_device_takes_a_gpu_per_rank_only_when_there_are_enough(monkeypatch
     assert rank_device("cuda", 1, 3) == CPU  # 3 ranks, 2 GPUs
 
 
-def test_wire_bytes_equal_their_formulas(one_rank):
-    model = tiny_lora()
+def test_wire_bytes_equal_their_formulas(one_rank, small_model):
+    model = lora_of(small_model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state = sum(t.numel() * t.element_size()
                 for t in list(model.parameters()) + list(model.buffers()))
@@ -116,44 +117,45 @@ def test_wire_bytes_equal_their_formulas(one_rank):
     assert sent["wrap"] == sent["wrap_formula"] == state
 
 
-def test_ddp_outcome_names_the_reduction_error_and_otherwise_the_gradient_gap(one_rank):
+def test_ddp_outcome_names_the_reduction_error_and_otherwise_the_gradient_gap(one_rank,
+                                                                           small_model):
     shares = [unequal_batch(torch.Generator())]
-    refused = ddp_outcome(add_adapter(tiny_lora(), "spare"), shares, CPU)
+    refused = ddp_outcome(add_adapter(lora_of(small_model), "spare"), shares, CPU)
     assert refused.startswith("error: Expected to have finished reduction")
-    reference = tiny_lora()
+    reference = lora_of(small_model)
     accumulate_gradients(reference, shares, CPU)
-    outcome = ddp_outcome(tiny_lora(), shares, CPU, trainable_grads(reference))
+    outcome = ddp_outcome(lora_of(small_model), shares, CPU, trainable_grads(reference))
     assert outcome.startswith("gradient gap") and float(outcome.split()[-1]) <= 1e-6
 
 
-def test_on_one_rank_the_own_mean_is_the_mean_over_all_micro_batches(one_rank):
+def test_on_one_rank_the_own_mean_is_the_mean_over_all_micro_batches(one_rank, small_model):
     from tiny_gpt.parallel.measure import wrap_ddp
     shares = [unequal_batch(torch.Generator().manual_seed(i)) for i in range(2)]
-    reference = tiny_lora()
+    reference = lora_of(small_model)
     accumulate_gradients(reference, shares, CPU)
-    grads = own_mean_gradients(wrap_ddp(tiny_lora(), CPU), shares, CPU)
+    grads = own_mean_gradients(wrap_ddp(lora_of(small_model), CPU), shares, CPU)
     assert rel_gap(grads, trainable_grads(reference)) <= 1e-6
 
 
-def test_train_by_hand_on_one_rank_trains_as_one_process(one_rank):
+def test_train_by_hand_on_one_rank_trains_as_one_process(one_rank, small_model):
     cfg = TrainConfig(max_steps=3, lr=1e-2, warmup_steps=1, grad_accum=2, eval_every=0,
                       progress=False, grad_clip=0.05, seed=1)
     batches = lambda g: random_lengths(g)  # noqa: E731
-    alone = tiny_lora()
+    alone = lora_of(small_model)
     train(alone, batches, cfg, device=CPU)
-    by_hand = train_by_hand(tiny_lora(), batches, cfg, 0, 1, CPU)
-    before = trainable_values(tiny_lora())
+    by_hand = train_by_hand(lora_of(small_model), batches, cfg, 0, 1, CPU)
+    before = trainable_values(lora_of(small_model))
     assert rel_gap(by_hand, before) > 1e-3  # it trained
     assert rel_gap(by_hand, trainable_values(alone)) <= 1e-5  # float32 sums in another order
 
 
-def test_fully_shard_4bit_keeps_the_output_and_holds_the_codes_as_float_parameters(one_rank):
+def test_fully_shard_4bit_keeps_the_output_and_holds_the_codes_as_float_parameters(one_rank,
+                                                                                   small_model):
     fully_shard = fully_shard_function("cpu")
     if fully_shard is None:
         pytest.skip(f"torch {torch.__version__} has no FSDP2 fully_shard on CPU")
     torch.manual_seed(0)
-    model = prepare_qlora(GPT(GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32)),
-                          r=4, alpha=8)
+    model = prepare_qlora(small_model, r=4, alpha=8)
     x = torch.randint(0, 90, (2, 12))
     before = model(x)[0].detach()
     n_4bit = sum(isinstance(m, Linear4bit) for m in model.modules())
