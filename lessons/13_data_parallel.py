@@ -55,9 +55,8 @@ from lora import add_adapter, load_adapter, save_adapter, train_only_adapter
 from quant.sharding import fully_shard_4bit
 from tiny_gpt import sample_batch
 from tiny_gpt.memory.checkpointing import enable_input_require_grads
-from tiny_gpt.parallel import (backend_for, launched_by_torchrun, process_group_from_env,
-                               rank_device, rank_share, run_like_torchrun, sharded_batches,
-                               sum_over_ranks, train_by_hand)
+from tiny_gpt.parallel import (gather_over_ranks, launched_by_torchrun, rank_device, rank_share,
+                               run_like_torchrun, sharded_batches, sum_over_ranks, train_by_hand)
 from tiny_gpt.parallel.measure import (coordinate_gap, ddp_outcome, own_mean_gradients,
                                        rank_spread, rel_gap, state_bytes, trainable_grads,
                                        trainable_values, wire_bytes, wrap_ddp)
@@ -400,14 +399,7 @@ def main(argv=None):
             ["--quick"] if args.quick else []) + (["--compile"] if args.compile else [])
         return run_like_torchrun(Path(__file__).resolve(), WORLD, argv)
     device = rank_device(args.device, int(os.environ["LOCAL_RANK"]), WORLD)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    with process_group_from_env(backend_for(device)) as (rank, world):
-        if world != WORLD:
-            raise SystemExit(f"lesson 13 runs on {WORLD} processes (--nproc_per_node="
-                             f"{WORLD}), got {world}")
-        results = [None] * world
-        dist.all_gather_object(results, rank_main(rank, world, args, device))
+    rank, results = gather_over_ranks(lambda r: rank_main(r, WORLD, args, device), WORLD, device)
     if rank != 0:
         return 0
     out = lesson_dir(args, NAME)

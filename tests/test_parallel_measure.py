@@ -15,7 +15,7 @@ from lora import add_adapter, apply_lora, prepare_qlora
 from quant import Linear4bit
 from quant.sharding import fully_shard_4bit
 from tiny_gpt import TrainConfig, train
-from tiny_gpt.parallel import rank_device, train_by_hand
+from tiny_gpt.parallel import gather_over_ranks, rank_device, train_by_hand
 from tiny_gpt.parallel.launch import free_port
 from tiny_gpt.parallel.measure import (coordinate_gap, ddp_outcome, own_mean_gradients,
                                        rel_gap, state_bytes, trainable_grads, trainable_values,
@@ -164,3 +164,26 @@ def test_fully_shard_4bit_keeps_the_output_and_holds_the_codes_as_float_paramete
     assert n_4bit > 0 and len(codes) == n_4bit
     assert all(p.dtype == torch.float32 and not p.requires_grad for p in codes)
     assert torch.equal(model(x)[0].detach(), before)
+
+
+@pytest.fixture
+def torchrun_env(monkeypatch):
+    """The variables torchrun sets, for a group of one process."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(name, value)
+
+
+def test_gather_over_ranks_hands_back_every_ranks_result_and_leaves_the_group(torchrun_env):
+    assert gather_over_ranks(lambda rank: {"rank": rank, "x": 41 + 1}, 1) == (
+        0, [{"rank": 0, "x": 42}])
+    assert not dist.is_initialized()
+
+
+def test_gather_over_ranks_refuses_another_world_size_before_running(torchrun_env):
+    ran = []
+    with pytest.raises(SystemExit, match="runs on 2 processes .* got 1"):
+        gather_over_ranks(ran.append, 2)
+    assert ran == [] and not dist.is_initialized()

@@ -59,6 +59,23 @@ def process_group_from_env(backend="gloo"):
         leave_group()
 
 
+def gather_over_ranks(fn, world: int, device="cpu"):
+    """In a process that torchrun (or run_like_torchrun) started: join the group (gloo, or
+    nccl for a CUDA `device`, made this process's current device), run fn(rank), and return
+    (rank, [what each rank's fn returned]) on every rank, after leaving the group. A group of
+    another size than `world` is refused before fn runs (a wrong --nproc_per_node)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    with process_group_from_env(backend_for(device)) as (rank, size):
+        if size != world:
+            raise SystemExit(f"this script runs on {world} processes (--nproc_per_node={world}),"
+                             f" got {size}")
+        results = [None] * size
+        dist.all_gather_object(results, fn(rank))
+    return rank, results
+
+
 def free_port() -> int:
     """A TCP port that nothing listens on right now (the OS picks it)."""
     with socket.socket() as s:
