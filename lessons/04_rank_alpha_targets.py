@@ -61,12 +61,12 @@ from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse
 from lessons.plots import saved_figure, saved_heatmaps
 from lessons.recipe import DEFAULT_TASK, finetune_config, short_config, task_splits, tuned_accuracy
 from lessons.seeds import (Trials, Verdict, add_seeds_flag, compare, errorbars, over_seeds,
-                           rank, seeds_of, within)
+                           print_verdicts, rank, seeds_of, within)
 from lora import count_parameters, lora_scaling
-from lora.analysis import (adapter_factors, amplification_factor, lora_param_count, phi_grid,
-                           projected_norm, random_phi, random_projected_norm, rank_for_budget,
-                           top_singular_subspaces)
-from tiny_gpt import masked_cross_entropy, sample_batch
+from lora import analysis
+from lora.analysis import (adapter_factors, amplification_norms, lora_param_count, phi_corners,
+                           random_phi, rank_for_budget)
+from tiny_gpt import sample_batch
 from tiny_gpt.evaluate import task_loss
 
 NAME = "04_rank_alpha_targets"
@@ -150,13 +150,6 @@ def spread_cells(res):
     return [res["acc"].percent(), res["val_loss"].show(fmt="{:.3f}")]
 
 
-def print_ranking(accs):
-    """What the seeds allow to be said about the order of the settings (lessons/seeds.py)."""
-    for line in rank(accs):
-        print(f"  {line}")
-    print()
-
-
 # --- part 1: rank ------------------------------------------------------------------------------
 def rank_sweep(runs, ranks):
     res = {r: runs.spreads(Spec(QV, r, 2 * r), ("acc", "val_loss")) for r in ranks}
@@ -164,7 +157,7 @@ def rank_sweep(runs, ranks):
                 ["r", "alpha", "trainable", "test exact match", "val loss"],
                 [[r, 2 * r, f"{runs.one(Spec(QV, r, 2 * r), runs.seeds[0])['trainable']:,}",
                   *spread_cells(res[r])] for r in ranks])
-    print_ranking({f"r={r}": res[r]["acc"] for r in ranks})
+    print_verdicts(None, rank({f"r={r}": res[r]["acc"] for r in ranks}))
     return res
 
 
@@ -174,14 +167,15 @@ def target_sweep(runs):
     rows, res = [], {}
     for name, targets in TARGET_SETS.items():
         r = rank_for_budget(runs.base, targets, budget)
-        res[name] = runs.spreads(Spec(targets, r, 2 * r), ("acc", "val_loss"))
         trainable = runs.one(Spec(targets, r, 2 * r), runs.seeds[0])["trainable"]
+        res[name] = {**runs.spreads(Spec(targets, r, 2 * r), ("acc", "val_loss")),
+                     "trainable": trainable}
         rows.append([name, r, f"{trainable:,}", f"{trainable / budget - 1:+.1%}",
                      *spread_cells(res[name])])
     print_table(f"2. Where to put {budget:,} trainable parameters (alpha = 2r); "
                 f"{runs.budget_text}",
                 ["targets", "r", "trainable", "vs budget", "test exact match", "val loss"], rows)
-    print_ranking({name: res[name]["acc"] for name in res})
+    print_verdicts(None, rank({name: res[name]["acc"] for name in res}))
     return res, budget
 
 
@@ -193,15 +187,12 @@ def scaling_specs(r):
 
 
 def first_step_norm(runs, spec, lr):
-    """Mean ||dW||_F / lr over the adapted layers after one AdamW step from B = 0."""
+    """Mean ||dW_1||_F / lr over the adapted layers after one AdamW step from B = 0
+    (lora/analysis.py), on one batch of 32 training examples."""
     args = runs.args
     model = adapted(runs, spec, args.seed).to(args.device).train()
-    x, y, mask = (t.to(args.device) for t in
-                  sample_batch(task_splits(args)["train"], 32, torch.Generator().manual_seed(0)))
-    masked_cross_entropy(model(x)[0], y, mask).backward()
-    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr).step()
-    norms = [dw.norm().item() for _, dw, _ in adapter_factors(model.cpu()).values()]
-    return sum(norms) / len(norms) / lr
+    batch = sample_batch(task_splits(args)["train"], 32, torch.Generator().manual_seed(0))
+    return analysis.first_step_norm(model, tuple(t.to(args.device) for t in batch), lr)
 
 
 def scaling_sweep(runs, large, lr):
@@ -219,7 +210,8 @@ def scaling_sweep(runs, large, lr):
                 f"{runs.budget_text}", ["rule", "r", "alpha", "s", "||dW_1||",
                                           "s*sqrt(r*out/3)", "test exact match", "val loss"],
                 rows)
-    print_ranking({f"{rule}, r={large}": res[rule, large]["acc"] for rule in scaling_specs(large)})
+    print_verdicts(None, rank({f"{rule}, r={large}": res[rule, large]["acc"]
+                               for rule in scaling_specs(large)}))
     return res, norms
 
 
@@ -267,15 +259,6 @@ def findings(rank_res, target_res, scaling_res, small, large):
 
 
 # --- part 4: subspaces and amplification -------------------------------------------------------
-def phi_summary(m_small, m_large, m_seed, rs, rl):
-    """phi grids small-vs-large (rs, rl) and seed-vs-seed (rs, rs) of three matrices acting on
-    the same input space, and four numbers from them: phi(1,1) and phi(rs,rl); phi(1,1) and
-    phi(rs,rs) across seeds."""
-    g, g_seed = phi_grid(m_small, m_large, rs, rl), phi_grid(m_small, m_seed, rs, rs)
-    return (g, g_seed), [g[0, 0].item(), g[-1, -1].item(), g_seed[0, 0].item(),
-                         g_seed[-1, -1].item()]
-
-
 def similarity_table(runs, pair):
     """phi between the small- and large-rank adapters (and two seeds) in every block, on A
     (as the paper) and on the input directions of dW = s B A (ordered by what B makes of them)."""
@@ -284,8 +267,8 @@ def similarity_table(runs, pair):
     seed = runs.one(Spec(QV, rs, 2 * rs), s1)["factors"]  # trained here if --seeds 1
     rows, grids = [], {}
     for path in small:
-        by_a, nums_a = phi_summary(small[path][0], large[path][0], seed[path][0], rs, rl)
-        by_dw, nums_dw = phi_summary(small[path][1], large[path][1], seed[path][1], rs, rl)
+        by_a, nums_a = phi_corners(small[path][0], large[path][0], seed[path][0], rs, rl)
+        by_dw, nums_dw = phi_corners(small[path][1], large[path][1], seed[path][1], rs, rl)
         grids[path] = by_a + by_dw
         rows.append([path.removeprefix("blocks."), *nums_a, *nums_dw])
     n = small[path][0].shape[1]
@@ -308,12 +291,7 @@ def amplification(runs, r, proj, seed):
     """Block LAYER's ||dW||, ||W||, ||U'WV|| along dW's, W's and random directions, the
     amplification factor and ||dW|| over the random-direction norm, for one seed's run."""
     _, dw, w = runs.one(Spec(QV, r, 2 * r), seed)["factors"][f"blocks.{LAYER}.attn.{proj}"]
-    uw, vw = top_singular_subspaces(w, r)
-    along_rand = random_projected_norm(w, r)
-    return dict(dw=dw.norm().item(), w=w.norm().item(),
-                along_dw=projected_norm(w, *top_singular_subspaces(dw, r)),
-                along_w=projected_norm(w, uw, vw), along_rand=along_rand,
-                amp=amplification_factor(dw, w, r), vs_rand=dw.norm().item() / along_rand)
+    return amplification_norms(dw, w, r)
 
 
 def amplification_table(runs, pair):
@@ -376,12 +354,10 @@ def headline_numbers(runs, sweeps, found, sim_rows, amps):
             **{f"amplification_{p}_r{r}": a.mean for (p, r), a in amps.items()}}
 
 
-def judge(args, runs, target_res, budget, step_norms, found):
+def judge(args, target_res, budget, step_norms, found):
     """Exact properties (judged under --quick too) and the papers' findings (where decided)."""
     checks = Checks(args)
-    counts = {n: runs.one(Spec(t, rank_for_budget(runs.base, t, budget),
-                               2 * rank_for_budget(runs.base, t, budget)), runs.seeds[0])
-              ["trainable"] for n, t in TARGET_SETS.items()}
+    counts = {name: res["trainable"] for name, res in target_res.items()}
     checks.must(f"every target set trains exactly {budget:,} parameters",
                 set(counts.values()) == {budget}, ", ".join(f"{n} {c:,}" for n, c in
                                                              counts.items()))
@@ -417,7 +393,7 @@ def main(argv=None):
     write_summary(args, NAME, headline_numbers(runs, (rank_res, target_res, scaling_res), found,
                                                sim_rows, amps))
     takeaway(*(f"{claim}: {outcome}" for claim, outcome, _ in found))
-    return judge(args, runs, target_res, budget, step_norms, found)
+    return judge(args, target_res, budget, step_norms, found)
 
 
 if __name__ == "__main__":

@@ -41,13 +41,14 @@ from lessons.common import (Checks, get_base_model, lesson_dir, parse_args, prin
                             takeaway, write_summary)
 from lessons.plots import saved_figure
 from lessons.recipe import finetune_config, task_splits
-from lora import (AdapterLibrary, add_adapter, disable_adapters, lora_layers,
-                  mixed_adapters, save_adapter, serve_answers, serve_logits, set_active_adapters)
+from lora import (AdapterLibrary, add_adapter, disable_adapters, lora_layers, mixed_adapters,
+                  save_adapter, set_active_adapters)
+from lora.many.measure import (adapter_bytes, forward_rates, generation_rates,
+                               mixed_gradient_gap, mixed_row_gap)
 from lora.many.serving import merge_drift
 from tiny_gpt import GPT, GPTConfig, exact_match, make_batch
 from tiny_gpt.data import encode
 from tiny_gpt.train import train
-from tiny_gpt.util.timing import round_robin_medians
 
 NAME = "11_serving_many_adapters"
 TASKS = ("upper", "swap", "reverse")
@@ -101,32 +102,10 @@ def train_together(model, splits, args):
 
 
 def gradient_gap(model, splits):
-    """Largest |gradient from one mixed batch - gradient from each task's rows run alone with
-    its adapter active|, relative to the largest gradient entry, over every adapter factor."""
+    """Gradients of one mixed batch against each task's rows run alone with its adapter
+    active (lora/many/measure.py), on 4 training examples of each task."""
     examples = [splits[t]["train"][i] for t in TASKS for i in range(4)]
-    rows = [t for t in TASKS for _ in range(4)]
-    x, y, mask = make_batch(examples)
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def grads(loss):  # an adapter that no row used gets zeros
-        found = torch.autograd.grad(loss, params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, found)]
-
-    def answer_loss(logits, y, mask):  # summed, so that the separate runs add up
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")
-        return (ce * mask).sum()
-
-    with mixed_adapters(model, rows):
-        together = grads(answer_loss(model(x)[0], y, mask))
-    apart = [torch.zeros_like(p) for p in params]
-    for task in TASKS:
-        picked = [b for b, t in enumerate(rows) if t == task]
-        set_active_adapters(model, task)
-        for total, g in zip(apart, grads(answer_loss(model(x[picked])[0], y[picked],
-                                                     mask[picked]))):
-            total += g
-    largest = max(g.abs().max().item() for g in apart)
-    return max((a - b).abs().max().item() for a, b in zip(together, apart)) / largest
+    return mixed_gradient_gap(model, *make_batch(examples), [t for t in TASKS for _ in range(4)])
 
 
 def accuracy_table(model, splits, args):
@@ -199,53 +178,6 @@ def assigned(names, k, n):
     return [names[b % k] for b in range(n)]
 
 
-@torch.no_grad()
-def row_gap(server, idx, rows):
-    """Largest |mixed logits - each row run alone (its adapter active, or all off for None)|,
-    relative to the largest |logit|."""
-    mixed = serve_logits(server, idx, rows, "mixed")
-    alone = [serve_logits(server, idx[b:b + 1], [name], "sub_batches")
-             for b, name in enumerate(rows)]
-    return ((mixed - torch.cat(alone)).abs().max() / mixed.abs().max()).item()
-
-
-@torch.no_grad()
-def base_forward(server, idx):
-    with disable_adapters(server):
-        return server(idx)[0]
-
-
-def forward_rates(server, library, names, idx, repeats):
-    """{(k, way): tokens per second of one forward pass of idx}; way "base" is the base model
-    alone, timed in the same rounds as the others."""
-    n, T = idx.shape
-    rates = {}
-    for k in KS:
-        rows = assigned(names, k, n)
-        library.ensure(rows)  # the library loads an adapter when a request first asks for it
-        fns = {way: (lambda w=way: serve_logits(server, idx, rows, w)) for way in WAYS}
-        fns["base"] = lambda: base_forward(server, idx)
-        seconds = round_robin_medians(fns, repeats, warmup=1)
-        rates.update({(k, way): n * T / s for way, s in seconds.items()})
-    return rates
-
-
-def generation_rates(server, names, prompts, max_new, repeats, device):
-    """{(k, way): generated tokens per second}, and whether every way gave the same answers."""
-    rates, agree = {}, True
-    for k in KS:
-        rows = assigned(names, k, len(prompts))
-        answers = {}
-
-        def run(way):
-            answers[way] = serve_answers(server, prompts, rows, way, max_new, device)
-        seconds = round_robin_medians({w: (lambda w=w: run(w)) for w in WAYS}, repeats,
-                                      warmup=0)
-        agree &= len({tuple(a) for a in answers.values()}) == 1
-        rates.update({(k, w): len(prompts) * max_new / seconds[w] for w in WAYS})
-    return rates, agree
-
-
 def rate_table(title, rates):
     """Tokens / s per way and k; with the base model's rate when it was timed too."""
     with_base = (KS[0], "base") in rates
@@ -255,15 +187,6 @@ def rate_table(title, rates):
                if with_base else [])] for k in KS]
     print_table(title, ["k", *WAYS, "mixed / sub_batches",
                         *(["base alone", "mixed time / base"] if with_base else [])], rows)
-
-
-def adapter_bytes(model, name):
-    """Bytes of adapter `name`'s factors in the model; name None: of everything else."""
-    def wanted(param_name):
-        if name is None:
-            return ".adapters." not in param_name
-        return f".adapters.{name}." in param_name
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if wanted(n))
 
 
 def memory_table(library, names, n, layer):
@@ -308,7 +231,9 @@ def forward_section(server, library, names, splits, args):
     rates, repeats = {}, args.budget.repeats
     for n in args.budget.batches:
         _, idx = request_batch(splits, n, args.seed)
-        rates[n] = forward_rates(server, library, names, idx.to(args.device), repeats)
+        rows_by_k = {k: assigned(names, k, n) for k in KS}
+        library.ensure(rows_by_k[max(KS)])  # loaded when a request first asks for an adapter
+        rates[n] = forward_rates(server, idx.to(args.device), rows_by_k, WAYS, repeats)
         rate_table(f"(c) Forward pass, {n} requests of {idx.shape[1]} tokens: tokens / s "
                    f"(median of {repeats}, the ways taking turns)", rates[n])
     return rates
@@ -318,12 +243,13 @@ def generation_section(server, names, splits, args, checks):
     """(c): each row alone against the mixed batch, then greedy generation by every way."""
     n0 = args.budget.batches[0]
     prompts, idx = request_batch(splits, n0, args.seed)
-    row_rel = row_gap(server, idx.to(args.device), assigned(names + [None], len(names) + 1, n0))
+    row_rel = mixed_row_gap(server, idx.to(args.device),
+                            assigned(names + [None], len(names) + 1, n0))
     checks.must(f"mixed batch = each row alone, {len(names)} adapters + base rows (relative "
                 f"{ROW_TOL:g})", row_rel <= ROW_TOL, f"{row_rel:.1e}")
     max_new = max(len(a) for t in TASKS for _, a in splits[t]["test"])
-    gen_rates, agree = generation_rates(server, names, prompts, max_new,
-                                        args.budget.gen_repeats, args.device)
+    gen_rates, agree = generation_rates(server, prompts, {k: assigned(names, k, n0) for k in KS},
+                                        WAYS, max_new, args.budget.gen_repeats, args.device)
     rate_table(f"(c) Greedy generation of {max_new} tokens for {n0} requests: generated "
                "tokens / s", gen_rates)
     checks.must("every way gives the same greedy answers, for every k", agree)

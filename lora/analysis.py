@@ -31,6 +31,8 @@ All functions take plain tensors and compute in float64, so they also serve the 
 """
 import torch
 
+from tiny_gpt import masked_cross_entropy
+
 from .inject import lora_layers, match_targets
 
 
@@ -91,6 +93,17 @@ def random_phi(n, i, j):
     return max(i, j) / n
 
 
+def phi_corners(m_small, m_large, m_seed, rs, rl):
+    """The paper's two comparisons (Fig. 3 and Fig. 4) of three matrices acting on the same
+    R^n: m_small and m_seed trained at rank rs with two seeds, m_large at rank rl.
+    Returns the grids (phi_grid(m_small, m_large, rs, rl), phi_grid(m_small, m_seed, rs, rs))
+    and their corners [phi(1, 1), phi(rs, rl)] small vs large, then [phi(1, 1), phi(rs, rs)]
+    seed vs seed: do the top directions agree, and do the whole subspaces."""
+    g, g_seed = phi_grid(m_small, m_large, rs, rl), phi_grid(m_small, m_seed, rs, rs)
+    return (g, g_seed), [g[0, 0].item(), g[-1, -1].item(), g_seed[0, 0].item(),
+                         g_seed[-1, -1].item()]
+
+
 # --- 3. amplification ----------------------------------------------------------------------
 def top_singular_subspaces(m, r):
     """Top-r left (out, r) and right (in, r) singular vectors of m (out, in)."""
@@ -127,6 +140,23 @@ def random_projected_norm(w, r, draws=20, seed=0):
     return sum(norms) / draws
 
 
+def amplification_norms(delta_w, w, r, draws=20, seed=0) -> dict:
+    """The numbers of the paper's Table 7 for one layer, W (out, in) and its update dW:
+
+        dw, w       ||dW||_F, ||W||_F
+        along_dw    ||U^T W V||_F, U, V the top-r singular vectors of dW
+        along_w     the same along W's own top-r singular vectors (the most W can give)
+        along_rand  the same along random U, V (mean of `draws`)
+        amp         ||dW||_F / along_dw: the amplification factor
+        vs_rand     ||dW||_F / along_rand"""
+    dw_norm = torch.linalg.matrix_norm(delta_w.detach().double()).item()
+    along_rand = random_projected_norm(w, r, draws, seed)
+    along_dw = projected_norm(w, *top_singular_subspaces(delta_w, r))
+    return dict(dw=dw_norm, w=torch.linalg.matrix_norm(w.detach().double()).item(),
+                along_dw=along_dw, along_w=projected_norm(w, *top_singular_subspaces(w, r)),
+                along_rand=along_rand, amp=dw_norm / along_dw, vs_rand=dw_norm / along_rand)
+
+
 # --- reading a trained model ---------------------------------------------------------------
 def adapter_factors(model):
     """{layer path: (A (r, in), dW (out, in), W0 (out, in))} for every LoRA layer's single
@@ -141,3 +171,19 @@ def adapter_factors(model):
         out[path] = (layer.lora_A.detach(), layer.delta_weight().detach(),
                      layer.base.weight.detach())
     return out
+
+
+def first_step_norm(model, batch, lr):
+    """Mean over the LoRA layers of ||dW_1||_F / lr: the update's size after one AdamW step
+    (lr) from B = 0 on `batch` (x, y, mask), the model's adapters still at their start.
+
+    Why it measures the scaling rule: AdamW moves every entry by about lr on its first step
+    whatever the gradient's size, and with B = 0 only B moves (dL/dA = 0), so
+        B_1 = -lr sign(G_B),   dW_1 = s B_1 A = -s lr sign(G_B) A       (out, in)
+    a signed sum of A's r rows; with A's rows random that norm grows like a random walk,
+    ||dW_1||_F ~ s lr sqrt(r out / 3) for Kaiming-uniform A (|a|^2 ~ 1/3)."""
+    x, y, mask = batch
+    masked_cross_entropy(model(x)[0], y, mask).backward()
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr).step()
+    norms = [dw.norm().item() for _, dw, _ in adapter_factors(model).values()]
+    return sum(norms) / len(norms) / lr

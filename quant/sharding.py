@@ -8,7 +8,7 @@ per float32 entry. fsdp_qlora does the same with bitsandbytes' quant_storage.
 import torch
 import torch.nn as nn
 
-from .linear4bit import COMPUTE_DTYPES
+from .linear4bit import COMPUTE_DTYPES, Linear4bit
 
 
 def store_codes_as(layer, dtype=torch.float32):
@@ -30,3 +30,17 @@ def store_codes_as(layer, dtype=torch.float32):
     else:
         layer.codes = nn.Parameter(packed.view(dtype), requires_grad=False)
     return layer
+
+
+def fully_shard_4bit(model, fully_shard, dtype=torch.float32):
+    """Shard a model with a 4-bit base the way fsdp_qlora does: every Linear4bit's codes
+    stored as `dtype` parameters (store_codes_as), then `fully_shard` (FSDP2's, from
+    tiny_gpt.util.torch_compat.fully_shard_function) applied to each block of model.blocks and
+    to the model itself, so each block's parameters are gathered only while it runs. -> model"""
+    for layer in model.modules():
+        if isinstance(layer, Linear4bit):
+            store_codes_as(layer, dtype)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model

@@ -120,15 +120,13 @@ def test_lesson11_says_whether_the_swap_drift_grows(drift, said):
 def judge_04(counts_off=0, growth_off=1.0):
     """Lesson 04's judge on made-up measurements: equal budgets (unless counts_off) and the
     first-step growth each rule predicts (times growth_off for alpha = 2r)."""
-    from types import SimpleNamespace
-
     from lessons.common import parse_args
     from tiny_gpt import GPT, GPTConfig
     l04 = lesson("04")
     base = GPT(GPTConfig())
     budget = l04.lora_param_count(base, l04.TARGET_SETS[l04.BUDGET[0]], l04.BUDGET[1])
-    runs = SimpleNamespace(base=base, seeds=[0], one=lambda spec, seed: {
-        "trainable": budget + (counts_off if spec.targets == ("q_proj",) else 0)})
+    target_res = {name: {"trainable": budget + (counts_off if name == "Q" else 0)}
+                  for name in l04.TARGET_SETS}  # part 2's trainable count of each target set
     ratio = (l04.LARGE / l04.R_MID) ** 0.5
     norms = {("alpha fixed", l04.R_MID): 1.0, ("alpha fixed", l04.LARGE): 1 / ratio,
              ("alpha = 2r", l04.R_MID): 1.0, ("alpha = 2r", l04.LARGE): ratio * growth_off,
@@ -136,7 +134,7 @@ def judge_04(counts_off=0, growth_off=1.0):
     found = [("a claim", "cannot tell", "the interval"), ("b claim", "reproduced", "x"),
              ("c claim", "contradicted", "y")]
     args = parse_args("lesson 04", ["--quick"])
-    return l04.judge(args, runs, None, budget, norms, found)
+    return l04.judge(args, target_res, budget, norms, found)
 
 
 def test_lesson04_checks_pass_on_equal_budgets_and_the_predicted_growth(capsys):

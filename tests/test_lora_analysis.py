@@ -1,12 +1,16 @@
-"""lora.analysis: subspace similarity phi, the amplification factor, parameter budgets."""
+"""lora.analysis: subspace similarity phi, the amplification factor, parameter budgets, the
+first step's size."""
+import copy
+
 import pytest
 import torch
 
-from lora import apply_lora, count_parameters
-from lora.analysis import (adapter_factors, amplification_factor, lora_param_count, phi_grid,
+from lora import apply_lora, count_parameters, lora_layers
+from lora.analysis import (adapter_factors, amplification_factor, amplification_norms,
+                           first_step_norm, lora_param_count, phi_corners, phi_grid,
                            projected_norm, random_orthonormal, random_phi,
                            random_projected_norm, rank_for_budget, subspace_similarity)
-from tiny_gpt.model import GPT, GPTConfig
+from tiny_gpt.model import GPT, GPTConfig, masked_cross_entropy
 
 F64_TOL = 1e-10  # float64 SVDs of matrices of size <= 64: rounding of order 1e-14
 F32_TOL = 1e-5   # a float32 weight read back through float64 arithmetic
@@ -165,3 +169,47 @@ def test_adapter_factors_read_a_trained_layer():
     layer.merge()
     with pytest.raises(ValueError, match="unmerged"):
         adapter_factors(model)
+
+
+# --- what lesson 04 reads from these ----------------------------------------------------------
+def test_phi_corners_are_the_corners_of_the_two_grids():
+    small, large, seed = randn(4, 40, seed=1), randn(12, 40, seed=2), randn(4, 40, seed=3)
+    (g, g_seed), corners = phi_corners(small, large, seed, 4, 12)
+    assert g.shape == (4, 12) and g_seed.shape == (4, 4)
+    assert corners == pytest.approx([subspace_similarity(small, large, 1, 1),
+                                     subspace_similarity(small, large, 4, 12),
+                                     subspace_similarity(small, seed, 1, 1),
+                                     subspace_similarity(small, seed, 4, 4)], abs=F64_TOL)
+    # 4 directions inside a 12-dimensional subspace of R^40 that holds them: phi(4, 12) = 1
+    assert phi_corners(small, torch.cat([small, large[:8]]), seed, 4, 12)[1][1] == \
+        pytest.approx(1.0, abs=F64_TOL)
+
+
+def test_amplification_norms_hold_the_factor_and_w_own_directions_give_the_most():
+    w, dw, r = randn(24, 40, seed=4), randn(24, 3, seed=5) @ randn(3, 40, seed=6), 3
+    got = amplification_norms(dw, w, r)
+    assert got["amp"] == pytest.approx(amplification_factor(dw, w, r), rel=F64_TOL)
+    top = torch.linalg.svdvals(w)[:r]  # max over orthonormal U, V of ||U^T W V||_F
+    assert got["along_w"] == pytest.approx(top.square().sum().sqrt().item(), rel=F64_TOL)
+    assert got["along_dw"] < got["along_w"] and got["along_rand"] < got["along_w"]
+    assert got["vs_rand"] == pytest.approx(got["dw"] / got["along_rand"], rel=F64_TOL)
+    assert got["dw"] == pytest.approx(dw.norm().item(), rel=F64_TOL)
+
+
+def test_first_step_norm_is_s_times_the_signed_sum_of_a_rows():
+    """From B = 0 one AdamW step moves B by -lr g / (|g| + eps) (~ -lr sign(G_B): Adam's first
+    step, bias-corrected, with eps = 1e-8), and A not at all (dL/dA = 0; weight decay shrinks it
+    by lr * 0.01 = 1e-5), so dW_1 / lr = -s (G_B / (|G_B| + eps)) A to 1e-5."""
+    model = apply_lora(tiny_gpt(), r=4, alpha=8)
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, 90, (4, 16), generator=gen) for _ in range(2))
+    batch = (x, y, torch.ones(4, 16))
+    reference = copy.deepcopy(model)
+    masked_cross_entropy(reference(x)[0], y, batch[2]).backward()
+    adam_step = [layer.lora_B.grad / (layer.lora_B.grad.abs() + 1e-8)  # (out, r)
+                 for _, layer in lora_layers(reference)]
+    expected = [(layer.scaling * step @ layer.lora_A).norm().item()
+                for step, (_, layer) in zip(adam_step, lora_layers(reference))]
+    lr = 1e-3
+    got = first_step_norm(model, batch, lr)
+    assert got == pytest.approx(sum(expected) / len(expected), rel=1e-4)

@@ -6,6 +6,8 @@
     mixed.py           mixed_adapters: row b of a batch uses adapter names[b], trainable
     serving.py         three ways to serve a batch of requests for many adapters, row for row
     library.py         AdapterLibrary: adapter directories on disk, listed, loaded lazily
+    measure.py         a mixed batch against each row alone (logits, gradients), adapter
+                       bytes, tokens per second of each way of serving (lesson 11)
 """
 from .layer import LoRAAdapter, MultiLoRALinear, to_many
 from .multi import (add_adapter, as_many, combine_adapters, delete_adapter,

@@ -8,6 +8,7 @@
 The gradients are flattened into one bucket first, so the ranks exchange one message instead
 of one per tensor (DDP does the same with ~25 MiB buckets, and overlaps them with backward as
 each bucket's gradients become ready; this version waits for the whole backward).
+train_by_hand puts the two into a training loop, the reference that lesson 13 holds DDP to.
 """
 import itertools
 
@@ -46,3 +47,33 @@ def all_reduce_gradients(params, average: bool = False) -> int:
         p.grad = bucket[offset: offset + g.numel()].view_as(g).clone()
         offset += g.numel()
     return bucket.numel() * bucket.element_size()
+
+
+def train_by_hand(model, batches, cfg, rank: int, world: int, device, broadcast: bool = True):
+    """cfg.max_steps optimizer steps of data parallelism by hand; returns
+    {name: value} of the trainable weights after them. broadcast=False skips the first
+    broadcast: ranks that started from different weights then stay apart. Per step, with
+    cfg.grad_accum micro-batches drawn by batches(generator) (the same on every rank) and
+    this rank's share of each:
+
+        N = sum over ranks and micro-batches of the loss tokens      (one all-reduce)
+        backward of S_r / N on each of this rank's shares             (S_r: summed token loss)
+        g <- sum_r g_r                                                (all_reduce_gradients)
+        clip, optimizer step                                          (the same on every rank)
+    """
+    # imported here: tiny_gpt.step and tiny_gpt.train import this package
+    from ..step import count_loss_tokens, lr_at, micro_batch_loss, optimizer_step, to_device
+    from ..train import make_optimizer, set_lr
+    from .data_parallel import rank_share, sum_over_ranks
+    if broadcast:
+        broadcast_parameters(model)
+    optimizer, gen = make_optimizer(model, cfg), torch.Generator().manual_seed(cfg.seed)
+    for step in range(cfg.max_steps):
+        set_lr(optimizer, lr_at(step, cfg))
+        shares = [rank_share(batches(gen), rank, world) for _ in range(cfg.grad_accum)]
+        total = sum_over_ranks(count_loss_tokens(shares), device)
+        for share in shares:
+            micro_batch_loss(model, *to_device(share, device), total).backward()
+        all_reduce_gradients(model.parameters())
+        optimizer_step(model, optimizer, None, cfg.grad_clip)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -35,6 +35,15 @@ def backend_for(device) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+def rank_device(requested, local_rank: int, world: int) -> torch.device:
+    """This rank's device: cuda:local_rank (for nccl) when there is a GPU for each of the
+    `world` ranks and the `requested` device is not the CPU; else the CPU (for gloo)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if str(requested) != "cpu" and gpus >= world:
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
 def launched_by_torchrun() -> bool:
     """Is this process one of torchrun's (its variables are all set)?"""
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
@@ -48,6 +57,23 @@ def process_group_from_env(backend="gloo"):
         yield dist.get_rank(), dist.get_world_size()
     finally:
         leave_group()
+
+
+def gather_over_ranks(fn, world: int, device="cpu"):
+    """In a process that torchrun (or run_like_torchrun) started: join the group (gloo, or
+    nccl for a CUDA `device`, made this process's current device), run fn(rank), and return
+    (rank, [what each rank's fn returned]) on every rank, after leaving the group. A group of
+    another size than `world` is refused before fn runs (a wrong --nproc_per_node)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    with process_group_from_env(backend_for(device)) as (rank, size):
+        if size != world:
+            raise SystemExit(f"this script runs on {world} processes (--nproc_per_node={world}),"
+                             f" got {size}")
+        results = [None] * size
+        dist.all_gather_object(results, fn(rank))
+    return rank, results
 
 
 def free_port() -> int:
