@@ -30,6 +30,15 @@ def codes_of(w, quantize, blocksize=64):
     return unpack_nibbles(q.codes)[: w.numel()].long()
 
 
+def codes_changed(pairs):
+    """Share of 4-bit codes that differ between the layers of each pair -> float in [0, 1].
+
+    ``pairs``: [(a, b), ...] of 4-bit layers or tensors holding packed ``codes`` of the same
+    shape (a Linear4bit, a Quantized4bit): sum_k #{a_k != b_k} / sum_k #codes_k."""
+    unpacked = [(unpack_nibbles(a.codes.cpu()), unpack_nibbles(b.codes.cpu())) for a, b in pairs]
+    return sum((a != b).sum().item() for a, b in unpacked) / sum(a.numel() for a, _ in unpacked)
+
+
 def entropy_bits(frac):
     """Entropy of a distribution over codes, in bits: H = -sum_i f_i log2 f_i over f_i > 0.
 

@@ -6,7 +6,7 @@ import torch
 
 from quant import NF4_CODE, quantize_int4, quantize_nf4
 from quant.analysis import (NF4_ZERO, block_kurtosis, block_normalised, blocksize_costs,
-                            codes_of, count_orders, entropy_bits, format_errors, linear_weights,
+                            codes_changed, codes_of, count_orders, entropy_bits, format_errors, linear_weights,
                             normalised_mse, occupancy, occupancy_at_scale, outlier_errors,
                             row_split_errors, scale_errors, shrunk_rows_errors, weighted_nmse)
 from tiny_gpt import GPT, GPTConfig
@@ -130,3 +130,13 @@ def test_linear_weights_are_the_projections():
     assert "blocks.0.attn.q_proj" in found and "blocks.0.mlp.down_proj" in found
     assert all(not n.endswith("weight") and "emb" not in n for n in found)
     assert found["blocks.0.attn.q_proj"].shape == (8, 8)
+
+
+def test_codes_changed_is_the_share_of_differing_nibbles():
+    w = NF4_CODE.repeat(8)                          # (128,) every code 8 times
+    a = quantize_nf4(w, double_quant=False)
+    w2 = w.clone()
+    w2[1], w2[2] = NF4_CODE[0], NF4_CODE[0]         # two codes differ, in two different bytes
+    b = quantize_nf4(w2, double_quant=False)
+    assert codes_changed([(a, b)]) == pytest.approx(2 / 128)
+    assert codes_changed([(a, a), (a, b)]) == pytest.approx(2 / 256)  # pooled, not averaged
