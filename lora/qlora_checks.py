@@ -5,7 +5,8 @@ Lesson 06 prints these; each is a plain function of modules and tensors:
 
 - ``dequant_matmul_parity``: DequantMatmul's output and gradients next to autograd through the
   dense dequantized weight, in float64, plus torch's gradcheck;
-- ``base_bytes``: stored bytes of the linear weights and of the whole model, fp32 / bf16 / NF4;
+- ``base_bytes`` / ``linear_bytes``: stored bytes of the linear weights and of the whole model,
+  fp32 / bf16 / NF4, and what the linear layers hold in memory besides;
 - ``weight_of`` / ``rel_distance``: the effective float weight of a layer, and the relative
   Frobenius distance between lists of weights (the share of 4-bit codes that re-quantizing
   changes is quant.analysis.codes_changed);
@@ -17,6 +18,7 @@ Lesson 06 prints these; each is a plain function of modules and tensors:
 import copy
 
 import torch
+import torch.nn as nn
 
 from quant import DequantMatmul, Linear4bit, quantize_model, quantize_nf4
 from tiny_gpt import exact_match
@@ -60,7 +62,7 @@ def base_bytes(base, nf4_model):
     tensor of the model (NF4 model: the rest stays fp32); tables: bytes of the buffers a
     Linear4bit holds besides what it stores (look-up tables derived from its code book).
     tensor_bytes counts each storage once."""
-    linears = [m for m in base.modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in base.modules() if isinstance(m, nn.Linear)]
     n_lin = sum(m.weight.numel() for m in linears)
     q4 = [m for m in nf4_model.modules() if isinstance(m, Linear4bit)]
     linear = {"fp32": 4 * n_lin, "bf16": 2 * n_lin,
@@ -155,3 +157,14 @@ def reload_gap(model, base, adapter_dir, x):
     fresh = load_adapter(quantize_model(copy.deepcopy(base)), adapter_dir)
     before, after = logits(model, x), logits(fresh, x)
     return torch.equal(before, after), (before - after).abs().max().item()
+
+
+def linear_bytes(model):
+    """Bytes of a model's linear layers, float (nn.Linear) or 4-bit (Linear4bit) -> (stored:
+    what their state dicts hold -- weights or codes, scales, code books, biases; held: every
+    parameter and buffer they keep in memory, look-up tables rebuilt from the code books
+    included). tensor_bytes counts each storage once."""
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, Linear4bit))]
+    stored = tensor_bytes(t for m in linears for t in m.state_dict().values())
+    held = tensor_bytes(t for m in linears for t in [*m.parameters(), *m.buffers()])
+    return stored, held

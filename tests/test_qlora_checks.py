@@ -8,7 +8,8 @@ import torch.nn as nn
 from lora import dequantized_float_model, lora_layers, prepare_qlora, save_adapter
 from lora.qlora_checks import (base_bytes, dequant_matmul_parity,
                                forward_backward_medians, logits, nf4_lm_losses, rel_distance,
-                               reload_gap, shipped_models, shipping_errors, weight_of)
+                               linear_bytes, reload_gap, shipped_models, shipping_errors,
+                               weight_of)
 from quant import Linear4bit, quantize_model
 from quant.analysis import codes_changed
 
@@ -100,3 +101,13 @@ def test_nf4_lm_losses_and_step_times(small_model):
     batch = (x, x, None)
     step = forward_backward_medians({"a": small_model}, batch, repeats=1)
     assert step["a"] > 0 and all(p.grad is None for p in small_model.parameters())
+
+
+def test_linear_bytes_stored_and_held():
+    model = nn.Sequential(nn.Linear(64, 8), nn.LayerNorm(8))
+    stored, held = linear_bytes(model)
+    assert stored == held == 4 * (64 * 8 + 8)  # float32 weight and bias; the norm not counted
+    q = nn.Sequential(Linear4bit.from_linear(model[0]))
+    stored4, held4 = linear_bytes(q)
+    assert stored4 == sum(t.numel() * t.element_size() for t in q[0].state_dict().values())
+    assert held4 > stored4  # look-up tables held beside what is stored
