@@ -1,5 +1,6 @@
 """tiny_gpt.memory.probes: gradients of one step, their gaps, backward's warnings and errors."""
 import copy
+import math
 
 import pytest
 import torch
@@ -7,7 +8,8 @@ import torch
 from tiny_gpt.memory.checkpointing import checkpoint_submodules
 from tiny_gpt.memory.ledger import SavedTensorMeter
 from tiny_gpt.memory.probes import (backward_outcome, block_saved_bytes, fresh_gradients,
-                                    grad_norm, idle_sgd, max_abs_diff)
+                                    grad_norm, idle_sgd, max_abs_diff,
+                                    max_rel_diff)
 
 
 CPU = torch.device("cpu")
@@ -48,6 +50,10 @@ def test_max_abs_diff_is_the_largest_gap_and_refuses_other_names():
     a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
     b = {"w": torch.tensor([1.0, 2.5]), "b": torch.tensor([-0.75])}
     assert max_abs_diff(a, b) == 0.75
+    assert max_rel_diff(a, b) == 1.0  # b: 0.75 / 0.75; w: 0.5 / 2.5 = 0.2
+    zero = {"A": torch.zeros(3), "w": torch.tensor([2.0])}
+    assert max_rel_diff(zero, zero) == 0.0  # a zero reference matched exactly: no gap
+    assert max_rel_diff({"A": torch.tensor([0.0, 1e-9, 0.0]), "w": zero["w"]}, zero) == math.inf
     with pytest.raises(ValueError, match="only in the first"):
         max_abs_diff(a, {"w": a["w"]})
 

@@ -5,13 +5,15 @@ step; lesson 07 and ``python -m lessons.gpu_check`` hold each recipe to that wit
 
 - ``fresh_gradients``: one accumulated backward from zeroed gradients -> the loss and a copy of
   every trainable parameter's gradient, the model's gradients left cleared;
-- ``max_abs_diff``: the largest element-wise gap between two such sets;
+- ``max_abs_diff`` / ``max_rel_diff``: the largest element-wise gap between two such sets,
+  absolute or relative to each reference tensor's largest element;
 - ``backward_outcome``: one plain backward, with the warnings it raised and the error it hit;
 - ``grad_norm``: how many of a list of parameters got no gradient, and the norm of the rest;
 - ``block_saved_bytes``: what one transformer block saves for backward, the part that a
   checkpointed step rebuilds one block at a time;
 - ``idle_sgd``: SGD at lr 0 (AdamW's is step_time.idle_adamw), for steps that must not move.
 """
+import math
 import warnings
 
 import torch
@@ -41,6 +43,19 @@ def max_abs_diff(a, b):
                          f"{sorted(a.keys() - b.keys())}, only in the second "
                          f"{sorted(b.keys() - a.keys())}")
     return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+def max_rel_diff(a, b):
+    """max over names n of max|a[n] - b[n]| / max|b[n]|: each tensor's largest gap relative to
+    the reference b's largest element, for two {name: tensor} of the same names. An all-zero
+    reference (LoRA's A before B has moved) counts 0 if a[n] is zero too, else inf -- never
+    the nan of 0 / 0, which max() would skip or keep depending on the order."""
+    max_abs_diff(a, b)  # refuses two sets that name different tensors
+
+    def gap(n):
+        diff, scale = (a[n] - b[n]).abs().max().item(), b[n].abs().max().item()
+        return diff / scale if scale else (0.0 if diff == 0 else math.inf)
+    return max(gap(n) for n in b)
 
 
 def backward_outcome(model, x, y):
