@@ -54,12 +54,12 @@ from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse
 from lessons.plots import matplotlib_pyplot, save_figure
 from lora import lora_layers
 from lora.qlora_checks import linear_bytes
-from tiny_gpt.memory.checkpointing import checkpoint_submodules, enable_input_require_grads
 from tiny_gpt.memory.ledger import MB, measure_step, weight_ledger
 from tiny_gpt.memory.offload import FrozenBaseOffload
-from tiny_gpt.memory.step_time import idle_adamw, time_step
 from tiny_gpt.memory.probes import (backward_outcome, block_saved_bytes, fresh_gradients,
-                                    grad_norm, idle_sgd, max_abs_diff)
+                                    grad_norm, max_abs_diff)
+from tiny_gpt.memory.step_configs import idle_config, measure_configs, with_checkpointing
+from tiny_gpt.memory.step_time import time_step
 from tiny_gpt.util.timing import round_robin_phase_medians
 
 NAME = "07_memory_and_speed"
@@ -79,27 +79,18 @@ CKPT_ROWS = [  # (config, what is checkpointed, the config it is compared with)
     ("full FT + ckpt", "full FT: every block", "full FT, AdamW")]
 
 
-def checkpointed(model, impl):
-    model.config.gradient_checkpointing, model.config.checkpoint_impl = bool(impl), impl or "torch"
-    return model
-
-
 def adapted(base, impl=None, parts=None, quantized=False, r=8):
     """A LoRA (or QLoRA) copy of the base, Q and V at rank r (alpha = 2r), seed 0: the same
     adapters in every configuration. impl: per-block checkpointing ("torch_reentrant" comes
     with its fix); parts: submodules to checkpoint instead (selective checkpointing)."""
-    model = checkpointed(lora_copy(base, 0, r=r, alpha=2 * r, quantized=quantized), impl)
-    if impl == "torch_reentrant":
-        enable_input_require_grads(model)
-    if parts:
-        checkpoint_submodules(model, parts, impl="manual")
-    return model
+    return with_checkpointing(lora_copy(base, 0, r=r, alpha=2 * r, quantized=quantized), impl,
+                              parts)
 
 
 def build_configs(base, batch, micro, cuda):
     """name -> (model, optimizer, precision, micro-batches)."""
     models = {"full FT, AdamW": copy.deepcopy(base), "full FT, SGD": copy.deepcopy(base),
-              "full FT + ckpt": checkpointed(copy.deepcopy(base), "torch"),
+              "full FT + ckpt": with_checkpointing(copy.deepcopy(base), "torch"),
               "LoRA": adapted(base), "LoRA r=64": adapted(base, r=64),
               "LoRA + ckpt": adapted(base, "torch"),
               "LoRA + ckpt (ours)": adapted(base, "manual"),
@@ -113,13 +104,10 @@ def build_configs(base, batch, micro, cuda):
               "QLoRA + ckpt": adapted(base, "torch", quantized=True)}
     if cuda:
         models["LoRA + fp16"] = adapted(base)  # memory and time only: no loss scaling needed here
-    configs = {}
-    for name, model in models.items():
-        # lr 0: the same work per step, but the weights stay put for the gradient comparisons
-        opt = idle_sgd(model) if "SGD" in name else idle_adamw(model)
-        precision = next((p for p in ("bf16", "fp16") if p in name), "fp32")
-        configs[name] = (model, opt, precision, micro if "micro" in name else [batch])
-    return configs
+    # lr 0: the same work per step, but the weights stay put for the gradient comparisons
+    return {name: idle_config(model, micro if "micro" in name else [batch],
+                              next((p for p in ("bf16", "fp16") if p in name), "fp32"),
+                              sgd="SGD" in name) for name, model in models.items()}
 
 
 @dataclass(frozen=True)
@@ -143,10 +131,7 @@ class Run:
         self.batch = (x, y, None)
         self.micro = [(x[i::4], y[i::4], None) for i in range(4)]  # 4 micro-batches of B/4
         self.configs = build_configs(base, self.batch, self.micro, self.device.type == "cuda")
-        self.ledgers = {n: measure_step(m, mb, o, p) for n, (m, o, p, mb) in self.configs.items()}
-        self.phases = round_robin_phase_medians(
-            {n: (lambda m=m, o=o, p=p, mb=mb: time_step(m, mb, o, p))
-             for n, (m, o, p, mb) in self.configs.items()}, self.repeats, warmup)
+        self.ledgers, self.phases = measure_configs(self.configs, self.repeats, warmup)
         self.times = {n: ph["total"] for n, ph in self.phases.items()}
         self.main_rows = MAIN_ROWS + (["LoRA + fp16"] if "LoRA + fp16" in self.configs else [])
         self.ref_grads = fresh_gradients(self.configs["LoRA"][0], [self.batch], self.device)[1]
@@ -213,9 +198,7 @@ def pitfall_section(run):
                              ("reentrant + input requires grad", "torch_reentrant", True),
                              ("non-reentrant (torch)", "torch", False),
                              ("ours (CheckpointFunction)", "manual", False)]:
-        model = checkpointed(adapted(run.base), impl)
-        if fix:
-            enable_input_require_grads(model)
+        model = with_checkpointing(adapted(run.base), impl, fix_reentrant=fix)
         for _, layer in lora_layers(model):  # a trained-looking B, so that A gets gradient too
             torch.nn.init.normal_(layer.lora_B, std=0.02)
         model.ln_f.requires_grad_(True)  # trained too (as with modules_to_save): no error
@@ -227,7 +210,7 @@ def pitfall_section(run):
     print_table("The reentrant pitfall: LoRA + a trained ln_f, frozen embeddings",
                 ["checkpointing", "adapter grads None", "adapter grad norm", "ln_f grad norm",
                  "warning"], rows)
-    model = checkpointed(adapted(run.base), "torch_reentrant")  # only the adapters trainable
+    model = with_checkpointing(adapted(run.base), "torch_reentrant", fix_reentrant=False)
     error = backward_outcome(model, x, y)[1]  # the loss has no grad_fn at all
     print(f"Reentrant with only the adapters trainable: {error or 'no error'}\n")
 
