@@ -182,11 +182,9 @@ def bytes_table(base, nf4_model):
     (quant/linear4bit.py), so the code book is counted once per layer. What is stored is
     counted (the state dict); each layer holds besides 3 KiB of look-up tables derived from
     its code books, which a large weight does not notice and this tiny model does."""
-    lin, whole, tables = base_bytes(base, nf4_model)  # NF4: codes, scales, code book
-    linears = [m for m in base.modules() if isinstance(m, torch.nn.Linear)]
-    n_lin = sum(m.weight.numel() for m in linears)
-    n_all = sum(p.numel() for p in base.parameters())
-    rows = [[f"{len(linears)} linear weights ({n_lin:,})", *(f"{v:,}" for v in lin.values()),
+    lin, whole, tables, n = base_bytes(base, nf4_model)  # NF4: codes, scales, code book
+    n_lin, n_all = n["linear"], n["all"]
+    rows = [[f"{n['layers']} linear weights ({n_lin:,})", *(f"{v:,}" for v in lin.values()),
              f"{8 * lin['NF4'] / n_lin:.3f}", f"{lin['fp32'] / lin['NF4']:.2f}x"],
             [f"whole model ({n_all:,}; NF4: rest fp32)", *(f"{v:,}" for v in whole.values()),
              f"{8 * whole['NF4'] / n_all:.3f}", f"{whole['fp32'] / whole['NF4']:.2f}x"]]

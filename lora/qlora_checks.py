@@ -55,13 +55,14 @@ def dequant_matmul_parity(linear, seed=0, shape=(2, 2)):
 
 
 def base_bytes(base, nf4_model):
-    """Stored bytes of a float base and of its 4-bit copy -> (linear, whole, tables).
+    """Stored bytes of a float base and of its 4-bit copy -> (linear, whole, tables, counts).
 
     linear: {"fp32", "bf16", "NF4"} bytes of the nn.Linear weights alone (NF4: codes, scales and
     code book from each Linear4bit's state dict, its bias left out); whole: the same for every
     tensor of the model (NF4 model: the rest stays fp32); tables: bytes of the buffers a
-    Linear4bit holds besides what it stores (look-up tables derived from its code book).
-    tensor_bytes counts each storage once."""
+    Linear4bit holds besides what it stores (look-up tables derived from its code book);
+    counts: {"layers": nn.Linear layers, "linear": their weights' elements, "all": the base's
+    parameters}. tensor_bytes counts each storage once."""
     linears = [m for m in base.modules() if isinstance(m, nn.Linear)]
     n_lin = sum(m.weight.numel() for m in linears)
     q4 = [m for m in nf4_model.modules() if isinstance(m, Linear4bit)]
@@ -72,7 +73,9 @@ def base_bytes(base, nf4_model):
              "bf16": tensor_bytes(copy.deepcopy(base).bfloat16().state_dict().values()),
              "NF4": tensor_bytes(nf4_model.state_dict().values())}
     tables = tensor_bytes(t for m in q4 for t in m.buffers()) - linear["NF4"]
-    return linear, whole, tables
+    counts = {"layers": len(linears), "linear": n_lin,
+              "all": sum(p.numel() for p in base.parameters())}
+    return linear, whole, tables, counts
 
 
 def weight_of(module):
