@@ -50,6 +50,7 @@ from quant.analysis import codes_changed
 from quant.bench import benchmark_nf4
 from tiny_gpt import get_task, make_batch
 from tiny_gpt.pretrain import corpus_ids
+from tiny_gpt.util.timing import pinned_threads
 
 NAME = "06_qlora"
 METHODS = ("LoRA", "QLoRA")
@@ -231,12 +232,8 @@ def deployment_table(base, qlora_model, directory, x, splits, args):
 
 def speed_table(args):
     """quant.bench.benchmark_nf4 on 2 threads; --quick: a small size, threads left alone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(before if args.budget.bench else 2)
-    try:
+    with pinned_threads(None if args.budget.bench else 2):
         r = benchmark_nf4(**(args.budget.bench or {}))
-    finally:
-        torch.set_num_threads(before)
     rows = [["quantize float32 -> NF4 + dq", f"{r['quantize_MB_per_s']:.4g} MB/s", ""],
             ["dequantize NF4 -> float32", f"{r['dequantize_MB_per_s']:.4g} MB/s", ""],
             ["float32 matmul x W^T", f"{1e3 * r['matmul_s']:.2f} ms", ""],
