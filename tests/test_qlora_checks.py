@@ -55,7 +55,8 @@ def test_base_bytes_counts_4_bit_linear_weights(small_model):
     nf4 = quantize_model(copy.deepcopy(small_model))
     lin, whole, tables, counts = base_bytes(small_model, nf4)
     n_lin = sum(m.weight.numel() for m in small_model.modules() if isinstance(m, nn.Linear))
-    assert counts["linear"] == n_lin and counts["layers"] == 6 * len(small_model.blocks)  # q k v o up down
+    assert counts["linear"] == n_lin  # and six layers a block: q, k, v, o, up, down
+    assert counts["layers"] == 6 * len(small_model.blocks)
     assert counts["all"] == sum(p.numel() for p in small_model.parameters())
     assert lin["fp32"] == 4 * n_lin and lin["bf16"] == 2 * n_lin
     assert 4.0 < 8 * lin["NF4"] / n_lin < 5.5  # codes + scales (+ a code book per layer)

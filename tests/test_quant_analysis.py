@@ -6,10 +6,10 @@ import torch
 
 from quant import NF4_CODE, quantize_int4, quantize_nf4
 from quant.analysis import (NF4_ZERO, block_kurtosis, block_normalised, blocksize_costs,
-                            codes_changed, codes_of, count_orders, entropy_bits, format_errors, linear_weights,
-                            normalised_mse, occupancy, occupancy_at_scale, outlier_errors,
-                            row_split_errors, scale_errors, shrunk_rows_errors, weighted_nmse)
-from tiny_gpt import GPT, GPTConfig
+                            codes_changed, codes_of, count_orders, entropy_bits, format_errors,
+                            linear_weights, normalised_mse, occupancy, occupancy_at_scale,
+                            outlier_errors, row_split_errors, scale_errors, shrunk_rows_errors,
+                            weighted_nmse)
 
 
 def test_entropy_is_4_bits_for_uniform_use_and_0_for_one_code():
@@ -124,12 +124,12 @@ def test_block_normalised_puts_every_block_absmax_at_one():
     assert torch.allclose(scaled * w.abs().amax(1, keepdim=True), w)
 
 
-def test_linear_weights_are_the_projections():
-    model = GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=8))
-    found = linear_weights(model)
-    assert "blocks.0.attn.q_proj" in found and "blocks.0.mlp.down_proj" in found
+def test_linear_weights_are_the_projections(small_model):
+    found = linear_weights(small_model)
+    assert len(found) == 6 * len(small_model.blocks)  # q, k, v, o, up, down
+    assert "blocks.0.attn.q_proj" in found and "blocks.1.mlp.down_proj" in found
     assert all(not n.endswith("weight") and "emb" not in n for n in found)
-    assert found["blocks.0.attn.q_proj"].shape == (8, 8)
+    assert torch.equal(found["blocks.0.attn.q_proj"], small_model.blocks[0].attn.q_proj.weight)
 
 
 def test_codes_changed_is_the_share_of_differing_nibbles():
