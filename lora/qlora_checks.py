@@ -118,13 +118,13 @@ def shipping_errors(qlora_model, shipped, x, test, device):
     trained = [weight_of(shipped["float"].get_submodule(p)) for p in paths]  # W_deq + s B A
     ref = logits(qlora_model, x)
 
-    def measure(model):
-        weights = [weight_of(model.get_submodule(p)) for p in paths]
+    def measure(model, weights=None):  # weights: the adapted layers' (default: weight_of)
+        weights = weights or [weight_of(model.get_submodule(p)) for p in paths]
         return {"acc": exact_match(model, test, device),
                 "diff": (logits(model, x) - ref).abs().max().item(),
                 "dist": rel_distance(weights, trained)}
 
-    found = {"trained": {**measure(qlora_model), "dist": 0.0}}  # its W_deq + sBA is `trained`
+    found = {"trained": measure(qlora_model, trained)}  # unmerged: its weights are W_deq + sBA
     found.update({key: measure(model) for key, model in shipped.items()})
     with disable_adapters(qlora_model):  # weight_of an unmerged LoRALinear: W_deq
         found["disabled"] = measure(qlora_model)

@@ -24,7 +24,9 @@ from .ledger import SavedTensorMeter
 
 def fresh_gradients(model, micro_batches, device, precision="fp32"):
     """Zero the gradients, accumulate one step's over ``micro_batches`` -> (mean token loss,
-    {name: gradient copy} for every parameter that requires grad), then clear them again.
+    {name: gradient copy} for every parameter that requires grad and got one), then clear them
+    again. A parameter left without gradient is missing from the dict, so comparing it with a
+    step that gave it one (max_abs_diff) is an error, not a silent match.
 
     Names drop wrapper modules (".module." -> "."), so that a checkpointed or offloaded model's
     gradients line up with the plain model's by name."""
