@@ -39,7 +39,10 @@ from lessons.common import (Checks, get_base_model, lesson_dir, parse_args, prin
                             takeaway, write_summary)
 from lessons.plots import matplotlib_pyplot, save_figure
 from quant import NF4_CODE, quantize_fp4, quantize_int4, quantize_nf4
-from quant.blockwise import nearest_level, to_blocks, unpack_nibbles
+from quant.analysis import (block_kurtosis, block_normalised, blocksize_costs, count_orders,
+                            entropy_bits, format_errors, linear_weights, normalised_mse, occupancy,
+                            occupancy_at_scale, outlier_errors, scale_errors, shrunk_rows_errors)
+from quant.blockwise import to_blocks, unpack_nibbles
 from quant.nf4 import NF4_OFFSET
 
 NAME = "05_nf4_from_scratch"
@@ -51,6 +54,7 @@ PUBLISHED_NF4 = [
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ]
 FORMATS = {"NF4": quantize_nf4, "FP4": quantize_fp4, "int4": quantize_int4}
+ORDER = ("NF4", "FP4", "int4")  # the error order NF4's design predicts on normal weights
 BITS_TARGETS = {"plain": 4.5, "double_quant": 4.13}  # QLoRA Sec. 3: 4.5 and ~4.127
 LEVEL_TOL = 1e-6  # float32 levels: the published ones are float32 values printed in full
 BLOCKSIZES = (32, 64, 128, 256)
@@ -99,36 +103,6 @@ def levels_table():
     return diff_derived, diff_package
 
 
-def linear_weights(model):
-    """name -> the (out, in) weight of each of the model's linear layers, on the CPU."""
-    return {n.removesuffix(".weight"): p.detach().cpu() for n, p in model.named_parameters()
-            if n.endswith("_proj.weight")}
-
-
-def codes_of(w, quantize, blocksize=64):
-    """The 4-bit index of every element of w -> (numel,) long."""
-    q = quantize(w, blocksize=blocksize, double_quant=False)
-    return unpack_nibbles(q.codes)[: w.numel()].long()
-
-
-def entropy_bits(frac):
-    """Entropy of a distribution over codes, in bits: 4 when all 16 are equally used."""
-    frac = frac[frac > 0]
-    return -(frac * frac.log2()).sum().item()
-
-
-def occupancy(w, quantize=quantize_nf4):
-    """Fraction of the elements of w stored as each of the 16 codes, and its entropy (bits)."""
-    frac = torch.bincount(codes_of(w, quantize), minlength=16).double() / w.numel()
-    return frac, entropy_bits(frac)
-
-
-def normalised_mse(w, quantize, blocksize=64, double_quant=False):
-    """Mean squared quantization error divided by mean(w^2): 0 is perfect, 1 is 'all zeros'."""
-    err = quantize(w, blocksize=blocksize, double_quant=double_quant).dequantize() - w
-    return (err.pow(2).mean() / w.pow(2).mean()).item()
-
-
 def outlier_demo(n=4096, blocksize=64, outlier=20.0, seed=0):
     """One weight of 20 sigma in N(0, 1) noise: per-block error with 64-blocks vs one absmax."""
     w = torch.randn(n, generator=torch.Generator().manual_seed(seed))
@@ -136,13 +110,8 @@ def outlier_demo(n=4096, blocksize=64, outlier=20.0, seed=0):
     w[where] = outlier
     rows, per_block = [], {}
     for label, bs in [(f"blocks of {blocksize}", blocksize), ("one global absmax", n)]:
-        err = (quantize_nf4(w, blocksize=bs, double_quant=False).dequantize() - w).pow(2)
-        mse = err.view(-1, blocksize).mean(1)  # (n / 64,) error per 64-block, same view for both
-        per_block[label] = mse
-        zeroed = (codes_of(w, quantize_nf4, bs) == 7).float().mean().item()  # code 7 = level 0
-        hit = where // blocksize
-        others = torch.cat([mse[:hit], mse[hit + 1:]])
-        rows.append([label, mse[hit].item(), others.mean().item(), f"{100 * zeroed:.1f}%"])
+        per_block[label], hit, others, zeroed = outlier_errors(w, where, quantize_nf4, bs)
+        rows.append([label, hit, others, f"{100 * zeroed:.1f}%"])
     print_table(f"Block-wise absmax: N(0,1) x {n} with one outlier of {outlier:g} at index "
                 f"{where}", ["scaling", "MSE outlier's block", "MSE other blocks",
                              "values stored as 0"], rows)
@@ -168,7 +137,7 @@ def packing_table(w):
 def double_quant_table(w):
     """Scale error and bits per parameter with and without double quantization."""
     plain, dq = quantize_nf4(w, double_quant=False), quantize_nf4(w, double_quant=True)
-    rel = (dq.block_scales() - plain.absmax).abs() / plain.absmax  # (n_blocks,)
+    rel = scale_errors(dq, w)  # (n_blocks,)
     mse = {k: normalised_mse(w, quantize_nf4, double_quant=k == "double_quant")
            for k in BITS_TARGETS}
     rows = []
@@ -188,22 +157,9 @@ def double_quant_table(w):
 
 def double_quant_limit(seed, rows=512, cols=512, shrink=1e-3):
     """Every other row of a N(0,1) weight multiplied by `shrink`: the small rows' scales sit far
-    below the step of the 8-bit code that the large rows' scales set. Errors per kind of row."""
-    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
-    small = torch.arange(rows) % 2 == 1
-    w[small] *= shrink
-    small_blocks = small.repeat_interleave(cols // 64)  # (n_blocks,): blocks of 64 in a row
-    exact = to_blocks(w, 64).abs().amax(1)              # (n_blocks,) the true absmax
-    found = {}
-    for label, dq in (("double quant", True), ("plain float32 scales", False)):
-        q = quantize_nf4(w, double_quant=dq)
-        scale_err = (q.block_scales() - exact).abs() / exact
-        sq_err = (q.dequantize() - w).pow(2)
-        found[label] = {"bits": q.bits_per_param}
-        for kind, rows_of, blocks_of in (("small", small, small_blocks),
-                                         ("large", ~small, ~small_blocks)):
-            nmse = (sq_err[rows_of].mean() / w[rows_of].pow(2).mean()).item()
-            found[label][kind] = (scale_err[blocks_of].max().item(), nmse)
+    below the step of the 8-bit code that the large rows' scales set. Errors per kind of row,
+    with and without double quantization (quant.analysis.shrunk_rows_errors)."""
+    found = shrunk_rows_errors(quantize_nf4, rows, cols, shrink, seed)
     print_table(f"Where double quantization fails: a {rows} x {cols} N(0,1) weight, every other "
                 f"row x {shrink:g}",
                 ["scales", "bits/param", "max scale error: small rows", "large rows",
@@ -234,26 +190,16 @@ def double_quant_sentence(dq, plain) -> str:
             f"{remedy}. The scale error is known at quantization time, so it can be checked.\n")
 
 
-def block_kurtosis(w, blocksize=64):
-    """Mean over blocks of E[(x - mean)^4] / E[(x - mean)^2]^2: ~2.9 for 64 normal values,
-    lower for flatter (more uniform) blocks, higher for heavy tails."""
-    blocks = to_blocks(w, blocksize)
-    centred = blocks - blocks.mean(1, keepdim=True)  # (n_blocks, blocksize)
-    return (centred.pow(4).mean(1) / centred.pow(2).mean(1).pow(2)).mean().item()
-
-
 def format_comparison(gauss, layers):
     """NMSE of NF4 / FP4 / int4 (plain absmax, blocks of 64) on N(0,1) and on every layer."""
-    rows, table, kurt = [], {}, {}
-    for name, w in [("N(0,1)", gauss)] + list(layers.items()):
-        e = table[name] = {f: normalised_mse(w, q) for f, q in FORMATS.items()}
-        kurt[name] = block_kurtosis(w)
-        rows.append([name, f"{kurt[name]:.2f}", f"{e['NF4']:.5f}", f"{e['FP4']:.5f}",
-                     f"{e['int4']:.5f}", "yes" if e["NF4"] < e["FP4"] < e["int4"] else "NO"])
+    weights = {"N(0,1)": gauss, **layers}
+    table = format_errors(weights, FORMATS)
+    kurt = {name: block_kurtosis(w) for name, w in weights.items()}
+    rows = [[name, f"{kurt[name]:.2f}", f"{e['NF4']:.5f}", f"{e['FP4']:.5f}", f"{e['int4']:.5f}",
+             "yes" if e["NF4"] < e["FP4"] < e["int4"] else "NO"] for name, e in table.items()]
     print_table("Quantization error, NMSE = mean((deq(q(w)) - w)^2) / mean(w^2), blocks of 64",
                 ["weight", "kurtosis in blocks", "NF4", "FP4", "int4", "NF4 < FP4 < int4"], rows)
-    nf4_best = sum(e["NF4"] < min(e["FP4"], e["int4"]) for e in table.values())
-    ordered = sum(e["NF4"] < e["FP4"] < e["int4"] for e in table.values())
+    nf4_best, ordered = count_orders(table, ORDER)
     print(f"NF4 lowest error on {nf4_best} of {len(table)} weights; NF4 < FP4 < int4 on "
           f"{ordered} of {len(table)}; {kurtosis_sentence(table, kurt)}\n")
     return table, f"{nf4_best}/{len(table)}", f"{ordered}/{len(table)}"
@@ -274,14 +220,10 @@ def kurtosis_sentence(table, kurt) -> str:
 
 
 def blocksize_sweep(gauss, layers):
-    pooled = torch.cat([w.reshape(-1) for w in layers.values()])
     rows = []
     for bs in BLOCKSIZES:
-        bits = [quantize_nf4(gauss, bs, dq).bits_per_param for dq in (False, True)]
-        nmse_g = normalised_mse(gauss, quantize_nf4, bs, True)
-        nmse_m = sum(normalised_mse(w, quantize_nf4, bs, True) * w.numel()
-                     for w in layers.values()) / pooled.numel()
-        rows.append([bs, f"{bits[0]:.4f}", f"{bits[1]:.4f}", f"{nmse_g:.5f}", f"{nmse_m:.5f}"])
+        costs = blocksize_costs(gauss, list(layers.values()), quantize_nf4, bs)
+        rows.append([bs, *(f"{c:.{d}f}" for c, d in zip(costs, (4, 4, 5, 5)))])
     print_table("Block size: bits per parameter vs error (NF4, NMSE with double quant)",
                 ["blocksize", "bits plain", "bits dq", "NMSE N(0,1)", "NMSE tiny GPT"], rows)
     return rows
@@ -289,15 +231,12 @@ def blocksize_sweep(gauss, layers):
 
 def occupancy_table(gauss, layers):
     """Share of weights per level: block-absmax N(0,1), N(0,1) at NF4's design scale, the GPT."""
-    pooled = torch.cat([codes_of(w, quantize_nf4) for w in layers.values()])
-    model_frac = torch.bincount(pooled, minlength=16).double() / pooled.numel()
-    gauss_frac, gauss_h = occupancy(gauss)
+    model_frac, model_h = occupancy(layers.values(), quantize_nf4)
+    gauss_frac, gauss_h = occupancy(gauss, quantize_nf4)
     # NF4 maps its largest level to Phi^-1(delta) sigma; blocks of 64 instead put 1 at their
     # absmax (its mean is printed below), which squeezes the data towards the inner levels.
-    design = (gauss / NF4_TOP_SIGMA).clamp(-1, 1)
-    design_frac = torch.bincount(nearest_level(design, NF4_CODE).reshape(-1).long(),
-                                 minlength=16).double() / gauss.numel()
-    h = {k: entropy_bits(f) for k, f in [("design", design_frac), ("model", model_frac)]}
+    design_frac = occupancy_at_scale(gauss, NF4_TOP_SIGMA, NF4_CODE)
+    h = {"design": entropy_bits(design_frac), "model": model_h}
     rows = [[i, f"{NF4_CODE[i]:+.4f}", f"{100 * design_frac[i]:.2f}%",
              f"{100 * gauss_frac[i]:.2f}%", f"{100 * model_frac[i]:.2f}%"] for i in range(16)]
     rows.append(["entropy", "(max 4 bits)", f"{h['design']:.3f} bits", f"{gauss_h:.3f} bits",
@@ -316,8 +255,7 @@ def occupancy_table(gauss, layers):
 
 def plot_histogram(w, name, out):
     plt = matplotlib_pyplot()
-    blocks = to_blocks(w, 64)  # (n_blocks, 64)
-    scaled = (blocks / blocks.abs().amax(1, keepdim=True)).reshape(-1)[: w.numel()]
+    scaled = block_normalised(w)  # (numel,) w / its block's absmax
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.hist(scaled.numpy(), bins=200, color="tab:blue", alpha=0.7)
     for level in NF4_CODE.tolist():
@@ -380,7 +318,7 @@ def main(argv=None):
 
 
 def conclude(g, dq):
-    order = " < ".join(sorted(("NF4", "FP4", "int4"), key=g.get))
+    order = " < ".join(sorted(ORDER, key=g.get))
     takeaway(f"on normal weights the 4-bit formats' errors order {order} (NMSE NF4 "
              f"{g['NF4']:.4f}, FP4 {g['FP4']:.4f}, int4 {g['int4']:.4f}); double quantization "
              f"stores the scales in {dq['bits_double_quant'] - 4:.3f} bits per weight instead of "
@@ -399,7 +337,7 @@ def judge(args, diff_derived, dq, table, dq_limit):
                     bits <= BITS_TARGETS[key] + 1e-9, f"{bits:.4f}")
     checks.must("on N(0,1): NMSE of NF4 < FP4 < int4", g["NF4"] < g["FP4"] < g["int4"],
                 f"{g['NF4']:.5f} / {g['FP4']:.5f} / {g['int4']:.5f}")
-    nf4_best = sum(e["NF4"] < min(e["FP4"], e["int4"]) for e in table.values())
+    nf4_best = count_orders(table, ORDER)[0]
     checks.target("NF4 the lowest error on every weight", nf4_best == len(table),
                   f"{nf4_best} of {len(table)}")
     return checks.report()

@@ -30,7 +30,6 @@ original -- the weights move by a fresh NF4-sized rounding error that the adapte
 Default run: a LoRA and a QLoRA fine-tune (--steps each) per seed, 3 seeds, and a 4096 x 4096
 benchmark: about five minutes on 2 cores.
 """
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -42,16 +41,16 @@ from lessons.plots import matplotlib_pyplot, moving_average, save_figure
 from lessons.recipe import DEFAULT_TASK, short_config, tail_mean, task_splits, tuned_accuracy
 from lessons.seeds import (Trials, add_seeds_flag, errorbars, in_words, paired_interval,
                            seeds_of, within)
-from lora import (LoRALinear, check_qlora_stack, count_parameters, dequantized_float_model,
-                  disable_adapters, load_adapter, lora_layers, merge_lora, save_adapter)
-from quant import DequantMatmul, Linear4bit, quantize_model, quantize_nf4
+from lora import check_qlora_stack, count_parameters, lora_layers, save_adapter
+from lora.qlora_checks import (base_bytes, dequant_matmul_parity,
+                               forward_backward_medians, logits, nf4_lm_losses, reload_gap,
+                               shipped_models, shipping_errors)
+from quant import Linear4bit
+from quant.analysis import codes_changed
 from quant.bench import benchmark_nf4
-from quant.blockwise import unpack_nibbles
-from tiny_gpt import exact_match, get_task, make_batch
-from tiny_gpt.evaluate import validation_loss
-from tiny_gpt.memory.ledger import tensor_bytes
+from tiny_gpt import get_task, make_batch
 from tiny_gpt.pretrain import corpus_ids
-from tiny_gpt.util.timing import round_robin_medians
+from tiny_gpt.util.timing import pinned_threads
 
 NAME = "06_qlora"
 METHODS = ("LoRA", "QLoRA")
@@ -80,27 +79,18 @@ QUICK = Budget(steps=2, step_repeats=3, bench=dict(out_features=256, in_features
 
 MERGES = {"float": "float copy, adapter merged", "requant": "  ... then re-quantized to NF4",
           "fp32": "adapter merged into the fp32 original W0"}
+SHIPPED = {"trained": "QLoRA as trained (NF4 base + adapter)", **MERGES,
+           "disabled": "NF4 base, adapter disabled"}
 
 
 def dequant_matmul_check(base, seed):
     """DequantMatmul on a real layer of the base: gradcheck and parity with the dense path."""
     linear = base.blocks[0].attn.q_proj
-    q = quantize_nf4(linear.weight.detach().cpu())
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 2, 128, generator=gen, dtype=torch.float64).requires_grad_()
-    b = linear.bias.detach().cpu().double().requires_grad_()
-    ok = torch.autograd.gradcheck(lambda x, b: DequantMatmul.apply(x, q, b), (x, b))
-    probe = torch.randn(2, 2, 128, generator=gen, dtype=torch.float64)  # a generic dL/dy
-    y4 = DequantMatmul.apply(x, q, b)
-    w = q.dequantize(torch.float64).requires_grad_()  # the dense path: W as a float tensor
-    yd = x @ w.T + b
-    grads4 = torch.autograd.grad((y4 * probe).sum(), (x, b))
-    gxd, gbd, gwd = torch.autograd.grad((yd * probe).sum(), (x, b, w))
-    diffs = [(u - v).abs().max().item() for u, v in zip((y4, *grads4), (yd, gxd, gbd))]
+    ok, diffs, dense_dw = dequant_matmul_parity(linear, seed)  # float64, x of (2, 2, 128)
     rows = [["gradcheck float64 (x, bias)", ok, "gradcheck's", "OK" if ok else "FAIL"]]
     rows += [[f"{what}: max |4-bit - dense|", f"{d:.1e}", f"{F64_TOL:.0e}",
               "OK" if d <= F64_TOL else "FAIL"] for what, d in zip(["y", "dL/dx", "dL/db"], diffs)]
-    rows += [["dL/dW for the 4-bit weight", "none", f"dense: {gwd.numel():,} floats", ""],
+    rows += [["dL/dW for the 4-bit weight", "none", f"dense: {dense_dw:,} floats", ""],
              ["Linear4bit's parameters", [n for n, _ in Linear4bit.from_linear(
                  linear).named_parameters()], "", ""]]
     print_table("DequantMatmul on blocks.0.attn.q_proj (float64, x of shape (2, 2, 128))",
@@ -112,17 +102,15 @@ def lm_loss_table(base, args):
     """Validation loss and perplexity of the base in fp32 and with every linear layer in NF4."""
     recipe = base_recipe(args)
     _, val_ids = corpus_ids(recipe)
-    models = {"fp32": base, "NF4": quantize_model(copy.deepcopy(base), double_quant=False),
-              "NF4 + double quant": quantize_model(copy.deepcopy(base))}
-    losses = {k: validation_loss(m.eval(), val_ids, recipe.seq_len, recipe.eval_batches,
-                                 recipe.batch_size) for k, m in models.items()}
+    losses, nf4_model = nf4_lm_losses(base, val_ids, recipe.seq_len, recipe.eval_batches,
+                                      recipe.batch_size)
     ref = torch.tensor(losses["fp32"])
     rows = [[k, f"{v:.4f}", f"{torch.tensor(v).exp():.4f}", f"{v - ref:+.4f}",
              f"{100 * (torch.tensor(v).exp() / ref.exp() - 1):+.2f}%"] for k, v in losses.items()]
     print_table(f"The base as a language model ({recipe.eval_batches} x {recipe.batch_size} "
                 f"validation windows of {recipe.seq_len} characters)",
                 ["linear weights", "val loss", "perplexity", "loss increase", "ppl increase"], rows)
-    return losses, models["NF4 + double quant"]
+    return losses, nf4_model
 
 
 def add_args(parser):
@@ -155,13 +143,8 @@ def finetune_both(base, args):
 
 def step_times(models, args):
     """Median seconds of forward + backward on one batch of 32, the two models taking turns."""
-    x, y, mask = (t.to(args.device) for t in make_batch(task_splits(args)["train"][:32]))
-    step = round_robin_medians(
-        {m: (lambda model=model: model(x, y, mask)[1].backward()) for m, model in models.items()},
-        repeats=args.budget.step_repeats)
-    for model in models.values():
-        model.zero_grad(set_to_none=True)  # timing left gradients behind
-    return step
+    batch = [t.to(args.device) for t in make_batch(task_splits(args)["train"][:32])]
+    return forward_backward_medians(models, batch, args.budget.step_repeats)
 
 
 def print_comparison(spreads, models, step, args):
@@ -200,21 +183,12 @@ def bytes_table(base, nf4_model):
     (quant/linear4bit.py), so the code book is counted once per layer. What is stored is
     counted (the state dict); each layer holds besides 3 KiB of look-up tables derived from
     its code books, which a large weight does not notice and this tiny model does."""
-    linears = [m for m in base.modules() if isinstance(m, torch.nn.Linear)]
-    n_lin = sum(m.weight.numel() for m in linears)
-    q4 = [m for m in nf4_model.modules() if isinstance(m, Linear4bit)]
-    lin = {"fp32": 4 * n_lin, "bf16": 2 * n_lin,
-           "NF4": tensor_bytes(t for m in q4 for name, t in m.state_dict().items()
-                               if name != "bias")}  # codes, scales, code book
-    whole = {"fp32": tensor_bytes(base.state_dict().values()),
-             "bf16": tensor_bytes(copy.deepcopy(base).bfloat16().state_dict().values()),
-             "NF4": tensor_bytes(nf4_model.state_dict().values())}
-    n_all = sum(p.numel() for p in base.parameters())
-    rows = [[f"{len(linears)} linear weights ({n_lin:,})", *(f"{v:,}" for v in lin.values()),
+    lin, whole, tables, n = base_bytes(base, nf4_model)  # NF4: codes, scales, code book
+    n_lin, n_all = n["linear"], n["all"]
+    rows = [[f"{n['layers']} linear weights ({n_lin:,})", *(f"{v:,}" for v in lin.values()),
              f"{8 * lin['NF4'] / n_lin:.3f}", f"{lin['fp32'] / lin['NF4']:.2f}x"],
             [f"whole model ({n_all:,}; NF4: rest fp32)", *(f"{v:,}" for v in whole.values()),
              f"{8 * whole['NF4'] / n_all:.3f}", f"{whole['fp32'] / whole['NF4']:.2f}x"]]
-    tables = tensor_bytes(t for m in q4 for t in m.buffers()) - lin["NF4"]
     print_table("Bytes of the frozen base, measured from the modules' tensors (NF4: packed codes"
                 " + 8-bit scales + second-level scales + code book; held besides, not stored: "
                 f"{tables:,} bytes of look-up tables)",
@@ -222,57 +196,21 @@ def bytes_table(base, nf4_model):
     return lin, whole
 
 
-@torch.no_grad()
-def logits(model, x):
-    return model.eval()(x)[0]
-
-
 def reload_check(base, qlora_model, x, out):
     """Save the adapter, load it onto a freshly quantized base: identical outputs?"""
     directory = save_adapter(qlora_model, out / "qlora_adapter")
-    fresh = load_adapter(quantize_model(copy.deepcopy(base)), directory)
-    before, after = logits(qlora_model, x), logits(fresh, x)
-    same, diff = torch.equal(before, after), (before - after).abs().max().item()
+    same, diff = reload_gap(qlora_model, base, directory, x)
     files = ", ".join(f"{p.name} {p.stat().st_size:,} B" for p in sorted(directory.iterdir()))
     print(f"QLoRA adapter saved ({files}) and loaded onto a freshly quantized base: "
           f"outputs identical = {same} (max |diff| = {diff:.1e})\n")
     return same, directory
 
 
-def weight_of(module):
-    """Float (out, in) weight of an nn.Linear, Linear4bit or LoRALinear base (+ sBA if merged)."""
-    module = module.base if isinstance(module, LoRALinear) else module
-    if isinstance(module, Linear4bit):
-        return module.dequantized_weight(torch.float32)
-    return module.weight.detach()
-
-
-def rel_distance(weights, reference):
-    """|W - R| / |R|, Frobenius norms over a list of layers taken together."""
-    num = sum((w - r).pow(2).sum() for w, r in zip(weights, reference))
-    return (num / sum(r.pow(2).sum() for r in reference)).sqrt().item()
-
-
 def deployment_table(base, qlora_model, directory, x, splits, args):
     """Test accuracy, logit difference and weight distance of the ways to ship the model."""
-    paths = [p for p, _ in lora_layers(qlora_model)]
-    float_model = dequantized_float_model(qlora_model)
-    trained = [weight_of(float_model.get_submodule(p)) for p in paths]  # W_deq + s B A
-    ref = logits(qlora_model, x)
-
-    def measure(model, weights):
-        return {"acc": exact_match(model, splits["test"], args.device),
-                "diff": (logits(model, x) - ref).abs().max().item(),
-                "dist": rel_distance(weights, trained)}
-
-    variants = {"float": float_model, "requant": quantize_model(copy.deepcopy(float_model)),
-                "fp32": merge_lora(load_adapter(copy.deepcopy(base), directory))}
-    results = {"QLoRA as trained (NF4 base + adapter)": measure(qlora_model, trained)}
-    for key, model in variants.items():
-        results[MERGES[key]] = measure(model, [weight_of(model.get_submodule(p)) for p in paths])
-    with disable_adapters(qlora_model):  # weight_of an unmerged LoRALinear: W_deq
-        results["NF4 base, adapter disabled"] = measure(
-            qlora_model, [weight_of(qlora_model.get_submodule(p)) for p in paths])
+    shipped = shipped_models(base, qlora_model, directory)
+    found = shipping_errors(qlora_model, shipped, x, splits["test"], args.device)
+    results = {SHIPPED[key]: r for key, r in found.items()}
     print_table(f"Deployment of seed {args.seed}'s QLoRA model: test accuracy (one seed), max "
                 f"|logit diff| from the QLoRA model ({len(x)} test prompts), distance of the "
                 "adapted layers' weights from W_deq + sBA",
@@ -280,8 +218,9 @@ def deployment_table(base, qlora_model, directory, x, splits, args):
                  "|W - (W_deq + sBA)| / |.|"],
                 [[k, f"{100 * r['acc']:.1f}%", f"{r['diff']:.2e}", f"{r['dist']:.4f}"]
                  for k, r in results.items()])
-    rel = results[MERGES["float"]]["diff"] / ref.abs().max().item()
-    changed = codes_changed(qlora_model, variants["requant"])
+    rel = results[MERGES["float"]]["diff"] / logits(qlora_model, x).abs().max().item()
+    changed = codes_changed([(shipped["requant"].get_submodule(p), layer.base)
+                             for p, layer in lora_layers(qlora_model)])
     # the fp32 row's distance is |W0 - W_deq|: the base's own NF4 error, in the same units
     err_ratio = results[MERGES["requant"]]["dist"] / results[MERGES["fp32"]]["dist"]
     print(f"float merge equals the QLoRA model: max |diff| / max |logit| = {rel:.1e} "
@@ -291,21 +230,10 @@ def deployment_table(base, qlora_model, directory, x, splits, args):
     return results, rel, changed, err_ratio
 
 
-def codes_changed(qlora_model, requant):
-    """Share of the adapted layers' 4-bit codes that re-quantizing W_deq + s B A changes."""
-    pairs = [(unpack_nibbles(requant.get_submodule(p).codes.cpu()),
-              unpack_nibbles(layer.base.codes.cpu())) for p, layer in lora_layers(qlora_model)]
-    return sum((a != b).sum().item() for a, b in pairs) / sum(a.numel() for a, _ in pairs)
-
-
 def speed_table(args):
     """quant.bench.benchmark_nf4 on 2 threads; --quick: a small size, threads left alone."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(before if args.budget.bench else 2)
-    try:
+    with pinned_threads(None if args.budget.bench else 2):
         r = benchmark_nf4(**(args.budget.bench or {}))
-    finally:
-        torch.set_num_threads(before)
     rows = [["quantize float32 -> NF4 + dq", f"{r['quantize_MB_per_s']:.4g} MB/s", ""],
             ["dequantize NF4 -> float32", f"{r['dequantize_MB_per_s']:.4g} MB/s", ""],
             ["float32 matmul x W^T", f"{1e3 * r['matmul_s']:.2f} ms", ""],

@@ -44,7 +44,6 @@ steps, in default runs only (compiling takes about 30 s a model).
 Run: ``python lessons/07_memory_and_speed.py``: about 3 minutes on 2 CPU cores, base cached.
 """
 import copy
-import warnings
 from dataclasses import astuple, dataclass
 
 import torch
@@ -54,13 +53,13 @@ from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse
                             run_main, takeaway, text_batch, write_summary)
 from lessons.plots import matplotlib_pyplot, save_figure
 from lora import lora_layers
-from quant import Linear4bit
-from tiny_gpt.memory.checkpointing import checkpoint_submodules, enable_input_require_grads
-from tiny_gpt.memory.ledger import (MB, SavedTensorMeter, measure_step, tensor_bytes,
-                                    weight_ledger)
+from lora.qlora_checks import linear_bytes
+from tiny_gpt.memory.ledger import MB, measure_step, weight_ledger
 from tiny_gpt.memory.offload import FrozenBaseOffload
+from tiny_gpt.memory.probes import (backward_outcome, block_saved_bytes, fresh_gradients,
+                                    grad_norm, max_abs_diff)
+from tiny_gpt.memory.step_configs import idle_config, measure_configs, with_checkpointing
 from tiny_gpt.memory.step_time import time_step
-from tiny_gpt.step import accumulate_gradients
 from tiny_gpt.util.timing import round_robin_phase_medians
 
 NAME = "07_memory_and_speed"
@@ -80,27 +79,18 @@ CKPT_ROWS = [  # (config, what is checkpointed, the config it is compared with)
     ("full FT + ckpt", "full FT: every block", "full FT, AdamW")]
 
 
-def checkpointed(model, impl):
-    model.config.gradient_checkpointing, model.config.checkpoint_impl = bool(impl), impl or "torch"
-    return model
-
-
 def adapted(base, impl=None, parts=None, quantized=False, r=8):
     """A LoRA (or QLoRA) copy of the base, Q and V at rank r (alpha = 2r), seed 0: the same
     adapters in every configuration. impl: per-block checkpointing ("torch_reentrant" comes
     with its fix); parts: submodules to checkpoint instead (selective checkpointing)."""
-    model = checkpointed(lora_copy(base, 0, r=r, alpha=2 * r, quantized=quantized), impl)
-    if impl == "torch_reentrant":
-        enable_input_require_grads(model)
-    if parts:
-        checkpoint_submodules(model, parts, impl="manual")
-    return model
+    return with_checkpointing(lora_copy(base, 0, r=r, alpha=2 * r, quantized=quantized), impl,
+                              parts)
 
 
 def build_configs(base, batch, micro, cuda):
     """name -> (model, optimizer, precision, micro-batches)."""
     models = {"full FT, AdamW": copy.deepcopy(base), "full FT, SGD": copy.deepcopy(base),
-              "full FT + ckpt": checkpointed(copy.deepcopy(base), "torch"),
+              "full FT + ckpt": with_checkpointing(copy.deepcopy(base), "torch"),
               "LoRA": adapted(base), "LoRA r=64": adapted(base, r=64),
               "LoRA + ckpt": adapted(base, "torch"),
               "LoRA + ckpt (ours)": adapted(base, "manual"),
@@ -114,29 +104,10 @@ def build_configs(base, batch, micro, cuda):
               "QLoRA + ckpt": adapted(base, "torch", quantized=True)}
     if cuda:
         models["LoRA + fp16"] = adapted(base)  # memory and time only: no loss scaling needed here
-    configs = {}
-    for name, model in models.items():
-        params = [p for p in model.parameters() if p.requires_grad]
-        # lr 0: the same work per step, but the weights stay put for the gradient comparisons
-        opt = (torch.optim.SGD(params, lr=0.0, momentum=0.9) if "SGD" in name
-               else torch.optim.AdamW(params, lr=0.0))
-        precision = next((p for p in ("bf16", "fp16") if p in name), "fp32")
-        configs[name] = (model, opt, precision, micro if "micro" in name else [batch])
-    return configs
-
-
-def grads_of(model, batches, device):
-    """Trainable gradients after one accumulated backward, named without wrapper modules."""
-    model.zero_grad(set_to_none=True)
-    accumulate_gradients(model, batches, device)
-    grads = {n.replace(".module.", "."): p.grad.clone() for n, p in model.named_parameters()
-             if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return grads
-
-
-def max_diff(a, b):
-    return max((a[n] - b[n]).abs().max().item() for n in a)
+    # lr 0: the same work per step, but the weights stay put for the gradient comparisons
+    return {name: idle_config(model, micro if "micro" in name else [batch],
+                              next((p for p in ("bf16", "fp16") if p in name), "fp32"),
+                              sgd="SGD" in name) for name, model in models.items()}
 
 
 @dataclass(frozen=True)
@@ -160,13 +131,10 @@ class Run:
         self.batch = (x, y, None)
         self.micro = [(x[i::4], y[i::4], None) for i in range(4)]  # 4 micro-batches of B/4
         self.configs = build_configs(base, self.batch, self.micro, self.device.type == "cuda")
-        self.ledgers = {n: measure_step(m, mb, o, p) for n, (m, o, p, mb) in self.configs.items()}
-        self.phases = round_robin_phase_medians(
-            {n: (lambda m=m, o=o, p=p, mb=mb: time_step(m, mb, o, p))
-             for n, (m, o, p, mb) in self.configs.items()}, self.repeats, warmup)
+        self.ledgers, self.phases = measure_configs(self.configs, self.repeats, warmup)
         self.times = {n: ph["total"] for n, ph in self.phases.items()}
         self.main_rows = MAIN_ROWS + (["LoRA + fp16"] if "LoRA + fp16" in self.configs else [])
-        self.ref_grads = grads_of(self.configs["LoRA"][0], [self.batch], self.device)
+        self.ref_grads = fresh_gradients(self.configs["LoRA"][0], [self.batch], self.device)[1]
 
 
 def ledger_section(run):
@@ -190,8 +158,8 @@ def checkpoint_section(run):
         extra = run.times[name] / run.times[against] - 1
         diff = "-"  # gradients are compared among the LoRA configurations
         if against == "LoRA":
-            grads = grads_of(run.configs[name][0], [run.batch], run.device)
-            diff = f"{max_diff(grads, run.ref_grads):.1e}"
+            grads = fresh_gradients(run.configs[name][0], [run.batch], run.device)[1]
+            diff = f"{max_abs_diff(grads, run.ref_grads):.1e}"
         rows.append([label, f"{run.ledgers[name].activations / MB:.2f}", f"{100 * cut:.0f}%",
                      f"{1e3 * run.times[name]:.0f}", f"{100 * extra:+.0f}%", diff])
     print_table("Gradient checkpointing: what to recompute (activations saved in forward)",
@@ -203,15 +171,14 @@ def checkpoint_section(run):
                 [[n, *[f"{1e3 * run.phases[n][k]:.0f}" for k in phases],
                   f"{run.phases[n]['backward'] / run.phases[n]['forward']:.2f}"] for n in names])
     model, x = run.configs["LoRA"][0], run.batch[0].to(run.device)
-    h = model.tok_emb(x) + model.pos_emb(torch.arange(x.shape[1], device=x.device))
-    with SavedTensorMeter(model) as block:  # what one recompute rebuilds during backward
-        model.blocks[0](h)
+    block = block_saved_bytes(model, x)  # what one recompute rebuilds during backward
     print(f"One block's own saved tensors (LoRA), rebuilt one block at a time in backward: "
-          f"{block.bytes / MB:.2f} MiB on top of the checkpointed step's saved activations.\n")
+          f"{block / MB:.2f} MiB on top of the checkpointed step's saved activations.\n")
 
 
 def accumulation_section(run):
-    diff = max_diff(grads_of(run.configs["LoRA"][0], run.micro, run.device), run.ref_grads)
+    diff = max_abs_diff(fresh_gradients(run.configs["LoRA"][0], run.micro, run.device)[1],
+                        run.ref_grads)
     one, four = "LoRA", "LoRA, 4 micro-batches"
     print_table(f"Gradient accumulation (LoRA): 4 micro-batches of {run.B // 4} vs one batch "
                 f"of {run.B}", ["", "peak activ MiB", "ms", "max|dgrad| vs one batch"],
@@ -231,31 +198,21 @@ def pitfall_section(run):
                              ("reentrant + input requires grad", "torch_reentrant", True),
                              ("non-reentrant (torch)", "torch", False),
                              ("ours (CheckpointFunction)", "manual", False)]:
-        model = checkpointed(adapted(run.base), impl)
-        if fix:
-            enable_input_require_grads(model)
+        model = with_checkpointing(adapted(run.base), impl, fix_reentrant=fix)
         for _, layer in lora_layers(model):  # a trained-looking B, so that A gets gradient too
             torch.nn.init.normal_(layer.lora_B, std=0.02)
         model.ln_f.requires_grad_(True)  # trained too (as with modules_to_save): no error
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model(x, y)[1].backward()
-        grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
-        norm = sum(0.0 if g is None else g.norm().item() ** 2 for g in grads) ** 0.5
-        rows.append([label, f"{sum(g is None for g in grads)}/{len(grads)}", f"{norm:.4g}",
+        caught, _ = backward_outcome(model, x, y)
+        adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+        missing, norm = grad_norm(adapters)
+        rows.append([label, f"{missing}/{len(adapters)}", f"{norm:.4g}",
                      f"{model.ln_f.weight.grad.norm().item():.4g}", "yes" if caught else "no"])
     print_table("The reentrant pitfall: LoRA + a trained ln_f, frozen embeddings",
                 ["checkpointing", "adapter grads None", "adapter grad norm", "ln_f grad norm",
                  "warning"], rows)
-    model = checkpointed(adapted(run.base), "torch_reentrant")  # only the adapters trainable
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            model(x, y)[1].backward()
-            error = "no error"
-        except RuntimeError as err:  # the loss has no grad_fn at all
-            error = str(err).splitlines()[0]
-    print(f"Reentrant with only the adapters trainable: {error}\n")
+    model = with_checkpointing(adapted(run.base), "torch_reentrant", fix_reentrant=False)
+    error = backward_outcome(model, x, y)[1]  # the loss has no grad_fn at all
+    print(f"Reentrant with only the adapters trainable: {error or 'no error'}\n")
 
 
 def qlora_section(run):
@@ -263,15 +220,8 @@ def qlora_section(run):
     Linear4bit also holds 3 KiB of look-up tables rebuilt from its code books, not stored:
     constant per layer, so a large weight does not notice them and this tiny model does; they
     are shown on their own row, outside the ratio."""
-    def linear_modules(model):
-        return [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Linear4bit))]
-
-    def stored_bytes(model):  # linear layers, float or 4-bit: what their state dicts hold
-        return tensor_bytes(t for m in linear_modules(model) for t in m.state_dict().values())
-
-    qlora = run.configs["QLoRA"][0]
-    lin32, lin4 = stored_bytes(run.base), stored_bytes(qlora)
-    held = tensor_bytes(t for m in linear_modules(qlora) for t in [*m.parameters(), *m.buffers()])
+    lin32 = linear_bytes(run.base)[0]
+    lin4, held = linear_bytes(run.configs["QLoRA"][0])  # stored, and held in memory
     base32, base4 = weight_ledger(run.base).weights, run.ledgers["QLoRA"].frozen
     print_table("QLoRA's frozen base vs float32", ["part", "fp32 MiB", "NF4 MiB", "ratio"],
                 [["linear layers (weights, biases)", f"{lin32 / MB:.3f}", f"{lin4 / MB:.3f}",

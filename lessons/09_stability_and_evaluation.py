@@ -34,7 +34,6 @@ Run it: ``python lessons/09_stability_and_evaluation.py`` (a few minutes on a 2-
 ``--quick`` for a smoke run, ``--high-lr`` to set the lr of part (a), ``--seeds N``.
 """
 import copy
-import json
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +46,8 @@ from lessons.seeds import (Trials, add_seeds_flag, compare, errorbars, in_words,
                            print_verdicts, seeds_of)
 from lora import disable_adapters
 from tiny_gpt import exact_match
-from tiny_gpt.evaluate import logits_of, measure_drift, task_loss
+from tiny_gpt.evaluate import logits_of, task_loss
+from tiny_gpt.stability import DriftProbe, logged_losses, outcome, outcome_counts, same_tensors
 from tiny_gpt.pretrain import corpus_ids
 
 NAME = "09_stability_and_evaluation"
@@ -120,21 +120,11 @@ def curve(sweeps, recipe):
 
 
 # --- (a) divergence and its fixes, (b) schedules ---------------------------------------
-def outcome(losses, learned=0.1):
-    """How a run went, from its loss curve: 'learned' if it ends below `learned` x its first
-    loss; 'diverged' if it got there and then lost it; else 'never learned'."""
-    start, end = losses[0], tail_mean(losses)
-    if end != end:  # nan
-        return "diverged (nan)"
-    if end < learned * start:
-        return "learned"
-    return "diverged" if min(losses) < learned * start else "never learned"
-
-
 def outcomes(sweeps, recipe):
-    """Each outcome with the number of seeds it happened in: 'learned x3'."""
-    seen = [outcome(sweeps.one(recipe, s)["losses"]) for s in sweeps.seeds]
-    return ", ".join(f"{o} x{seen.count(o)}" for o in dict.fromkeys(seen))
+    """Each outcome (tiny_gpt.stability.outcome, the end being the last 10% of the losses) with
+    the number of seeds it happened in: 'learned x3'."""
+    curves = [sweeps.one(recipe, s)["losses"] for s in sweeps.seeds]
+    return outcome_counts([outcome(c, tail_mean(c)) for c in curves])
 
 
 def divergence_recipes(b):
@@ -193,7 +183,6 @@ def schedules(args, sweeps):
 
 # --- (c) drift from the base ---------------------------------------------------------------
 def drift_run(args, base, seed, method, val_ids):
-    n_batches, batch_size, seq_len = args.budget.drift_windows
     splits = task_splits(args, DEFAULT_TASK, seed)
     if method == "lora":
         model = lora_copy(base, seed)
@@ -204,13 +193,7 @@ def drift_run(args, base, seed, method, val_ids):
     else:
         model, frozen = copy.deepcopy(base).requires_grad_(True), copy.deepcopy(base).eval()
         base_fn = logits_of(frozen)
-
-    def evaluate(m):
-        d = measure_drift(base_fn, logits_of(m), val_ids, seq_len, n_batches, batch_size,
-                          device=args.device)
-        return {"val_loss": task_loss(m, splits["val"]), "kl": d["kl"],
-                "pretrain_loss": d["tuned_loss"]}
-
+    evaluate = DriftProbe(base_fn, val_ids, args.budget.drift_windows, splits["val"], args.device)
     model.to(args.device).eval()
     with torch.no_grad():
         start = evaluate(model)
@@ -255,11 +238,11 @@ def reproducibility(args, base, splits, out):
         model = lora_copy(base, seed, dropout=0.1)
         cfg = short_config(args, args.budget.repro_steps, 0, seed=seed, log_path=str(log))
         fit(model, splits["train"], cfg, args)
-        curves[label] = torch.tensor([json.loads(line)["loss"] for line in open(log)])
+        curves[label] = logged_losses(log)
         adapters[label] = [p.detach() for p in model.parameters() if p.requires_grad]
     rows = []
     for other in ("seed A, run 2", "seed B"):
-        same = all(torch.equal(a, b) for a, b in zip(adapters["seed A, run 1"], adapters[other]))
+        same = same_tensors(adapters["seed A, run 1"], adapters[other])
         rows.append([f"seed A, run 1 vs {other}",
                      (curves["seed A, run 1"] - curves[other]).abs().max().item(),
                      "yes" if same else "no"])

@@ -30,6 +30,7 @@ from tiny_gpt import GPT, GPTConfig
 from tiny_gpt.memory.ledger import MB, measure_step
 from tiny_gpt.memory.loss_scaling import DynamicLossScaler
 from tiny_gpt.memory.offload import FrozenBaseOffload
+from tiny_gpt.memory.probes import fresh_gradients, max_rel_diff
 from tiny_gpt.train import check_device
 from tiny_gpt.step import accumulate_gradients, optimizer_step
 from tiny_gpt.util.timing import medians, ratio_spread, round_robin_times
@@ -171,20 +172,13 @@ def check_qlora_step(subject, device):
                 f"{len(changed)} frozen tensors changed")
 
 
-def loss_and_grads(model, batch, device):
-    model.zero_grad(set_to_none=True)
-    loss, _ = accumulate_gradients(model, batch, device)
-    return loss, {n: g.clone() for n, g in adapter_grads(model).items()}
-
-
 def check_offload(device):
     """The tiny GPT's LoRA loss and adapter gradients with the frozen blocks in CPU memory."""
     model, batch = recipe_model(TINY, device), fixed_batch(TINY, device)
-    loss, grads = loss_and_grads(model, batch, device)
+    loss, grads = fresh_gradients(model, batch, device)  # the adapters': the rest is frozen
     with FrozenBaseOffload(model, device) as offload:
-        off_loss, off_grads = loss_and_grads(model, batch, device)
-    gap = max([abs(off_loss - loss) / loss] + [((off_grads[n] - g).abs().max() /
-              g.abs().max()).item() for n, g in grads.items()])
+        off_loss, off_grads = fresh_gradients(model, batch, device)
+    gap = max(abs(off_loss - loss) / loss, max_rel_diff(off_grads, grads))
     home = all(p.device.type == device.type for p in model.parameters())
     ok = gap <= OFFLOAD_TOL and offload.offloaded_saves > 0 and home
     return ok, (f"max relative gap {gap:.1e} (<= {OFFLOAD_TOL:g}); {offload.offloaded_saves} "

@@ -2,8 +2,9 @@
 import time
 
 import pytest
+import torch
 
-from tiny_gpt.util.timing import median_seconds, round_robin_medians
+from tiny_gpt.util.timing import median_seconds, pinned_threads, round_robin_medians
 
 
 def test_functions_take_turns_and_warmup_rounds_come_first():
@@ -45,3 +46,16 @@ def test_ratio_spread_pairs_the_rounds():
     assert spread.at_most(1.1) is None  # the middle half straddles the limit: cannot tell
     with pytest.raises(ValueError, match="at least 2 rounds"):
         ratio_spread({"a": [1.0], "b": [1.0]}, "a", "b")
+
+
+def test_pinned_threads_sets_and_restores_the_thread_count_even_on_error():
+    before = torch.get_num_threads()
+    with pinned_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with pinned_threads(1):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+    with pinned_threads(None):  # None: left as it is
+        assert torch.get_num_threads() == before

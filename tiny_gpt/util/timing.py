@@ -9,6 +9,7 @@ On CUDA every timed call is synchronized before and after (``seconds``).
 import random
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -103,3 +104,15 @@ def ratio_spread(times: dict, numerator: str, denominator: str) -> RatioSpread:
 def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
     """Median seconds of fn() over `repeats` calls after `warmup` untimed ones."""
     return round_robin_medians({"fn": fn}, repeats, warmup)["fn"]
+
+
+@contextmanager
+def pinned_threads(n=None):
+    """``with pinned_threads(2):`` run the block on n intra-op CPU threads (None: leave them
+    as they are); torch's thread count comes back afterwards, even if the block raised."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
