@@ -38,7 +38,7 @@ difference can show.
    there), so that r = 8 is one shared run (part 1's) and the rules part at r = 64.
 
 4. What the update looks like (Sec. 7.2-7.3), from the r = 8 and r = 64 adapters of part 1
-   (the first seed's; and the second seed's r = 8):
+   (the first seed's; and the second seed's r = 8), printed by lessons/update_shape.py:
    - subspace similarity phi(A_8, A_64, i, j) = ||U_i^T U_j||_F^2 / min(i, j), U the right-
      singular vectors of A (see lora/analysis.py): do the top directions of a rank-8 and a
      rank-64 adapter agree? (Fig. 3; and two rank-8 runs with different seeds, Fig. 4).
@@ -58,19 +58,18 @@ import torch
 
 from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse_args, print_table,
                             run_main, takeaway, targets_label, whole_number, write_summary)
-from lessons.plots import saved_figure, saved_heatmaps
+from lessons.plots import saved_figure
 from lessons.recipe import DEFAULT_TASK, finetune_config, short_config, task_splits, tuned_accuracy
-from lessons.seeds import (Trials, Verdict, add_seeds_flag, compare, errorbars, over_seeds,
-                           print_verdicts, rank, seeds_of, within)
+from lessons.seeds import (Trials, Verdict, add_seeds_flag, compare, errorbars, print_verdicts,
+                           rank, seeds_of, within)
+from lessons.update_shape import QV, amplification_table, plot_similarity, similarity_table
 from lora import count_parameters, lora_scaling
 from lora import analysis
-from lora.analysis import (adapter_factors, amplification_norms, lora_param_count, phi_corners,
-                           random_phi, rank_for_budget)
+from lora.analysis import adapter_factors, lora_param_count, rank_for_budget
 from tiny_gpt import sample_batch
 from tiny_gpt.evaluate import task_loss
 
 NAME = "04_rank_alpha_targets"
-QV = ("q_proj", "v_proj")
 TARGET_SETS = {"Q": ("q_proj",), "Q,V": QV,
                "Q,K,V,O": ("q_proj", "k_proj", "v_proj", "o_proj"),
                "attn+MLP": ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")}
@@ -81,7 +80,6 @@ LARGE = 64                 # the large rank of parts 3 and 4
 RANKS = (1, R_MID, LARGE)  # part 1: a very small rank, the paper's, a large one (--ranks)
 PAIR = (R_MID, LARGE)      # part 4: the adapters compared
 AS_WELL = 0.02             # "does as well": within 2 points of exact match (4 of 200 prompts)
-LAYER = 2                  # the block of part 4b and of the similarity plot (of 0..3)
 STEP_RULE_TOL = 1.5        # part 3: ||dW_1|| grows with r as predicted, within this factor
 
 
@@ -258,58 +256,10 @@ def findings(rank_res, target_res, scaling_res, small, large):
     return rows
 
 
-# --- part 4: subspaces and amplification -------------------------------------------------------
-def similarity_table(runs, pair):
-    """phi between the small- and large-rank adapters (and two seeds) in every block, on A
-    (as the paper) and on the input directions of dW = s B A (ordered by what B makes of them)."""
-    (rs, rl), (s0, s1) = pair, (runs.args.seed, runs.args.seed + 1)
-    small, large = (runs.one(Spec(QV, r, 2 * r), s0)["factors"] for r in pair)
-    seed = runs.one(Spec(QV, rs, 2 * rs), s1)["factors"]  # trained here if --seeds 1
-    rows, grids = [], {}
-    for path in small:
-        by_a, nums_a = phi_corners(small[path][0], large[path][0], seed[path][0], rs, rl)
-        by_dw, nums_dw = phi_corners(small[path][1], large[path][1], seed[path][1], rs, rl)
-        grids[path] = by_a + by_dw
-        rows.append([path.removeprefix("blocks."), *nums_a, *nums_dw])
-    n = small[path][0].shape[1]
-    print(f"4a. Subspace similarity phi in every block: seed {s0}'s adapters (and seed {s1}'s "
-          f"r={rs}), {runs.steps} steps per run. Random subspaces of R^{n} give phi(1,1) = "
-          f"{random_phi(n, 1, 1):.3f}, phi({rs},{rl}) = {random_phi(n, rs, rl):.3f}, "
-          f"phi({rs},{rs}) = {random_phi(n, rs, rs):.3f}.\n")
-    print_table("phi of A's right-singular vectors (the paper's Fig. 3-4)",
-                ["layer", f"r{rs} vs r{rl}: phi(1,1)", f"phi({rs},{rl})", "2 seeds: phi(1,1)",
-                 f"phi({rs},{rs})"], [[r[0]] + [round(v, 3) for v in r[1:5]] for r in rows])
-    # at i = rs the top-rs input directions of dW = s B A span A's rows (B has full rank), so
-    # only phi(1, 1) can differ from the table above; the tests check the equality
-    print_table("phi of dW's input directions, ordered by dW's singular values",
-                ["layer", f"r{rs} vs r{rl}: phi(1,1)", "2 seeds: phi(1,1)"],
-                [[r[0], round(r[5], 3), round(r[7], 3)] for r in rows])
-    return rows, grids
-
-
-def amplification(runs, r, proj, seed):
-    """Block LAYER's ||dW||, ||W||, ||U'WV|| along dW's, W's and random directions, the
-    amplification factor and ||dW|| over the random-direction norm, for one seed's run."""
-    _, dw, w = runs.one(Spec(QV, r, 2 * r), seed)["factors"][f"blocks.{LAYER}.attn.{proj}"]
-    return amplification_norms(dw, w, r)
-
-
-def amplification_table(runs, pair):
-    rows, amps = [], {}
-    for r in pair:
-        for proj in QV:
-            sp = over_seeds(runs.seeds, lambda seed: amplification(runs, r, proj, seed))
-            amps[proj, r] = sp["amp"]
-            # ||W|| and W's own and random directions are the base's: the same for every seed
-            rows.append([proj, r, round(sp["w"].mean, 3), sp["dw"].show(fmt="{:.2f}"),
-                         sp["along_dw"].show(fmt="{:.2f}"), round(sp["along_w"].mean, 3),
-                         round(sp["along_rand"].mean, 3), sp["amp"].show(fmt="{:.2f}"),
-                         sp["vs_rand"].show(fmt="{:.2f}")])
-    print_table(f"4b. What dW amplifies (block {LAYER}; U, V: top-r singular directions of "
-                f"dW, of W, or random); {runs.budget_text}",
-                ["W", "r", "||W||", "||dW||", "||U'WV|| dW dirs", "W dirs", "random dirs",
-                 "amplification", "vs random dirs"], rows)
-    return amps
+# --- part 4: subspaces and amplification (lessons/update_shape.py) ------------------------------
+def trained_factors(runs):
+    """factors(r, seed): {layer path: (A, dW, W0)} of the rank-r run on Q,V (alpha = 2r)."""
+    return lambda r, seed: runs.one(Spec(QV, r, 2 * r), seed)["factors"]
 
 
 # --- plots -------------------------------------------------------------------------------------
@@ -326,17 +276,6 @@ def plot_sweeps(runs, rank_res, target_res, scaling_res, large, budget, path):
             errorbars(ax, list(res), [v["acc"] for v in res.values()])
             ax.set(ylabel="test exact match (%)", title=title, ylim=(0, 101))
         axes[0].figure.suptitle(runs.budget_text)
-
-
-def plot_similarity(grids, pair, path):
-    """Like the paper's Fig. 3 (r_s vs r_l) and Fig. 4 (two seeds), for block LAYER: phi of
-    the A matrices (left) and of the dW matrices (right); rows: q_proj, v_proj."""
-    titles = (f"A, r={pair[0]} vs r={pair[1]}", "A, 2 seeds", f"dW, r={pair[0]} vs r={pair[1]}",
-              "dW, 2 seeds")
-    saved_heatmaps(path, [[(m, f"{proj}: {t}") for m, t in
-                           zip(grids[f"blocks.{LAYER}.attn.{proj}"], titles)] for proj in QV],
-                   f"Subspace similarity in block {LAYER} (random subspaces: max(i, j) / 128)",
-                   "phi(i, j)", width_ratios=[4, 1.3, 4, 1.3])
 
 
 def headline_numbers(runs, sweeps, found, sim_rows, amps):
@@ -384,8 +323,9 @@ def main(argv=None):
     target_res, budget = target_sweep(runs)
     scaling_res, step_norms = scaling_sweep(runs, LARGE, finetune_config(args, "lora").lr)
     found = findings(rank_res, target_res, scaling_res, ranks[0], LARGE)
-    sim_rows, grids = similarity_table(runs, PAIR)
-    amps = amplification_table(runs, PAIR)
+    factors = trained_factors(runs)
+    sim_rows, grids = similarity_table(factors, PAIR, (args.seed, args.seed + 1), runs.steps)
+    amps = amplification_table(factors, PAIR, runs.seeds, runs.budget_text)
     print(f"{len(runs)} fine-tunes of {runs.steps} steps: {time.time() - t0:.0f}s wall, "
           f"{time.process_time() - cpu0:.0f}s CPU (all threads) in all\n")
     plot_sweeps(runs, rank_res, target_res, scaling_res, LARGE, budget, out / "sweeps.png")
