@@ -21,8 +21,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from quant import DequantMatmul, Linear4bit, quantize_model, quantize_nf4
-from quant.analysis import codes_changed
+from quant import DequantMatmul, Linear4bit, codes_changed, quantize_model, quantize_nf4
 from tiny_gpt import exact_match
 from tiny_gpt.evaluate import validation_loss
 from tiny_gpt.memory.ledger import tensor_bytes
