@@ -89,8 +89,8 @@ def test_run_gaps_against_the_reference_run():
     w = [torch.ones(2)]
     runs = {"a": (torch.tensor([3.0, 2.0]), w),
             "a again": (torch.tensor([3.0, 2.0]), [w[0].clone()]),
-            "b": (torch.tensor([3.0, 2.5]), [torch.zeros(2)])}
-    assert run_gaps(runs, "a") == {"a again": (0.0, True), "b": (0.5, False)}
+            "b": (torch.tensor([3.5, 1.0]), [torch.zeros(2)])}  # differences +0.5 and -1
+    assert run_gaps(runs, "a") == {"a again": (0.0, True), "b": (1.0, False)}
     with pytest.raises(ValueError, match="equal length"):
         run_gaps({**runs, "short": (torch.tensor([3.0]), w)}, "a")
 
