@@ -37,16 +37,15 @@ import torch
 from lessons.common import (Checks, LORA_ALPHA, LORA_R, base_recipe, get_base_model, lesson_dir,
                             lora_copy, parse_args, print_table, run_main, takeaway, whole_number,
                             write_summary)
-from lessons.plots import matplotlib_pyplot, moving_average, save_figure
+from lessons.plots import plot_grouped_bars, plot_seed_curves, saved_figure
 from lessons.recipe import DEFAULT_TASK, short_config, tail_mean, task_splits, tuned_accuracy
 from lessons.seeds import (Trials, add_seeds_flag, errorbars, in_words, paired_interval,
                            seeds_of, within)
-from lora import check_qlora_stack, count_parameters, lora_layers, save_adapter
-from lora.qlora_checks import (base_bytes, dequant_matmul_parity,
-                               forward_backward_medians, logits, nf4_lm_losses, reload_gap,
-                               shipped_models, shipping_errors)
+from lora import check_qlora_stack, count_parameters, save_adapter
+from lora.qlora_checks import (base_bytes, dequant_matmul_parity, forward_backward_medians,
+                               merge_findings, nf4_lm_losses, reload_gap, shipped_models,
+                               shipping_errors)
 from quant import Linear4bit
-from quant.analysis import codes_changed
 from quant.bench import benchmark_nf4
 from tiny_gpt import get_task, make_batch
 from tiny_gpt.pretrain import corpus_ids
@@ -184,11 +183,10 @@ def bytes_table(base, nf4_model):
     counted (the state dict); each layer holds besides 3 KiB of look-up tables derived from
     its code books, which a large weight does not notice and this tiny model does."""
     lin, whole, tables, n = base_bytes(base, nf4_model)  # NF4: codes, scales, code book
-    n_lin, n_all = n["linear"], n["all"]
-    rows = [[f"{n['layers']} linear weights ({n_lin:,})", *(f"{v:,}" for v in lin.values()),
-             f"{8 * lin['NF4'] / n_lin:.3f}", f"{lin['fp32'] / lin['NF4']:.2f}x"],
-            [f"whole model ({n_all:,}; NF4: rest fp32)", *(f"{v:,}" for v in whole.values()),
-             f"{8 * whole['NF4'] / n_all:.3f}", f"{whole['fp32'] / whole['NF4']:.2f}x"]]
+    parts = [(f"{n['layers']} linear weights ({n['linear']:,})", lin, n["linear"]),
+             (f"whole model ({n['all']:,}; NF4: rest fp32)", whole, n["all"])]
+    rows = [[what, *(f"{v:,}" for v in b.values()), f"{8 * b['NF4'] / count:.3f}",
+             f"{b['fp32'] / b['NF4']:.2f}x"] for what, b, count in parts]
     print_table("Bytes of the frozen base, measured from the modules' tensors (NF4: packed codes"
                 " + 8-bit scales + second-level scales + code book; held besides, not stored: "
                 f"{tables:,} bytes of look-up tables)",
@@ -218,11 +216,7 @@ def deployment_table(base, qlora_model, directory, x, splits, args):
                  "|W - (W_deq + sBA)| / |.|"],
                 [[k, f"{100 * r['acc']:.1f}%", f"{r['diff']:.2e}", f"{r['dist']:.4f}"]
                  for k, r in results.items()])
-    rel = results[MERGES["float"]]["diff"] / logits(qlora_model, x).abs().max().item()
-    changed = codes_changed([(shipped["requant"].get_submodule(p), layer.base)
-                             for p, layer in lora_layers(qlora_model)])
-    # the fp32 row's distance is |W0 - W_deq|: the base's own NF4 error, in the same units
-    err_ratio = results[MERGES["requant"]]["dist"] / results[MERGES["fp32"]]["dist"]
+    rel, changed, err_ratio = merge_findings(qlora_model, shipped, found, x)
     print(f"float merge equals the QLoRA model: max |diff| / max |logit| = {rel:.1e} "
           f"(tolerance {F32_REL_TOL:g})\n"
           f"re-quantizing changes {100 * changed:.1f}% of the adapted layers' 4-bit codes; its "
@@ -249,29 +243,17 @@ def speed_table(args):
 def plot(curves, spreads, lin, whole, out, window=25):
     """Every seed's loss curve of LoRA and QLoRA (thin), their test accuracies over the seeds
     (bars at the mean, whiskers min to max, a dot per seed), and the bytes of the frozen base."""
-    plt = matplotlib_pyplot()
-    fig, (ax, cx, bx) = plt.subplots(1, 3, figsize=(15, 4), width_ratios=(2, 1, 2))
-    for (method, runs), color in zip(curves.items(), ("tab:blue", "tab:green")):
-        for i, losses in enumerate(runs):
-            smooth = moving_average(losses, window)  # entry j: mean of steps j+1 .. j+k
-            k = len(losses) - len(smooth) + 1
-            ax.plot(range(k, len(losses) + 1), smooth, color=color, lw=0.8,
-                    label=f"{method} train, {len(runs)} seeds (mean of {k})" if i == 0 else None)
-    ax.set(xlabel="step", ylabel="answer-token loss", yscale="log",
-           title=f"LoRA vs QLoRA on '{DEFAULT_TASK}', one line per seed")
-    ax.legend(fontsize=8)
-    errorbars(cx, list(METHODS), [spreads[f"{m} acc"] for m in METHODS],
-              color=["tab:blue", "tab:green"])
-    cx.set(ylabel="test exact match (%)", title="Test accuracy over seeds")
-    for i, values in enumerate([lin, whole]):
-        bars = bx.bar([i + 0.27 * (k - 1) for k in range(3)], [v / 1e6 for v in values.values()],
-                      width=0.27, color=["tab:gray", "tab:blue", "tab:green"])
-        bx.bar_label(bars, [f"{v / 1e6:.2f}" for v in values.values()], fontsize=8)
-    bx.set_xticks([0, 1], ["linear weights", "whole model"])
-    bx.legend(bars, list(lin))
-    bx.set(ylabel="MB", title="Bytes of the frozen base: fp32 vs bf16 vs NF4 + dq")
-    save_figure(fig, out / "qlora_loss_and_bytes.png")
-    plt.close(fig)
+    colors = ("tab:blue", "tab:green")
+    with saved_figure(out / "qlora_loss_and_bytes.png", ncols=3, figsize=(15, 4),
+                      width_ratios=(2, 1, 2)) as (ax, cx, bx):
+        plot_seed_curves(ax, {f"{m} train": runs for m, runs in curves.items()}, window, colors)
+        ax.set(ylabel="answer-token loss", title=f"LoRA vs QLoRA on '{DEFAULT_TASK}', one line "
+                                                  "per seed")
+        errorbars(cx, list(METHODS), [spreads[f"{m} acc"] for m in METHODS], color=colors)
+        cx.set(ylabel="test exact match (%)", title="Test accuracy over seeds")
+        plot_grouped_bars(bx, {"linear weights": lin, "whole model": whole},
+                          ("tab:gray",) + colors, scale=1e-6)
+        bx.set(ylabel="MB", title="Bytes of the frozen base: fp32 vs bf16 vs NF4 + dq")
 
 
 def stack_check(base, args):

@@ -36,18 +36,16 @@ Run it: ``python lessons/09_stability_and_evaluation.py`` (a few minutes on a 2-
 import copy
 from dataclasses import dataclass
 
-import torch
-
 from lessons.common import (Checks, base_recipe, get_base_model, lesson_dir, lora_copy, parse_args,
                             positive_number, print_table, run_main, takeaway, write_summary)
-from lessons.plots import plot_loss_curves, saved_figure
-from lessons.recipe import DEFAULT_TASK, FINETUNE_LR, fit, short_config, tail_mean, task_splits
-from lessons.seeds import (Trials, add_seeds_flag, compare, errorbars, in_words, over_seeds,
+from lessons.plots import plot_curves_and_spreads, plot_spread_tracks, saved_figure
+from lessons.recipe import (DEFAULT_TASK, FINETUNE_LR, ShortRun, fit, scored_runs,
+                            short_config, short_runs, task_splits)
+from lessons.seeds import (add_seeds_flag, compare, errorbars, in_words, over_seeds,
                            print_verdicts, seeds_of)
-from lora import disable_adapters
-from tiny_gpt import exact_match
-from tiny_gpt.evaluate import logits_of, task_loss
-from tiny_gpt.stability import DriftProbe, logged_losses, outcome, outcome_counts, same_tensors
+from lora.params import base_logits
+from tiny_gpt.evaluate import logits_of
+from tiny_gpt.stability import DriftProbe, logged_losses, outcome, outcome_counts, run_gaps
 from tiny_gpt.pretrain import corpus_ids
 
 NAME = "09_stability_and_evaluation"
@@ -71,47 +69,12 @@ QUICK = Budget(sweep_steps=2, drift_steps=2, repro_steps=2, eval_every=2,
                drift_windows=(1, 4, 32), test_examples=4)
 
 
-# --- runs ---------------------------------------------------------------------------------
-def accuracy(model, splits, args):
-    return exact_match(model, splits["test"][:args.budget.test_examples], args.device)
-
-
-def acc_budget(args, seeds):
-    """How an accuracy was measured, for the table titles."""
-    return f"{len(seeds)} seeds, n={args.budget.test_examples} test prompts"
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """One short LoRA run of (a), (b) or (g); equal recipes are trained once per seed."""
-    lr: float
-    constant: bool = False   # a constant lr without warmup; else warmup + cosine
-    alpha: float = 16
-    dropout: float = 0.0
-    task: str = DEFAULT_TASK
-
-
-def sweep_runs(args, base):
-    """Trials of Recipes, the runs of (a), (b) and (e); test accuracy is scored only for the
-    recipes whose table shows it (acc below)."""
-    def train(recipe, seed):
-        splits = task_splits(args, recipe.task, seed)
-        model = lora_copy(base, seed, alpha=recipe.alpha, dropout=recipe.dropout)
-        schedule = dict(warmup_steps=0, schedule="constant") if recipe.constant else {}
-        cfg = short_config(args, args.budget.sweep_steps, 0, lr=recipe.lr, seed=seed,
-                           **schedule)
-        losses = fit(model, splits["train"], cfg, args).losses
-        return dict(model=model.eval(), splits=splits, losses=losses,
-                    val_loss=task_loss(model, splits["val"]), last_loss=tail_mean(losses))
-    return Trials(seeds_of(args), train)
-
-
-def with_acc(args, sweeps, recipe):
-    """{"val_loss", "last_loss", "acc": Spread}: the recipe's runs, scored on test prompts."""
-    for seed in sweeps.seeds:
-        row = sweeps.one(recipe, seed)
-        row.setdefault("acc", accuracy(row["model"], row["splits"], args))
-    return sweeps.spreads(recipe, ("val_loss", "last_loss", "acc"))
+# --- (a) divergence and its fixes, (b) schedules ---------------------------------------
+def outcomes(sweeps, recipe):
+    """Each outcome (tiny_gpt.stability.outcome, the end being the last 10% of the losses) with
+    the number of seeds it happened in: 'learned x3'."""
+    rows = [sweeps.one(recipe, s) for s in sweeps.seeds]
+    return outcome_counts([outcome(row["losses"], row["last_loss"]) for row in rows])
 
 
 def curve(sweeps, recipe):
@@ -119,24 +82,16 @@ def curve(sweeps, recipe):
     return sweeps.one(recipe, sweeps.seeds[0])["losses"]
 
 
-# --- (a) divergence and its fixes, (b) schedules ---------------------------------------
-def outcomes(sweeps, recipe):
-    """Each outcome (tiny_gpt.stability.outcome, the end being the last 10% of the losses) with
-    the number of seeds it happened in: 'learned x3'."""
-    curves = [sweeps.one(recipe, s)["losses"] for s in sweeps.seeds]
-    return outcome_counts([outcome(c, tail_mean(c)) for c in curves])
-
-
 def divergence_recipes(b):
     hi = b.high_lr
-    return {f"lr {hi:g} constant": Recipe(hi, constant=True),
-            f"fix: lr {hi / 10:g}": Recipe(hi / 10, constant=True),
-            "fix: alpha 16 -> 1.6": Recipe(hi, constant=True, alpha=1.6),
-            f"fix: warmup {min(50, b.sweep_steps // 3)} + cosine": Recipe(hi),
-            "dropout 0.1 (a common fix)": Recipe(hi, constant=True, dropout=0.1)}
+    return {f"lr {hi:g} constant": ShortRun(hi, constant=True),
+            f"fix: lr {hi / 10:g}": ShortRun(hi / 10, constant=True),
+            "fix: alpha 16 -> 1.6": ShortRun(hi, constant=True, alpha=1.6),
+            f"fix: warmup {min(50, b.sweep_steps // 3)} + cosine": ShortRun(hi),
+            "dropout 0.1 (a common fix)": ShortRun(hi, constant=True, dropout=0.1)}
 
 
-def divergence(args, sweeps):
+def divergence(args, sweeps, out):
     """Each fix against the too-high lr: does every seed learn, and is the validation loss
     measurably lower? Returns {label: spreads} and the verdict of each fix."""
     recipes = divergence_recipes(args.budget)
@@ -154,6 +109,10 @@ def divergence(args, sweeps):
     said = {True: "rescues", False: "does not rescue"}
     print_verdicts(None, [f"{label}: {said[rescues(sweeps, recipes[label], v)]} the run "
                           f"({v.text})" for label, v in lower.items()])
+    plot_curves_and_spreads(out / "divergence.png", "(a) too-high lr and its fixes",
+                            {label: curve(sweeps, r) for label, r in recipes.items()},
+                            {label: r["val_loss"] for label, r in res.items()},
+                            "val loss (answer tokens)")
     return res, lower
 
 
@@ -164,13 +123,15 @@ def rescues(sweeps, recipe, lower):
 
 def schedule_recipes(args):
     lr, warm = FINETUNE_LR["lora"], min(50, args.budget.sweep_steps // 3)
-    return {"constant lr": Recipe(lr, constant=True), f"warmup {warm} + cosine": Recipe(lr)}
+    return {"constant lr": ShortRun(lr, constant=True), f"warmup {warm} + cosine": ShortRun(lr)}
 
 
-def schedules(args, sweeps):
-    res = {label: with_acc(args, sweeps, r) for label, r in schedule_recipes(args).items()}
+def schedules(args, sweeps, out):
+    n_test, recipes = args.budget.test_examples, schedule_recipes(args)
+    res = {label: scored_runs(args, sweeps, r, n_test) for label, r in recipes.items()}
     print_table(f"(b) Warmup + cosine vs constant lr {FINETUNE_LR['lora']:g} "
-                f"({args.budget.sweep_steps} steps, {acc_budget(args, sweeps.seeds)})",
+                f"({args.budget.sweep_steps} steps, {len(sweeps.seeds)} seeds, n={n_test} test "
+                "prompts)",
                 ["schedule", "last-10% loss", "val loss", "test acc"],
                 [[label, r["last_loss"].show(fmt="{:.3f}"), r["val_loss"].show(fmt="{:.3f}"),
                   r["acc"].percent()] for label, r in res.items()])
@@ -178,6 +139,10 @@ def schedules(args, sweeps):
     found = compare(w["acc"], c["acc"], cosine, const)
     print_verdicts(None, [found, compare(c["val_loss"], w["val_loss"], f"val loss of {const}",
                                          cosine, **MILLINATS)])
+    plot_curves_and_spreads(out / "schedules.png", "(b) warmup + cosine vs constant lr",
+                            {label: curve(sweeps, r) for label, r in recipes.items()},
+                            {label: r["acc"] for label, r in res.items()}, "test exact match (%)",
+                            100.0)
     return res, found
 
 
@@ -186,21 +151,14 @@ def drift_run(args, base, seed, method, val_ids):
     splits = task_splits(args, DEFAULT_TASK, seed)
     if method == "lora":
         model = lora_copy(base, seed)
-
-        def base_fn(idx):  # the base is the same model with its adapters off
-            with disable_adapters(model):
-                return model(idx)[0]
+        base_fn = base_logits(model)  # the base is the same model with its adapters off
     else:
         model, frozen = copy.deepcopy(base).requires_grad_(True), copy.deepcopy(base).eval()
         base_fn = logits_of(frozen)
-    evaluate = DriftProbe(base_fn, val_ids, args.budget.drift_windows, splits["val"], args.device)
-    model.to(args.device).eval()
-    with torch.no_grad():
-        start = evaluate(model)
+    probe = DriftProbe(base_fn, val_ids, args.budget.drift_windows, splits["val"], args.device)
     cfg = short_config(args, args.budget.drift_steps, args.budget.eval_every, method, seed=seed)
-    res = fit(model, splits["train"], cfg, args, evaluate)
-    return {(method, key, step): value for step, metrics in [(0, start)] + res.evals
-            for key, value in metrics.items()}
+    found = probe.track(model, lambda evaluate: fit(model, splits["train"], cfg, args, evaluate))
+    return {(method, key, step): value for (key, step), value in found.items()}
 
 
 def drift(args, base, seeds):
@@ -230,7 +188,7 @@ def drift(args, base, seeds):
 def reproducibility(args, base, splits, out):
     """Three runs with LoRA dropout on (so the dropout masks are part of what the seed fixes);
     the loss curves are read back from the runs' JSON-lines logs."""
-    curves, adapters = {}, {}
+    runs = {}
     for label, seed in (("seed A, run 1", args.seed), ("seed A, run 2", args.seed),
                         ("seed B", args.seed + 1)):
         log = out / f"log_{label.replace(' ', '_').replace(',', '')}.jsonl"
@@ -238,14 +196,10 @@ def reproducibility(args, base, splits, out):
         model = lora_copy(base, seed, dropout=0.1)
         cfg = short_config(args, args.budget.repro_steps, 0, seed=seed, log_path=str(log))
         fit(model, splits["train"], cfg, args)
-        curves[label] = logged_losses(log)
-        adapters[label] = [p.detach() for p in model.parameters() if p.requires_grad]
-    rows = []
-    for other in ("seed A, run 2", "seed B"):
-        same = same_tensors(adapters["seed A, run 1"], adapters[other])
-        rows.append([f"seed A, run 1 vs {other}",
-                     (curves["seed A, run 1"] - curves[other]).abs().max().item(),
-                     "yes" if same else "no"])
+        runs[label] = (logged_losses(log), [p.detach() for p in model.parameters()
+                                            if p.requires_grad])
+    rows = [[f"seed A, run 1 vs {other}", gap, "yes" if same else "no"]
+            for other, (gap, same) in run_gaps(runs, "seed A, run 1").items()]
     print_table(f"(d) Reproducibility (LoRA dropout 0.1, {args.budget.repro_steps} steps, "
                 f"seeds A={args.seed}, B={args.seed + 1}; curves read from the logs in {out})",
                 ["runs", "max |loss difference|", "adapter weights identical"], rows)
@@ -267,7 +221,7 @@ def best_lr(val, task):
 def task_sensitivity(args, sweeps):
     """The lr is chosen on the validation loss, as any hyperparameter (choosing on the test
     set would leak it into the score), so no test prompts are decoded here."""
-    val = {(t, lr): sweeps.spreads(Recipe(lr, task=t), ("val_loss",))["val_loss"]
+    val = {(t, lr): sweeps.spreads(ShortRun(lr, task=t), ("val_loss",))["val_loss"]
            for t in TASKS for lr in LRS}
     best = {t: best_lr(val, t) for t in TASKS}
     rows = [[f"{lr:g}"] + [val[t, lr].show(fmt="{:.3f}") for t in TASKS] for lr in LRS]
@@ -293,28 +247,6 @@ def task_verdict(val, best):
 
 
 # --- plots, summary and main ----------------------------------------------------------------
-def plot_runs(out, name, title, curves, labels, spreads, ylabel, scale=1.0):
-    """Left: the first seed's loss curves; right: a number per recipe over the seeds."""
-    with saved_figure(out / name, ncols=2, figsize=(12, 3.8)) as (left, right):
-        plot_loss_curves(left, curves)
-        left.set(title=f"{title} (first seed)")
-        errorbars(right, labels, spreads, scale)
-        right.set(ylabel=ylabel, title=f"{title}: {spreads[0].n} seeds")
-
-
-def plot_divergence(out, args, sweeps, res):
-    recipes = divergence_recipes(args.budget)
-    plot_runs(out, "divergence.png", "(a) too-high lr and its fixes",
-              {label: curve(sweeps, r) for label, r in recipes.items()}, list(res),
-              [r["val_loss"] for r in res.values()], "val loss (answer tokens)")
-
-
-def plot_schedules(out, args, sweeps, res):
-    plot_runs(out, "schedules.png", "(b) warmup + cosine vs constant lr",
-              {label: curve(sweeps, r) for label, r in schedule_recipes(args).items()},
-              list(res), [r["acc"] for r in res.values()], "test exact match (%)", 100.0)
-
-
 def plot_drift(out, tracks):
     """Mean over the seeds per validation, whiskers from min to max."""
     steps = sorted({step for _, _, step in tracks})
@@ -322,12 +254,9 @@ def plot_drift(out, tracks):
         for ax, key, title in zip(axes, ("val_loss", "kl", "pretrain_loss"),
                                   ("task val loss", "KL(base || tuned), pretraining text",
                                    "pretraining val loss (forgetting)")):
-            for method in ("lora", "full"):
-                sp = [tracks[method, key, s] for s in steps]
-                ax.errorbar(steps, [v.mean for v in sp], capsize=3, marker=".", label=method,
-                            yerr=[[v.mean - v.lo for v in sp], [v.hi - v.mean for v in sp]])
-            ax.set(xlabel="step", title=f"{title}, {sp[0].n} seeds")
-            ax.legend(fontsize=8)
+            plot_spread_tracks(ax, steps, {m: [tracks[m, key, s] for s in steps]
+                                           for m in ("lora", "full")})
+            ax.set(title=f"{title}, {tracks['lora', key, 0].n} seeds")
         axes[2].axhline(tracks["lora", "pretrain_loss", 0].mean, color="gray", ls=":")
 
 
@@ -391,12 +320,10 @@ def main(argv=None):
                       budget=(lambda a: Budget(high_lr=a.high_lr), QUICK))
     out, seeds = lesson_dir(args, NAME), seeds_of(args)
     base = get_base_model(args)[0].eval().requires_grad_(False)
-    sweeps = sweep_runs(args, base)
+    sweeps = short_runs(args, base, args.budget.sweep_steps)
 
-    div, lower = divergence(args, sweeps)
-    plot_divergence(out, args, sweeps, div)
-    sched, _ = schedules(args, sweeps)
-    plot_schedules(out, args, sweeps, sched)
+    div, lower = divergence(args, sweeps, out)
+    sched, _ = schedules(args, sweeps, out)
     tracks, drift_found = drift(args, base, seeds)
     plot_drift(out, tracks)
     repro_rows = reproducibility(args, base, task_splits(args), out)

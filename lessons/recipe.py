@@ -1,9 +1,11 @@
 """The fine-tuning recipe every lesson shares, so that their numbers can be compared: the task,
 the steps and learning rates, its splits, its TrainConfig (whole or cut short), fine-tuning one
-seed's recipe and scoring it, and the learning-rate probe."""
-from dataclasses import replace
+seed's recipe and scoring it, short LoRA runs varied one knob at a time over the seeds, and the
+learning-rate probe."""
+from dataclasses import dataclass, replace
 
-from lessons.common import choose_budget
+from lessons.common import LORA_ALPHA, choose_budget, lora_copy
+from lessons.seeds import Trials, seeds_of
 from tiny_gpt.evaluate import exact_match, task_loss
 from tiny_gpt.finetune import finetune
 from tiny_gpt.tasks import get_task
@@ -60,6 +62,44 @@ def tuned_accuracy(args, model, cfg, seed: int, task_name: str = DEFAULT_TASK,
     result = finetune(model, splits, replace(cfg, seed=seed), TASK_BATCH, args.device,
                       evaluate=evaluate)
     return exact_match(model, splits["test"], args.device), result
+
+
+@dataclass(frozen=True)
+class ShortRun:
+    """A short LoRA run (lessons.common.lora_copy: r=8 on Q and V) with one knob changed: the
+    peak lr, a constant lr without warmup (else warmup + cosine), alpha, LoRA dropout, the task.
+    Equal recipes are equal keys, so Trials trains each once per seed."""
+    lr: float
+    constant: bool = False
+    alpha: float = LORA_ALPHA
+    dropout: float = 0.0
+    task: str = DEFAULT_TASK
+
+
+def short_runs(args, base, steps: int) -> Trials:
+    """Trials of ShortRuns of `steps` steps on copies of `base`. A row holds the model (in eval
+    mode), the seed's splits, the training losses, "val_loss" (task_loss on the seed's
+    validation examples) and "last_loss" (tail_mean of the losses); test accuracy is decoded
+    only where a table shows it (scored_runs)."""
+    def train(recipe, seed):
+        splits = task_splits(args, recipe.task, seed)
+        model = lora_copy(base, seed, alpha=recipe.alpha, dropout=recipe.dropout)
+        schedule = dict(warmup_steps=0, schedule="constant") if recipe.constant else {}
+        cfg = short_config(args, steps, 0, lr=recipe.lr, seed=seed, **schedule)
+        losses = fit(model, splits["train"], cfg, args).losses
+        return dict(model=model.eval(), splits=splits, losses=losses,
+                    val_loss=task_loss(model, splits["val"]), last_loss=tail_mean(losses))
+    return Trials(seeds_of(args), train)
+
+
+def scored_runs(args, runs: Trials, recipe, n_test: int) -> dict:
+    """{"val_loss", "last_loss", "acc": Spread} of a recipe of short_runs, "acc" being the exact
+    match on the first n_test test prompts of each seed (decoded once per run, then kept)."""
+    for seed in runs.seeds:
+        row = runs.one(recipe, seed)
+        if "acc" not in row:
+            row["acc"] = exact_match(row["model"], row["splits"]["test"][:n_test], args.device)
+    return runs.spreads(recipe, ("val_loss", "last_loss", "acc"))
 
 
 def probe_lr(args, build, candidates, splits, steps: int, method: str = "lora"):

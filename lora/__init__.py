@@ -15,7 +15,8 @@ Beyond it, each in its own place:
                  library of adapters on disk
     variants/    DoRA, PiSSA, LoftQ
     export.py    merged models on disk, QLoRA's float deployment copy
-    params.py    parameter counts and tables, the adapter tensors of a state dict
+    params.py    parameter counts and tables, the adapter tensors of a state dict, the base of
+                 a LoRA model as a logits function
     fused_io.py  GPT-2's q/k/v adapters against PEFT's one adapter on the fused c_attn
     analysis.py  the LoRA paper's Sec. 7: subspace similarity and amplification
     stack_check.py  a few steps of QLoRA next to its float twin, before a long run

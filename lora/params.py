@@ -1,5 +1,6 @@
-"""Views of a LoRA model: parameter counts, a per-module table, and the adapter tensors alone."""
-from .inject import lora_layers, named_adapters
+"""Views of a LoRA model: parameter counts, a per-module table, the adapter tensors alone, and
+its base as a logits function."""
+from .inject import disable_adapters, lora_layers, named_adapters
 
 
 def count_parameters(model):
@@ -41,3 +42,13 @@ def lora_state_dict(model, adapter_name=None):
             out.update({prefix + k: v for k, v in adapter.state_dict().items()
                         if not k.startswith("base.")})
     return out
+
+
+def base_logits(model):
+    """The base of a LoRA model as a logits function, idx (B, T) -> logits (B, T, V): the same
+    model with its adapters disabled (W0 x + b in every adapted layer; disable_adapters), so no
+    copy of the base is kept. At B = 0 it equals the model itself, bit for bit."""
+    def logits(idx):
+        with disable_adapters(model):
+            return model(idx)[0]
+    return logits

@@ -10,8 +10,9 @@ Lesson 06 prints these; each is a plain function of modules and tensors:
 - ``weight_of`` / ``rel_distance``: the effective float weight of a layer, and the relative
   Frobenius distance between lists of weights (the share of 4-bit codes that re-quantizing
   changes is quant.analysis.codes_changed);
-- ``shipped_models`` / ``shipping_errors``: the ways to ship the fine-tune as one set of
-  weights, and how far each moves from the model as trained;
+- ``shipped_models`` / ``shipping_errors`` / ``merge_findings``: the ways to ship the
+  fine-tune as one set of weights, how far each moves from the model as trained, and what that
+  says of the float merge and of re-quantizing;
 - ``nf4_lm_losses``, ``forward_backward_medians``, ``reload_gap``: the 4-bit base as a language
   model, the time of a step, an adapter re-loaded onto a fresh 4-bit base.
 """
@@ -20,7 +21,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from quant import DequantMatmul, Linear4bit, quantize_model, quantize_nf4
+from quant import DequantMatmul, Linear4bit, codes_changed, quantize_model, quantize_nf4
 from tiny_gpt import exact_match
 from tiny_gpt.evaluate import validation_loss
 from tiny_gpt.memory.ledger import tensor_bytes
@@ -129,6 +130,22 @@ def shipping_errors(qlora_model, shipped, x, test, device):
     with disable_adapters(qlora_model):  # weight_of an unmerged LoRALinear: W_deq
         found["disabled"] = measure(qlora_model)
     return found
+
+
+def merge_findings(qlora_model, shipped, found, x):
+    """What shipping_errors' ``found`` says of the merges -> (rel, changed, err_ratio):
+
+        rel       = max |logits(float merge) - logits(QLoRA)| / max |logits(QLoRA)|  on x
+        changed   = share of the adapted layers' 4-bit codes that re-quantizing changes
+        err_ratio = dist(re-quantized) / dist(fp32 merge)
+
+    The fp32 merge's distance is |(W0 + sBA) - (W_deq + sBA)| / |W_deq + sBA| = the base's own
+    NF4 error |W0 - W_deq| in the same units, so err_ratio is re-quantizing's rounding error
+    measured against the error NF4 already made once."""
+    rel = found["float"]["diff"] / logits(qlora_model, x).abs().max().item()
+    changed = codes_changed([(shipped["requant"].get_submodule(p), layer.base)
+                             for p, layer in lora_layers(qlora_model)])
+    return rel, changed, found["requant"]["dist"] / found["fp32"]["dist"]
 
 
 def nf4_lm_losses(base, val_ids, seq_len, n_batches, batch_size):

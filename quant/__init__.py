@@ -10,7 +10,10 @@ quantization of the scales, and a 4-bit linear layer for QLoRA.
     linear4bit.py    DequantMatmul (autograd Function), Linear4bit, quantize_model
     load_4bit.py     load_pretrained_4bit: a Hugging Face folder quantized as it is read
     bench.py         benchmark_nf4: quantize / dequantize throughput, dequant-matmul overhead
+    analysis.py      measuring a code on a weight (lesson 05); codes_changed, the share of codes
+                     two 4-bit layers disagree on, is public
 """
+from .analysis import codes_changed
 from .baselines import FP4_CODE, INT4_CODE, quantize_fp4, quantize_int4
 from .linear4bit import DequantMatmul, Linear4bit, quantize_model
 from .load_4bit import load_pretrained_4bit
@@ -20,4 +23,4 @@ from .qtensor import Quantized4bit, quantize_4bit
 __all__ = ["NF4_CODE", "normal_float_levels", "quantize_nf4", "dequantize_nf4", "Quantized4bit",
            "quantize_4bit",
            "INT4_CODE", "FP4_CODE", "quantize_int4", "quantize_fp4",
-           "DequantMatmul", "Linear4bit", "quantize_model", "load_pretrained_4bit"]
+           "DequantMatmul", "Linear4bit", "quantize_model", "load_pretrained_4bit", "codes_changed"]

@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from lora import dequantized_float_model, lora_layers, prepare_qlora, save_adapter
 from lora.qlora_checks import (base_bytes, dequant_matmul_parity,
-                               forward_backward_medians, logits, nf4_lm_losses, rel_distance,
+                               forward_backward_medians, logits, merge_findings, nf4_lm_losses,
+                               rel_distance,
                                linear_bytes, reload_gap, shipped_models, shipping_errors,
                                weight_of)
 from quant import Linear4bit, quantize_model
@@ -114,3 +115,14 @@ def test_linear_bytes_stored_and_held():
     stored4, held4 = linear_bytes(q)
     assert stored4 == sum(t.numel() * t.element_size() for t in q[0].state_dict().values())
     assert held4 > stored4  # look-up tables held beside what is stored
+
+
+def test_merge_findings_reads_the_float_merge_codes_and_error_ratio(small_model):
+    """rel is the float merge's max |logit diff| over the QLoRA model's largest |logit|; with
+    B = 0 re-quantizing W_deq gives back the same codes; err_ratio is requant over fp32."""
+    qlora = prepare_qlora(copy.deepcopy(small_model))  # B = 0
+    shipped = {"requant": quantize_model(dequantized_float_model(qlora))}
+    found = {"float": {"diff": 2.0}, "requant": {"dist": 0.3}, "fp32": {"dist": 0.1}}
+    rel, changed, err_ratio = merge_findings(qlora, shipped, found, tokens())
+    assert rel == pytest.approx(2.0 / logits(qlora, tokens()).abs().max().item(), rel=1e-12)
+    assert changed == 0.0 and err_ratio == pytest.approx(3.0)

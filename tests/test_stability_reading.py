@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from tiny_gpt.evaluate import logits_of, measure_drift, task_loss
-from tiny_gpt.stability import (DriftProbe, logged_losses, outcome, outcome_counts,
+from lora import apply_lora, lora_layers
+from lora.params import base_logits
+from tiny_gpt.stability import (DriftProbe, logged_losses, outcome, outcome_counts, run_gaps,
                                 same_tensors)
 
 
@@ -63,3 +65,41 @@ def test_same_tensors_is_element_for_element():
     assert same_tensors(a, [t.clone() for t in a])
     assert not same_tensors(a, [torch.ones(2), torch.tensor([0.0, 0.0, 1e-12])])
     assert not same_tensors(a, a[:1])
+
+
+def test_drift_probe_tracks_step_0_before_training_then_every_validation(small_model):
+    """track measures the untouched model at step 0, then whatever fit's validations return,
+    keyed (metric, step)."""
+    val_ids = torch.randint(0, 96, (4000,), generator=torch.Generator().manual_seed(0))
+    examples = [('upper "ab" -> "', 'AB"\n')]
+    model = copy.deepcopy(small_model)
+    probe = DriftProbe(logits_of(small_model.eval()), val_ids, (1, 4, 16), examples)
+
+    def fit(evaluate):  # stands in for training: a change, then one validation at step 5
+        with torch.no_grad():
+            model.ln_f.weight.mul_(3.0)
+        return type("Result", (), {"evals": [(5, evaluate(model))]})
+    found = probe.track(model, fit)
+    assert sorted({step for _, step in found}) == [0, 5]
+    assert found["kl", 0] == pytest.approx(0.0, abs=1e-6) and found["kl", 5] > 1e-3
+    assert found["pretrain_loss", 5] == pytest.approx(probe(model)["pretrain_loss"])
+
+
+def test_run_gaps_against_the_reference_run():
+    w = [torch.ones(2)]
+    runs = {"a": (torch.tensor([3.0, 2.0]), w),
+            "a again": (torch.tensor([3.0, 2.0]), [w[0].clone()]),
+            "b": (torch.tensor([3.5, 1.0]), [torch.zeros(2)])}  # differences +0.5 and -1
+    assert run_gaps(runs, "a") == {"a again": (0.0, True), "b": (1.0, False)}
+    with pytest.raises(ValueError, match="equal length"):
+        run_gaps({**runs, "short": (torch.tensor([3.0]), w)}, "a")
+
+
+def test_base_logits_is_the_lora_model_with_its_adapters_off(small_model):
+    idx = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    model = apply_lora(copy.deepcopy(small_model), ["q_proj", "v_proj"], r=2).eval()
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.normal_(generator=torch.Generator().manual_seed(1))
+        assert torch.equal(base_logits(model)(idx), small_model.eval()(idx)[0])
+        assert not torch.equal(model(idx)[0], small_model(idx)[0])  # adapters back on

@@ -6,9 +6,11 @@ Lesson 09 measures its recipes with these; each is a plain function of losses, m
 - ``outcome`` / ``outcome_counts``: a run's fate from its loss curve, and the fates of a recipe's
   runs over the seeds in a few words ("learned x2, diverged x1");
 - ``DriftProbe``: at each validation, the task's validation loss, KL(base || tuned) and the
-  tuned model's loss on the pretraining text (tiny_gpt.evaluate.measure_drift);
-- ``logged_losses`` / ``same_tensors``: a run's loss curve read back from its JSON-lines log,
-  and whether two runs ended with bit-identical weights.
+  tuned model's loss on the pretraining text (tiny_gpt.evaluate.measure_drift); its ``track``
+  follows them over a whole fine-tune, from step 0;
+- ``logged_losses`` / ``same_tensors`` / ``run_gaps``: a run's loss curve read back from its
+  JSON-lines log, whether two runs ended with bit-identical weights, and how far other runs
+  are from a reference run.
 """
 import json
 import math
@@ -63,6 +65,16 @@ class DriftProbe:
         return {"val_loss": task_loss(model, self.val_examples), "kl": d["kl"],
                 "pretrain_loss": d["tuned_loss"]}
 
+    def track(self, model, fit):
+        """{(metric, step): value} over a fine-tune: the probe at step 0, before any update, then
+        at every validation of ``fit(evaluate)`` (which trains ``model``, calling evaluate every
+        eval_every steps, and returns a TrainResult whose ``evals`` are [(step, metrics)])."""
+        model.to(self.device).eval()
+        with torch.no_grad():
+            start = self(model)
+        evals = [(0, start)] + fit(self).evals
+        return {(key, step): value for step, metrics in evals for key, value in metrics.items()}
+
 
 def logged_losses(path):
     """The "loss" of every record of a JSON-lines training log (tiny_gpt.train's log_path)
@@ -75,3 +87,19 @@ def same_tensors(a, b):
     """Whether two lists of tensors are identical, element for element (torch.equal: same
     shapes, same values)."""
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def run_gaps(runs, reference):
+    """{label: (loss curve, weights)} -> {other label: (max_t |loss_t - reference loss_t|,
+    weights identical to the reference's)} for every run but the reference. Same seed, same
+    run: (0.0, True); curves of different lengths are an error, not a gap."""
+    ref_curve, ref_weights = runs[reference]
+    gaps = {}
+    for label, (curve, weights) in runs.items():
+        if label == reference:
+            continue
+        if len(curve) != len(ref_curve):
+            raise ValueError(f"run {label!r} logged {len(curve)} losses and {reference!r} "
+                             f"{len(ref_curve)}: only runs of equal length compare step by step")
+        gaps[label] = ((curve - ref_curve).abs().max().item(), same_tensors(weights, ref_weights))
+    return gaps
