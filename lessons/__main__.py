@@ -10,8 +10,8 @@ the exit status is non-zero if any lesson failed.
 DIR/results.md names the commit, the machine and the torch version, then gives each lesson its
 title, its takeaway (the lines it printed starting with "Takeaway: ", computed from its own
 measurements), its plots (copied to DIR/<lesson>/), its printed tables and its time; and
-DIR/headline.json holds every lesson's summary numbers, {lesson: {key: value}}, for the README
-to quote. Files of an earlier page that this run did not write (results.md, headline.json and
+DIR/headline.json holds every lesson's summary numbers, {lesson: {key: value}}, and under "all
+lessons" the run's minutes and machine, for the README to quote. Files of an earlier page that this run did not write (results.md, headline.json and
 the DIR/NN_*/ folders: the files the page owns) are removed; nothing else in DIR is touched.
 """
 import argparse
@@ -186,6 +186,8 @@ def report_files(results, args) -> dict:
         lines += lesson_section(r, args.runs, files)
     files["results.md"] = ("\n".join(lines) + "\n").encode("utf-8")
     headline = {r["path"].stem: r["summary"]["numbers"] for r in results if r["summary"]}
+    headline["all lessons"] = {"minutes": round(sum(r["seconds"] for r in results) / 60),
+                               "machine": machine_line()}
     files["headline.json"] = (json.dumps(headline, indent=1) + "\n").encode("utf-8")
     return files
 
