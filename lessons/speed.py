@@ -45,7 +45,7 @@ from tiny_gpt.step import micro_batch_loss
 from tiny_gpt.util.timing import RatioSpread, medians, ratio_spread
 from tiny_gpt.util.torch_compat import dynamo_traces_function_backward
 
-TARGETS = {  # ratio: at most this (issue 13's targets)
+TARGETS = {  # ratio: at most this
     "dequantize / bitsandbytes": 1.0,
     "quantize / bitsandbytes": 0.5,
     "LoRALinear / frozen nn.Linear": 1.10,

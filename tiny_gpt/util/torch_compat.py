@@ -8,7 +8,7 @@ before, ``torch.autocast("mps", enabled=False)`` raises, although turning off wh
 exist should do nothing. torch.compile traces the backward of our autograd.Functions into its
 graph from torch 2.4 on (dynamo_traces_function_backward). Only the newest spellings run in this
 project's CI (torch 2.13); the older branches are the documented torch 2.1 API, and the test
-suite was also run on torch 2.1.2 (2026-12-03). Everything else that the project calls exists
+suite was also run on torch 2.1.2. Everything else that the project calls exists
 unchanged since torch 2.1.
 """
 import contextlib
@@ -78,7 +78,7 @@ def fully_shard_function(device_type: str = "cpu"):
     runs there. Public as torch.distributed.fsdp.fully_shard since torch 2.6, CPU included (run
     here on torch 2.13). In 2.4 and 2.5 it was torch.distributed._composable.fsdp.fully_shard,
     for CUDA only: on CPU, torch 2.4.1's made a CUDA stream at the first forward and failed
-    (seen 2026-12-03). torch 2.1 has only FSDP1, FullyShardedDataParallel."""
+    (seen when the suite ran on it). torch 2.1 has only FSDP1, FullyShardedDataParallel."""
     try:
         from torch.distributed.fsdp import fully_shard
         return fully_shard
