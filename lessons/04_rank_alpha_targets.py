@@ -60,7 +60,7 @@ from lessons.common import (Checks, get_base_model, lesson_dir, lora_copy, parse
                             run_main, takeaway, targets_label, whole_number, write_summary)
 from lessons.plots import saved_figure
 from lessons.recipe import DEFAULT_TASK, finetune_config, short_config, task_splits, tuned_accuracy
-from lessons.seeds import (Trials, Verdict, add_seeds_flag, compare, errorbars, print_verdicts,
+from lessons.seeds import (Trials, add_seeds_flag, compare, errorbars, print_verdicts,
                            rank, seeds_of, within)
 from lessons.update_shape import QV, amplification_table, plot_similarity, similarity_table
 from lora import count_parameters, lora_scaling
@@ -308,9 +308,10 @@ def judge(args, target_res, budget, step_norms, found):
                 f"rule (within {STEP_RULE_TOL}x)", all(
                     1 / STEP_RULE_TOL <= growth[k] / expect[k] <= STEP_RULE_TOL for k in growth),
                 ", ".join(f"{k} {g:.2f}x" for k, g in growth.items()))
-    for claim, outcome, text in found:
+    for claim, outcome, text in found:  # what this run found; a finding is not a bug
         holds = outcome.startswith("reproduced") if outcome in DECIDED else None
-        checks.verdict(claim, Verdict(holds, f"{outcome}: {text}"))
+        checks.shown(claim, holds, f"{outcome}: {text}",
+                     why="a paper's finding, reported as this run measured it")
     return checks.report()
 
 

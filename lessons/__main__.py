@@ -6,13 +6,14 @@ is shown as it comes and kept. At the end the headline numbers that each lesson 
 runs/<lesson>/summary.json in *this* run are printed together, failed lessons are listed, and
 the exit status is non-zero if any lesson failed.
 
-``--report DIR`` also writes the results page, regenerated whole at one commit:
-DIR/results.md names the commit, the machine and the torch version, then gives each lesson its
-title, its takeaway (the lines it printed starting with "Takeaway: ", computed from its own
-measurements), its plots (copied to DIR/<lesson>/), its printed tables and its time; and
-DIR/headline.json holds every lesson's summary numbers, {lesson: {key: value}}, and under "all
-lessons" the run's minutes and machine, for the README to quote. Files of an earlier page that this run did not write (results.md, headline.json and
-the DIR/NN_*/ folders: the files the page owns) are removed; nothing else in DIR is touched.
+``--report DIR`` also writes the results page, regenerated whole at one commit: DIR/results.md
+names the commit (as the run started), the machine and the torch version, then gives each
+lesson its title, its takeaway (the lines it printed starting with "Takeaway: ", computed from
+its own measurements), its plots (copied to DIR/<lesson>/), its printed tables and its time;
+and DIR/headline.json holds every lesson's summary numbers, {lesson: {key: value}}, and under
+"all lessons" the run's minutes and machine, for the README to quote. Files of an earlier page
+that this run did not write (results.md, headline.json and the DIR/NN_*/ folders: the files the
+page owns) are removed; nothing else in DIR is touched.
 """
 import argparse
 import ast
@@ -171,14 +172,13 @@ def lesson_section(r, runs: Path, files: dict) -> list:
 def report_files(results, args) -> dict:
     """{path relative to DIR: bytes}: results.md, headline.json and the plots."""
     from lessons.common import machine_line  # torch and the packages: only when reporting
-    import torch
     mode = "--quick (a smoke run: its numbers mean nothing)" if args.quick else "default budgets"
     files = {}
     lines = ["# Results: one run of every lesson", "",
              f"Made by `python -m lessons --report {args.report}` ({mode}, device "
-             f"`{args.device}`) at commit {commit_line(args.report)}, "
+             f"`{args.device}`) at commit {args.commit}, "
              f"{time.strftime('%Y-%m-%d %H:%M %Z')}.",
-             "", f"Machine: {machine_line()}.", "", f"torch {torch.__version__}.", "",
+             "", f"Machine: {machine_line()}.", "",
              "| lesson | status | time |", "|---|---|---|"]
     lines += [f"| {r['name']} | {'ok' if r['code'] == 0 else 'FAILED'} | "
               f"{r['seconds']:.0f} s |" for r in results]
@@ -219,6 +219,7 @@ def write_report(results, args) -> Path:
 def main(argv=None):
     args = parse(argv)
     files = [p for p in lesson_files() if not args.only or p.name[:2] in args.only]
+    args.commit = commit_line(args.report)  # the code the lessons run: named before they start
     results = [run_lesson(path, args) for path in files]
     print_summary(results)
     if args.report:

@@ -117,7 +117,7 @@ def test_lesson11_says_whether_the_swap_drift_grows(drift, said):
 
 # --- lesson 04's checks table: exact properties judged under --quick too ----------------------
 
-def judge_04(counts_off=0, growth_off=1.0):
+def judge_04(counts_off=0, growth_off=1.0, quick=True):
     """Lesson 04's judge on made-up measurements: equal budgets (unless counts_off) and the
     first-step growth each rule predicts (times growth_off for alpha = 2r)."""
     from lessons.common import parse_args
@@ -133,14 +133,18 @@ def judge_04(counts_off=0, growth_off=1.0):
              ("rsLoRA", l04.R_MID): 1.0, ("rsLoRA", l04.LARGE): 1.0}
     found = [("a claim", "cannot tell", "the interval"), ("b claim", "reproduced", "x"),
              ("c claim", "contradicted", "y")]
-    args = parse_args("lesson 04", ["--quick"])
+    args = parse_args("lesson 04", ["--quick"] if quick else [])
     return l04.judge(args, target_res, budget, norms, found)
 
 
-def test_lesson04_checks_pass_on_equal_budgets_and_the_predicted_growth(capsys):
-    assert judge_04() == 0  # the findings are targets: not judged under --quick
+@pytest.mark.parametrize("quick", [True, False])
+def test_lesson04_checks_pass_on_equal_budgets_and_the_predicted_growth(quick, capsys):
+    # the papers' findings are what a run measured, shown but never judged: a finding that
+    # does not reproduce on this tiny model is a result, not a failure of the lesson's code
+    assert judge_04(quick=quick) == 0
     out = capsys.readouterr().out
-    assert "cannot tell (not judged: the interval cannot tell)" in out
+    assert "cannot tell (not judged: a paper's finding" in out
+    assert "not met (not judged: a paper's finding" in out  # the contradicted one
 
 
 @pytest.mark.parametrize("counts_off, growth_off", [(1, 1.0), (0, 2.0)])
