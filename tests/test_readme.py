@@ -1,5 +1,6 @@
 """The README says what the code is: every Python snippet in it runs as pasted, and the reading
 path it lists names files that exist, with their lengths, within the promised total."""
+import json
 import os
 import re
 import subprocess
@@ -52,3 +53,33 @@ def test_the_readme_is_a_front_door_not_a_notebook():
     assert len(README.splitlines()) <= 200
     for stale in ("the seed", "issue ", "2026-"):  # no outside document, issue, or dated record
         assert stale not in README
+
+
+# --- figures quoted from the results page -----------------------------------------------------
+HEADLINE = ROOT / "docs" / "results" / "headline.json"
+QUOTE = re.compile(r"<!-- (.+?) -->([^\s<]+)")
+
+
+def quoted_figures():
+    """[(lesson, keys, format spec, figure as printed)] for every figure the README quotes,
+    each written as <!-- lesson | key | ... | format -->figure."""
+    quotes = []
+    for tag, shown in QUOTE.findall(README):
+        lesson, *keys, spec = [part.strip() for part in tag.split("|")]
+        quotes.append((lesson, keys, spec, shown))
+    return quotes
+
+
+def test_every_figure_the_readme_quotes_is_the_results_page_s():
+    """A measured figure in the README names where it comes from on the results page
+    (docs/results/headline.json, written by `python -m lessons --report docs/results`) and
+    equals it: a page regenerated without the README following, or a figure typed by hand,
+    fails here."""
+    quotes = quoted_figures()
+    assert len(quotes) >= 3, "the README quotes its headline figures from the results page"
+    numbers = json.loads(HEADLINE.read_text(encoding="utf-8"))
+    for lesson, keys, spec, shown in quotes:
+        value = numbers[lesson]
+        for key in keys:
+            value = value[key]
+        assert format(value, spec) == shown, f"{lesson} {keys}: README {shown}, page {value}"
