@@ -24,3 +24,16 @@ def small_cfg():
 @pytest.fixture
 def small_model():
     return small_gpt(0)
+
+
+def lora_inputs(N=5, n_in=4, n_out=3, r=2, dtype=torch.float64, bias=True, seed=0, gen=None):
+    """x (N, n_in) and the LoRA factors A (r, n_in), B (n_out, r) needing gradients; the frozen
+    W (n_out, n_in) and b (n_out,) not. Drawn from `gen` (a variant that needs more tensors
+    passes its own and goes on drawing), else from a generator seeded with `seed`."""
+    gen = gen or torch.Generator().manual_seed(seed)
+    x = torch.randn(N, n_in, generator=gen, dtype=dtype, requires_grad=True)
+    W = torch.randn(n_out, n_in, generator=gen, dtype=dtype)
+    b = torch.randn(n_out, generator=gen, dtype=dtype) if bias else None
+    A = torch.randn(r, n_in, generator=gen, dtype=dtype, requires_grad=True)
+    B = torch.randn(n_out, r, generator=gen, dtype=dtype, requires_grad=True)
+    return x, W, b, A, B

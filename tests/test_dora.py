@@ -13,18 +13,15 @@ from lora import (add_adapter, apply_lora, combine_adapters, load_adapter, lora_
 from tiny_gpt.util.safetensors import load_file, save_file
 from lora.variants.dora import DoRAFunction, dora_norm, dora_reference
 from tiny_gpt.util.finite_differences import central_differences
-from conftest import small_gpt
+from conftest import lora_inputs, small_gpt
 
 FD_TOL = 1e-7
 
 
 def inputs(N=5, n_in=4, n_out=3, r=2, seed=0, dtype=torch.float64, bias=True):
+    """lora_inputs, and the magnitude m (n_out,) near W's row norms, drawn after them."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, n_in, generator=gen, dtype=dtype, requires_grad=True)
-    W = torch.randn(n_out, n_in, generator=gen, dtype=dtype)
-    b = torch.randn(n_out, generator=gen, dtype=dtype) if bias else None
-    A = torch.randn(r, n_in, generator=gen, dtype=dtype, requires_grad=True)
-    B = torch.randn(n_out, r, generator=gen, dtype=dtype, requires_grad=True)
+    x, W, b, A, B = lora_inputs(N, n_in, n_out, r, dtype, bias, gen=gen)
     m = (W.norm(dim=1) * (1 + 0.1 * torch.randn(n_out, generator=gen, dtype=dtype)))
     return x, W, b, A, B, m.requires_grad_(True)
 

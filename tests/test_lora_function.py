@@ -5,22 +5,13 @@ import torch
 
 from lora.function import LoRAFunction
 from tiny_gpt.util.finite_differences import central_differences
+from conftest import lora_inputs
 
 # float64 finite differences with eps = 1e-6 agree with the exact gradient to about eps^2 plus
 # rounding (1e-16 / eps): 1e-7 leaves margin for sums over a few dozen terms.
 FD_TOL = 1e-7
 # float32 carries ~7 digits; sums of ~100 products of O(1) numbers differ by order 1e-6.
 F32_TOL = 1e-5
-
-
-def make_inputs(N=5, n_in=4, n_out=3, r=2, dtype=torch.float64, bias=True, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, n_in, generator=gen, dtype=dtype, requires_grad=True)
-    W = torch.randn(n_out, n_in, generator=gen, dtype=dtype)
-    b = torch.randn(n_out, generator=gen, dtype=dtype) if bias else None
-    A = torch.randn(r, n_in, generator=gen, dtype=dtype, requires_grad=True)
-    B = torch.randn(n_out, r, generator=gen, dtype=dtype, requires_grad=True)
-    return x, W, b, A, B
 
 
 def fixed_mask(shape, p=0.5, dtype=torch.float64, seed=1):
@@ -39,7 +30,7 @@ def plain(x, W, b, A, B, s, mask=None):
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("N", [5, 8])
 def test_gradcheck(bias, dropout, N):
-    x, W, b, A, B = make_inputs(N=N, bias=bias)
+    x, W, b, A, B = lora_inputs(N=N, bias=bias)
     mask = fixed_mask(x.shape) if dropout else None
     fn = lambda x, A, B: LoRAFunction.apply(x, W, b, A, B, 1.5, mask)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, A, B), eps=1e-6, atol=FD_TOL)
@@ -48,7 +39,7 @@ def test_gradcheck(bias, dropout, N):
 @pytest.mark.parametrize("dropout", [False, True])
 def test_central_differences_by_hand(dropout):
     """dL/dθ ~ (L(θ + eps) - L(θ - eps)) / (2 eps) for every entry of x, A and B."""
-    x, W, b, A, B = make_inputs()
+    x, W, b, A, B = lora_inputs()
     mask = fixed_mask(x.shape) if dropout else None
     G = torch.randn(x.shape[0], W.shape[0], dtype=torch.float64)  # L = sum(G * y)
     loss = lambda: (G * LoRAFunction.apply(x, W, b, A, B, 2.0, mask)).sum()  # noqa: E731
@@ -61,7 +52,7 @@ def test_central_differences_by_hand(dropout):
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("x_needs_grad", [True, False])
 def test_matches_autograd_float32(dropout, x_needs_grad):
-    x, W, b, A, B = make_inputs(N=64, n_in=32, n_out=48, r=4, dtype=torch.float32)
+    x, W, b, A, B = lora_inputs(N=64, n_in=32, n_out=48, r=4, dtype=torch.float32)
     x.requires_grad_(x_needs_grad)
     mask = fixed_mask(x.shape, dtype=torch.float32) if dropout else None
     G = torch.randn(64, 48)
@@ -76,7 +67,7 @@ def test_matches_autograd_float32(dropout, x_needs_grad):
 
 def test_frozen_weight_and_bias_get_no_gradient():
     """Even when asked for, W0 and b get none: LoRAFunction is for a frozen base only."""
-    x, W, b, A, B = make_inputs()
+    x, W, b, A, B = lora_inputs()
     W.requires_grad_(True)
     b.requires_grad_(True)
     LoRAFunction.apply(x, W, b, A, B, 1.0, None).sum().backward()
@@ -87,9 +78,9 @@ def test_frozen_weight_and_bias_get_no_gradient():
 # --- a compressed base weight (QLoRA): decoded in forward, decoded again in backward -----------
 
 def compressed_inputs(dtype=torch.float64):
-    """make_inputs with W replaced by its NF4 form, which LoRAFunction decodes itself."""
+    """lora_inputs with W replaced by its NF4 form, which LoRAFunction decodes itself."""
     from quant import quantize_nf4
-    x, W, b, A, B = make_inputs(N=6, n_in=64, n_out=5, r=2, dtype=dtype)
+    x, W, b, A, B = lora_inputs(N=6, n_in=64, n_out=5, r=2, dtype=dtype)
     return x, quantize_nf4(W), b, A, B
 
 
