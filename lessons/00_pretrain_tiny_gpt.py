@@ -195,8 +195,9 @@ def conclude(val_loss, base_acc, copy_acc):
     says, shouts = copy_acc[ECHOES[0]], copy_acc[ECHOES[1]]
     takeaway(f"the base reaches a validation loss of {val_loss:.3f} nats per character; it "
              f"copies {100 * says:.0f}% of corpus words in the corpus's echo sentences "
-             f"({100 * shouts:.0f}% in capitals) and scores at most "
-             f"{100 * max(base_acc.values()):.0f}% on the tasks' format, which it never saw")
+             f"({100 * shouts:.0f}% in capitals); in the tasks' format, which it never saw, "
+             f"its best exact match over the {len(base_acc)} tasks is "
+             f"{100 * max(base_acc.values()):.0f}%")
 
 
 def judge(args, base_acc, val_loss, result):

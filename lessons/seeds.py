@@ -207,8 +207,12 @@ def within(a: Spread, b: Spread, margin: float, name_a: str, name_b: str,
 
 def in_words(verdict: Verdict, shown: str, contradicted: str, cannot_tell: str) -> str:
     """The sentence a Verdict allows: `shown` where it holds, `contradicted` where the interval
-    says the opposite, `cannot_tell` where it cannot decide -- followed by the interval."""
+    says the opposite, `cannot_tell` where it cannot decide -- followed by the interval. The
+    interval is of a - b, the order `shown` names; under the contradicting sentence, which
+    names b first, it comes with the verdict's own words, so that its sign is not misread."""
     said = {True: shown, False: contradicted, None: cannot_tell}[verdict.holds]
+    if verdict.holds is False:
+        return f"{said} ({verdict.text})"
     return f"{said} ({verdict.text.rsplit(': ', 1)[-1]})"
 
 
