@@ -100,6 +100,15 @@ def test_the_page_gives_takeaway_then_plot_then_tables_and_names_the_commit(fake
     assert headline == {"01_first": {"x": 1.5}, "02_second": {"x": 2.5}}
 
 
+def test_the_page_names_the_commit_the_lessons_ran_at_not_one_made_while_they_ran(
+        fake_lessons, monkeypatch):
+    # a commit made during an hour-long run must not be named as the code the lessons ran
+    answers = iter(["abc1234", "def5678 + uncommitted changes"])
+    monkeypatch.setattr(run_all, "commit_line", lambda report_dir=None: next(answers))
+    assert run_with_report(fake_lessons) == 0
+    assert "at commit abc1234," in (fake_lessons / "report" / "results.md").read_text()
+
+
 def test_the_page_is_regenerated_whole_and_removes_only_its_own_stale_files(fake_lessons):
     report = fake_lessons / "report"
     stale = [report / "09_renamed_lesson" / "old.png", report / "01_first" / "old_plot.png"]
